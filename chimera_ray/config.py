@@ -1,0 +1,341 @@
+"""Typed, frozen run configuration: YAML files plus dotted command-line overrides.
+
+Every default carries the reason it was chosen. ``validate`` reports every problem at
+once (torchtune's ``ConfigError`` idea) so a user fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "LoRAConfig",
+    "CropConfig",
+    "TrainConfig",
+    "GenerateConfig",
+    "DataConfig",
+    "Config",
+    "load_config",
+    "apply_overrides",
+    "config_to_dict",
+    "config_from_dict",
+]
+
+MODES = ("chimera", "classwise", "imagewise", "base")
+IMAGE_FORMATS = ("png", "jpg", "webp")
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found in a configuration, one per line."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.errors))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A local diffusers folder, an fsspec URL (s3://...) copied to `cache_dir` once,
+    # or a Hugging Face hub id. "builtin:toy" is the embedded base model.
+    base: str = "builtin:toy"
+    # Where remote base models are copied. None: ~/.cache/chimera_ray.
+    cache_dir: str | None = None
+    # Training/generation resolution in pixels; None uses the UNet's native size
+    # (sample_size * VAE scale factor), the only size a base model is known to be good at.
+    resolution: int | None = None
+    # float32 everywhere on CPU; on GPU "fp16"/"bf16" run the frozen base in half precision
+    # while LoRA weights stay float32 (mixed precision keeps small updates from rounding away).
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # "auto": CUDA when torch sees one, else CPU. A GPU scheduled by Ray is not enough.
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    # chimera: shared A + one B head per shot (the method); classwise: one head for all
+    # shots (DataDream-style); imagewise: independent (A_i, B_i) per shot (LoFT-style);
+    # base: no fine-tuning (prompt only).
+    mode: Literal["chimera", "classwise", "imagewise", "base"] = "chimera"
+    # Rank 8 is the usual few-shot LoRA size (DataDream uses 16 on SD 2.1; a smaller base needs less).
+    rank: int = 8
+    # LoRA scale numerator: y = W0 x + (lora_alpha / rank) * B A x. Equal to rank -> scale 1.
+    lora_alpha: float = 8.0
+    # Attention projections are what the paper adapts; names match diffusers' Attention.
+    # A pattern matches a module whose dotted name equals it or ends with "." + pattern;
+    # "re:<regex>" matches the full name with a regular expression.
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    # Semantic boosting: random resized crops that always keep the object box inside.
+    enabled: bool = True
+    # Fraction of the image area a crop covers (torchvision's RandomResizedCrop uses 0.08-1;
+    # few-shot fine-tuning wants the object to stay a large part of the frame).
+    scale: tuple[float, float] = (0.35, 1.0)
+    # Aspect ratio range of the crop before it is resized to a square.
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    # Horizontal flip probability: objects keep their identity when mirrored.
+    flip_p: float = 0.5
+    # Boxes partly outside the image: "clip" them (counted in the report) or "error".
+    out_of_image: Literal["clip", "error"] = "clip"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # A few hundred steps is DataDream/LoFT's few-shot regime for SD; the toy base needs fewer.
+    steps: int = 200
+    # LoRA tolerates a high learning rate (1e-4 is the SD LoRA default; toy models like 1e-3).
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    # Samples per optimiser micro-batch; every sample routes through its own shot's head.
+    batch_size: int = 4
+    # Micro-batches per optimiser step (effective batch = batch_size * grad_accum).
+    grad_accum: int = 1
+    seed: int = 0
+    # Steps between resumable checkpoints (adapters + optimiser + step); 0 disables.
+    checkpoint_every: int = 50
+    # Clip the global gradient norm; guards the first steps of a high learning rate.
+    max_grad_norm: float = 1.0
+    # The method's prompt; {name} is the human-readable class name.
+    prompt_template: str = "a photo of a {name}"
+    # Few-shot method: classes with more real images are deterministically subsampled.
+    max_shots: int = 16
+    crop: CropConfig = field(default_factory=CropConfig)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    # Dirichlet concentration alpha: small -> close to one shot, large -> class average.
+    # 1.0 samples the simplex uniformly. Not to be confused with lora.lora_alpha.
+    dirichlet_concentration: float = 1.0
+    # imagewise mode only: 1 picks one shot's adapter per sample, 2 interpolates two (LoFT).
+    imagewise_mix: int = 2
+    num_inference_steps: int = 25
+    # Classifier-free guidance scale; > 1 doubles the UNet batch (uncond + cond).
+    guidance_scale: float = 5.0
+    batch_size: int = 8
+    image_format: Literal["png", "jpg", "webp"] = "png"
+    # JPEG/WebP quality; ignored for PNG.
+    quality: int = 95
+    seed: int = 0
+    prompt_template: str = "a photo of a {name}"
+    negative_prompt: str = ""
+    # Images per class for `chimera-ray generate` (the Ray job takes budgets from the plan).
+    samples_per_class: int = 16
+    # Adapters kept in memory per generator; batches may mix classes.
+    adapter_cache_size: int = 16
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # ImageFolder root (one folder per class) or a manifest file (csv/jsonl/parquet); fsspec URL.
+    source: str = "builtin:toyworld"
+    # Only train-split rows are used as shots.
+    split: str = "train"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # Where adapters, images, shards and reports go (local path or fsspec URL).
+    output: str = "outputs/demo"
+
+    def validate(self) -> "Config":
+        """Checks every field and raises one ``ConfigError`` listing all problems."""
+        errors: list[str] = []
+
+        def check(cond: bool, msg: str) -> None:
+            if not cond:
+                errors.append(msg)
+
+        m, lo, t, g = self.model, self.lora, self.train, self.generate
+        check(m.precision in ("fp32", "fp16", "bf16"), f"model.precision must be fp32, fp16 or bf16 (got {m.precision!r})")
+        check(m.resolution is None or (m.resolution >= 8 and m.resolution % 8 == 0),
+              f"model.resolution must be a multiple of 8 >= 8, or null for the model's native size (got {m.resolution})")
+        check(bool(m.base), "model.base must name a base model: a local folder, s3:// URL or hub id")
+        check(lo.mode in MODES, f"lora.mode must be one of {', '.join(MODES)} (got {lo.mode!r})")
+        check(lo.rank >= 1, f"lora.rank must be >= 1 (got {lo.rank})")
+        check(lo.lora_alpha > 0, f"lora.lora_alpha must be > 0 (got {lo.lora_alpha})")
+        check(len(lo.targets) > 0, "lora.targets must list at least one module-name pattern, e.g. [to_q, to_v]")
+        check(t.steps >= 1, f"train.steps must be >= 1 (got {t.steps})")
+        check(t.lr > 0, f"train.lr must be > 0 (got {t.lr})")
+        check(t.batch_size >= 1, f"train.batch_size must be >= 1 (got {t.batch_size})")
+        check(t.grad_accum >= 1, f"train.grad_accum must be >= 1 (got {t.grad_accum})")
+        check(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, 0 disables (got {t.checkpoint_every})")
+        check(t.max_shots >= 1, f"train.max_shots must be >= 1 (got {t.max_shots})")
+        check("{name}" in t.prompt_template, f"train.prompt_template must contain '{{name}}' (got {t.prompt_template!r})")
+        c = t.crop
+        check(0 < c.scale[0] <= c.scale[1] <= 1, f"train.crop.scale must satisfy 0 < min <= max <= 1 (got {list(c.scale)})")
+        check(0 < c.ratio[0] <= c.ratio[1], f"train.crop.ratio must satisfy 0 < min <= max (got {list(c.ratio)})")
+        check(0 <= c.flip_p <= 1, f"train.crop.flip_p must be in [0, 1] (got {c.flip_p})")
+        check(c.out_of_image in ("clip", "error"), f"train.crop.out_of_image must be clip or error (got {c.out_of_image!r})")
+        check(g.dirichlet_concentration > 0,
+              f"generate.dirichlet_concentration must be > 0 (got {g.dirichlet_concentration}); "
+              "small values stay close to one shot, large values approach the class average")
+        check(g.imagewise_mix in (1, 2), f"generate.imagewise_mix must be 1 or 2 (got {g.imagewise_mix})")
+        check(g.num_inference_steps >= 1, f"generate.num_inference_steps must be >= 1 (got {g.num_inference_steps})")
+        check(g.guidance_scale >= 0, f"generate.guidance_scale must be >= 0 (got {g.guidance_scale})")
+        check(g.batch_size >= 1, f"generate.batch_size must be >= 1 (got {g.batch_size})")
+        check(g.image_format in IMAGE_FORMATS, f"generate.image_format must be one of {', '.join(IMAGE_FORMATS)} (got {g.image_format!r})")
+        check(1 <= g.quality <= 100, f"generate.quality must be in 1..100 (got {g.quality})")
+        check(g.samples_per_class >= 0, f"generate.samples_per_class must be >= 0 (got {g.samples_per_class})")
+        check(g.adapter_cache_size >= 1, f"generate.adapter_cache_size must be >= 1 (got {g.adapter_cache_size})")
+        check("{name}" in g.prompt_template, f"generate.prompt_template must contain '{{name}}' (got {g.prompt_template!r})")
+        check(bool(self.output), "output must be a folder path or fsspec URL")
+        if errors:
+            raise ConfigError(errors)
+        return self
+
+
+# ---------------------------------------------------------------------------------------
+# dict <-> dataclass, YAML and overrides. Written by hand (not pydantic) because the
+# conversion is ~50 lines for frozen dataclasses and keeps every error in one list.
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain dict/list/scalars (YAML/JSON-ready) from a config dataclass."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [config_to_dict(v) for v in cfg]
+    return cfg
+
+
+def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{path} must be a mapping (got {value!r})")
+            return tp()
+        return _from_dict(tp, value, path, errors)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path, errors)
+    if origin is Literal:
+        if value not in args:
+            errors.append(f"{path} must be one of {', '.join(map(repr, args))} (got {value!r})")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{path} must be a list (got {value!r})")
+            return value
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{path}[{i}]", errors) for i, v in enumerate(value))
+        if len(value) != len(args):
+            errors.append(f"{path} must have {len(args)} items (got {list(value)})")
+            return tuple(value)
+        return tuple(_coerce(v, a, f"{path}[{i}]", errors) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{path} must be a number (got {value!r})")
+            return value
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{path} must be an integer (got {value!r})")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{path} must be true or false (got {value!r})")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{path} must be a string (got {value!r})")
+        return value
+    return value
+
+
+def _from_dict(cls: type, data: dict, prefix: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            errors.append(f"unknown key {prefix + '.' if prefix else ''}{key} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            path = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], path, errors)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - guarded by the checks above
+        errors.append(f"{prefix or 'config'}: {e}")
+        return cls()
+
+
+def config_from_dict(data: dict, validate: bool = True) -> Config:
+    """Builds a ``Config`` from nested dicts, reporting every type or key error at once."""
+    errors: list[str] = []
+    cfg = _from_dict(Config, data or {}, "", errors)
+    if errors:
+        raise ConfigError(errors)
+    return cfg.validate() if validate else cfg
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Applies ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict copy."""
+    import copy
+
+    data = copy.deepcopy(data or {})
+    errors = []
+    for item in overrides:
+        if "=" not in item:
+            errors.append(f"override {item!r} must look like key.path=value, e.g. train.steps=500")
+            continue
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            errors.append(f"override key {key!r} has an empty part")
+            continue
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                errors.append(f"override {key!r}: {p} is not a section")
+                break
+        else:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    if errors:
+        raise ConfigError(errors)
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, validate: bool = True) -> Config:
+    """Loads a YAML config (local path or fsspec URL), applies overrides, validates.
+
+    Args:
+        path: YAML file; None starts from the defaults.
+        overrides: ``section.key=value`` strings, applied in order.
+        validate: run ``Config.validate`` (raises ``ConfigError`` listing all problems).
+    """
+    data: dict = {}
+    if path is not None:
+        import fsspec
+
+        try:
+            with fsspec.open(path, "r") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError([f"config file {path!r} does not exist; see jobs/configs/ for examples"]) from None
+        except yaml.YAMLError as e:
+            raise ConfigError([f"config file {path!r} is not valid YAML: {e}"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError([f"config file {path!r} must hold a mapping at the top level"])
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data, validate=validate)

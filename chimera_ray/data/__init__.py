@@ -1,0 +1,1 @@
+"""Synthetic and small real image datasets with long-tail splits and boxes."""

@@ -1,0 +1,321 @@
+"""One class's multi-head LoRA fine-tune: a plain loop, no Ray.
+
+Given a base pipeline and a class's shots (images with boxes), trains the adapters of
+one mode (chimera / classwise / imagewise) with the base model's own denoising loss and
+returns them. Checkpoints (adapters + optimiser + step) go through fsspec so a caller
+(the CLI, or the Ray Train wrapper in ``pipelines``) can resume an interrupted run.
+Randomness of step ``s`` derives from ``(seed, s)`` alone, so a resumed run continues the
+same sequence of crops, noise and timesteps it would have drawn uninterrupted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from chimera_ray.config import LoRAConfig, TrainConfig
+from chimera_ray.data.boxes import Box, BoxError, sanitize_box, union_box
+from chimera_ray.data.crops import boosted_view
+from chimera_ray.lora.inject import (
+    AdapterMeta,
+    adapter_state_dict,
+    inject_lora,
+    load_adapter,
+    load_adapter_state_dict,
+    remove_lora,
+    save_adapter,
+    set_heads,
+    trainable_parameters,
+)
+from chimera_ray.sampling import derive_seed
+
+__all__ = ["Shot", "TrainResult", "heads_for_mode", "subsample_shots", "prepare_shots", "train_class",
+           "denoising_loss", "latest_checkpoint"]
+
+
+@dataclass
+class Shot:
+    """One real image of the class: RGB image, object boxes (pixels; empty = whole image), id."""
+
+    image: Image.Image
+    boxes: list[Box] = field(default_factory=list)
+    shot_id: str = ""
+
+
+@dataclass
+class TrainResult:
+    state: dict[str, torch.Tensor]
+    meta: AdapterMeta
+    losses: list[float]
+    report: dict
+
+
+def heads_for_mode(mode: str, num_shots: int) -> tuple[int, bool]:
+    """``(num_heads, shared_a)``: chimera K shots/shared A, classwise 1/shared, imagewise K/own A."""
+    if num_shots < 1:
+        raise ValueError("a class needs at least one shot to fine-tune")
+    return {"chimera": (num_shots, True), "classwise": (1, True), "imagewise": (num_shots, False)}[mode]
+
+
+def subsample_shots(ids: list[str], max_shots: int, seed: int, class_key: str) -> list[str]:
+    """Deterministic choice of at most ``max_shots`` ids (order-independent: sorted first)."""
+    ids = sorted(ids)
+    if len(ids) <= max_shots:
+        return ids
+    rng = np.random.default_rng(derive_seed(seed, class_key, 0, "shots"))
+    return sorted(ids[i] for i in rng.choice(len(ids), size=max_shots, replace=False))
+
+
+def prepare_shots(shots: list[Shot], policy: str = "clip") -> tuple[list[tuple[Image.Image, Box | None, str]], dict]:
+    """Checks every box against its image; returns ``(image, union box | None, id)`` per shot.
+
+    Boxes sticking out are clipped and counted (``policy="clip"``) or raise; degenerate or
+    fully outside boxes are dropped and counted under "clip", raise under "error". A shot
+    left without boxes trains on the whole image.
+    """
+    out, report = [], {"boxes_clipped": 0, "boxes_dropped": 0, "whole_image_shots": 0, "problems": []}
+    for s in shots:
+        if s.image.mode != "RGB":
+            s.image = s.image.convert("RGB")
+        w, h = s.image.size
+        kept = []
+        for b in s.boxes:
+            try:
+                b2, note = sanitize_box(b, w, h, policy)
+            except BoxError as e:
+                if policy == "error":
+                    raise BoxError(f"shot {s.shot_id!r}: {e}") from None
+                report["boxes_dropped"] += 1
+                report["problems"].append(f"{s.shot_id}: {e}")
+                continue
+            report["boxes_clipped"] += note == "clipped"
+            kept.append(b2)
+        if not kept:
+            report["whole_image_shots"] += 1
+        out.append((s.image, union_box(kept) if kept else None, s.shot_id))
+    return out, report
+
+
+def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, heads: torch.Tensor,
+                   generator: torch.Generator, prediction_type: str) -> torch.Tensor:
+    """The base model's training loss on latents, each sample routed through its head.
+
+    Args:
+        unet: UNet with injected multi-head LoRA.
+        scheduler: a training noise scheduler (``DDPMScheduler`` config of the base).
+        latents: ``(n, 4, h, w)`` scaled VAE latents.
+        text: ``(n, tokens, dim)`` prompt embeddings.
+        heads: ``(n,)`` head index per sample.
+        generator: CPU generator for noise and timesteps.
+        prediction_type: "epsilon", "v_prediction" or "sample".
+
+    Returns:
+        Scalar float32 MSE.
+    """
+    n = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, t)
+    elif prediction_type == "sample":
+        target = latents
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    set_heads(unet, heads)
+    pred = unet(noisy, t, encoder_hidden_states=text).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
+def latest_checkpoint(checkpoint_dir: str) -> str | None:
+    """The newest complete checkpoint folder under ``checkpoint_dir`` (via ``latest.json``)."""
+    fs, path = fsspec.core.url_to_fs(checkpoint_dir)
+    pointer = f"{path.rstrip('/')}/latest.json"
+    if not fs.exists(pointer):
+        return None
+    with fs.open(pointer, "r") as f:
+        name = json.load(f)["checkpoint"]
+    return f"{checkpoint_dir.rstrip('/')}/{name}"
+
+
+def _save_checkpoint(checkpoint_dir: str, step: int, state, meta: AdapterMeta, optimizer, losses) -> str:
+    name = f"step-{step:08d}"
+    folder = f"{checkpoint_dir.rstrip('/')}/{name}"
+    save_adapter(folder, state, meta)
+    buf = io.BytesIO()
+    torch.save(optimizer.state_dict(), buf)
+    fs, path = fsspec.core.url_to_fs(folder)
+    with fs.open(f"{path}/optimizer.pt", "wb") as f:
+        f.write(buf.getvalue())
+    with fs.open(f"{path}/trainer_state.json", "w") as f:
+        json.dump({"step": step, "losses": losses}, f)
+    # The pointer is written last: a checkpoint is only used once it is complete.
+    cfs, cpath = fsspec.core.url_to_fs(checkpoint_dir)
+    with cfs.open(f"{cpath.rstrip('/')}/latest.json", "w") as f:
+        json.dump({"checkpoint": name, "step": step}, f)
+    return folder
+
+
+def train_class(
+    pipe,
+    shots: list[Shot],
+    *,
+    class_name: str,
+    class_key: str | None = None,
+    label: int = -1,
+    lora: LoRAConfig = LoRAConfig(),
+    train: TrainConfig = TrainConfig(),
+    resolution: int | None = None,
+    precision: str = "fp32",
+    checkpoint_dir: str | None = None,
+    resume: bool = True,
+    on_checkpoint: Callable[[int, str, dict], None] | None = None,
+    progress: bool = False,
+    fail_at_step: int | None = None,
+) -> TrainResult:
+    """Fine-tunes one class's adapters.
+
+    Args:
+        pipe: a loaded ``StableDiffusionPipeline`` (its UNet is adapted in place and restored
+            on return); device and dtype are taken from it.
+        shots: the class's real images with boxes (at most ``train.max_shots`` expected).
+        class_name: human-readable name used in the prompt template.
+        class_key: file-safe key (defaults to class_name).
+        lora, train: configs (mode, rank, steps, lr, batch size, ...).
+        resolution: training size in pixels (default: the base model's native size).
+        precision: "fp32", or on CUDA "fp16"/"bf16" autocast (LoRA weights stay float32).
+        checkpoint_dir: fsspec URL for periodic checkpoints; None disables them.
+        resume: continue from the newest checkpoint in ``checkpoint_dir`` if there is one.
+        on_checkpoint: called with ``(step, folder, metrics)`` after each checkpoint.
+        progress: show a tqdm bar.
+        fail_at_step: raise at this step (fault-injection hook for tests).
+
+    Returns:
+        Trained adapters (CPU float32), their metadata, per-step losses and a report
+        (box clips/drops, crop fallbacks, resumed step, seconds).
+    """
+    if lora.mode == "base":
+        raise ValueError("lora.mode=base trains nothing; generate with the base model directly")
+    from diffusers import DDPMScheduler
+
+    from chimera_ray.models import native_resolution
+
+    t_start = time.time()
+    class_key = class_key or class_name
+    views, report = prepare_shots(shots, train.crop.out_of_image)
+    num_heads, shared_a = heads_for_mode(lora.mode, len(views))
+    resolution = resolution or native_resolution(pipe)
+    unet, vae = pipe.unet, pipe.vae
+    device = unet.device
+    use_amp = device.type == "cuda" and precision in ("fp16", "bf16")
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = scheduler.config.prediction_type
+
+    prompt = train.prompt_template.format(name=class_name)
+    with torch.no_grad():
+        tokens = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids.to(device)
+        text = pipe.text_encoder(tokens)[0]  # (1, T, D)
+
+    layers = inject_lora(unet, lora.targets, lora.rank, lora.lora_alpha, num_heads, shared_a,
+                         seed=derive_seed(train.seed, class_key, 0, "lora-init") % (2**31))
+    meta = AdapterMeta(
+        mode=lora.mode, rank=lora.rank, lora_alpha=lora.lora_alpha, targets=list(lora.targets), num_heads=num_heads,
+        shared_a=shared_a, class_name=class_name, class_key=class_key, label=label,
+        shot_ids=[sid for _, _, sid in views], base_model=getattr(pipe, "chimera_base_id", ""),
+        extra={"resolution": resolution, "prompt": prompt, "prediction_type": prediction_type, "seed": train.seed},
+    )
+    try:
+        params = [p for _, p in trainable_parameters(unet)]
+        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+        start, losses = 0, []
+        if checkpoint_dir and resume:
+            ckpt = latest_checkpoint(checkpoint_dir)
+            if ckpt is not None:
+                state, _ = load_adapter(ckpt)
+                load_adapter_state_dict(unet, state)
+                fs, path = fsspec.core.url_to_fs(ckpt)
+                with fs.open(f"{path}/optimizer.pt", "rb") as f:
+                    optimizer.load_state_dict(torch.load(io.BytesIO(f.read()), weights_only=True))
+                with fs.open(f"{path}/trainer_state.json", "r") as f:
+                    ts = json.load(f)
+                start, losses = ts["step"], ts["losses"]
+        report.update(resumed_from_step=start, crop_fallbacks=0, num_heads=num_heads,
+                      trainable_params=sum(p.numel() for p in params))
+
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=train.steps, initial=start, desc=f"train {class_key}", unit="step")
+        unet.train()
+        for step in range(start, train.steps):
+            if fail_at_step is not None and step == fail_at_step:
+                raise RuntimeError(f"injected training failure at step {step} (fail_at_step)")
+            step_loss = 0.0
+            for micro in range(train.grad_accum):
+                rng = np.random.default_rng(derive_seed(train.seed, class_key, step * 1000 + micro, "views"))
+                shot_idx = rng.integers(0, len(views), size=train.batch_size)
+                pixels = []
+                for i in shot_idx:
+                    img, box, _ = views[i]
+                    arr, crop = boosted_view(img, box, rng, resolution, enabled=train.crop.enabled,
+                                             scale=train.crop.scale, ratio=train.crop.ratio, flip_p=train.crop.flip_p)
+                    report["crop_fallbacks"] += crop.fallback
+                    pixels.append(arr)
+                gen = torch.Generator().manual_seed(derive_seed(train.seed, class_key, step * 1000 + micro, "noise"))
+                px = torch.from_numpy(np.stack(pixels)).to(device, vae.dtype)
+                heads = torch.as_tensor(shot_idx if num_heads > 1 else np.zeros_like(shot_idx), dtype=torch.long)
+                with torch.no_grad():
+                    dist = vae.encode(px).latent_dist
+                    eps = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
+                    latents = (dist.mean + dist.std * eps) * vae.config.scaling_factor
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    loss = denoising_loss(unet, scheduler, latents, text.expand(len(shot_idx), -1, -1), heads.to(device),
+                                          gen, prediction_type)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower train.lr")
+                scaler.scale(loss / train.grad_accum).backward()
+                step_loss += loss.item() / train.grad_accum
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+            done = step + 1
+            if checkpoint_dir and train.checkpoint_every and (done % train.checkpoint_every == 0 or done == train.steps):
+                meta.steps = done
+                folder = _save_checkpoint(checkpoint_dir, done, adapter_state_dict(unet), meta, optimizer, losses)
+                if on_checkpoint is not None:
+                    on_checkpoint(done, folder, {"step": done, "loss": step_loss})
+        if bar is not None:
+            bar.close()
+        meta.steps = train.steps
+        state = adapter_state_dict(unet)
+    finally:
+        unet.eval()
+        remove_lora(unet)
+        for p in unet.parameters():
+            p.requires_grad_(False)
+    del layers
+    tail = losses[-max(1, len(losses) // 10):] if losses else [math.nan]
+    report.update(seconds=round(time.time() - t_start, 3), final_loss=float(np.mean(tail)), steps=train.steps)
+    return TrainResult(state=state, meta=meta, losses=losses, report=report)

@@ -141,6 +141,12 @@ class DataConfig:
     source: str = "builtin:toyworld"
     # Only train-split rows are used as shots.
     split: str = "train"
+    # Tail classes: those with at most this many training images get synthetic data.
+    tail_max_images: int = 16
+    # Explicit class names to process instead of the tail rule (empty: use the rule).
+    classes: tuple[str, ...] = ()
+    # Stop after this many classes (0: all); smoke tests and quick looks.
+    max_classes: int = 0
 
 
 @dataclass(frozen=True)
@@ -194,6 +200,8 @@ class Config:
         check(g.samples_per_class >= 0, f"generate.samples_per_class must be >= 0 (got {g.samples_per_class})")
         check(g.adapter_cache_size >= 1, f"generate.adapter_cache_size must be >= 1 (got {g.adapter_cache_size})")
         check("{name}" in g.prompt_template, f"generate.prompt_template must contain '{{name}}' (got {g.prompt_template!r})")
+        check(self.data.tail_max_images >= 1, f"data.tail_max_images must be >= 1 (got {self.data.tail_max_images})")
+        check(self.data.max_classes >= 0, f"data.max_classes must be >= 0, 0 means all (got {self.data.max_classes})")
         check(bool(self.output), "output must be a folder path or fsspec URL")
         if errors:
             raise ConfigError(errors)

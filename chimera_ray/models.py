@@ -117,7 +117,7 @@ def _build_into(folder: Path, build: Callable[[Path], None]) -> None:
 
 
 def _tiny_random(folder: Path) -> None:
-    build_tiny_pipeline(seed=0).save_pretrained(folder, safe_serialization=True)
+    build_tiny_pipeline(seed=0, max_length=32).save_pretrained(folder, safe_serialization=True)
 
 
 register_builtin("tiny-random", _tiny_random)
@@ -177,7 +177,11 @@ def load_pipeline(
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars on every actor
+    from transformers.utils import logging as transformers_logging
+
+    # "Loading pipeline components/weights" bars would print on every Ray actor.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     local = resolve_base(source, cache_dir)
     kwargs = dict(use_safetensors=True, safety_checker=None, requires_safety_checker=False, dtype=dtype)
     cached = local != source or source.startswith("builtin:")

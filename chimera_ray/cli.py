@@ -1,0 +1,181 @@
+"""``chimera-ray``: one CLI whose subcommands mirror the jobs.
+
+Every subcommand takes ``--config FILE.yaml`` plus dotted overrides (``train.steps=50``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main", "build_parser"]
+
+_OVERRIDES_HELP = "config overrides as dotted key=value pairs, e.g. train.steps=50 lora.rank=4"
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (local path or fsspec URL); defaults apply without one")
+    p.add_argument("--output", help="output folder or URL (overrides the config's `output`)")
+    p.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chimera-ray",
+        description="ChimeraLoRA synthetic datasets: multi-head LoRA per class, Dirichlet head mixtures per image.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune one class's adapters on this machine",
+                       description="Fine-tune one class (a folder of its images, optional boxes) into <output>/adapters/<key>.")
+    p.add_argument("--images", required=True, help="folder (or URL) holding the class's real images")
+    p.add_argument("--class-name", required=True, help="human-readable class name used in the prompt")
+    p.add_argument("--boxes", help="JSON file mapping image file name -> [[x0, y0, x1, y1], ...] in pixels")
+    p.add_argument("--label", type=int, default=0, help="integer label id recorded with the adapter (default 0)")
+    _config_args(p)
+
+    p = sub.add_parser("generate", help="generate images from trained adapters into a folder",
+                       description="Generate generate.samples_per_class images per class into <output>/images/<key>/ "
+                                   "with metadata.jsonl.")
+    p.add_argument("--classes", help="comma-separated class keys (default: every adapter under <output>/adapters)")
+    p.add_argument("--num", type=int, help="images per class (overrides generate.samples_per_class)")
+    _config_args(p)
+
+    p = sub.add_parser("export-lora", help="write one fixed mixture as a standard diffusers LoRA",
+                       description="Export (A_c, B' = sum_i w_i B_i) as pytorch_lora_weights.safetensors that "
+                                   "diffusers' pipe.load_lora_weights(folder) loads.")
+    p.add_argument("--adapter", required=True, help="adapter folder written by `train` (<output>/adapters/<key>)")
+    p.add_argument("--out", required=True, help="folder to write the LoRA into")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--weights", help="comma-separated mixture weights, one per shot, summing to 1")
+    g.add_argument("--sample-index", type=int, help="use the Dirichlet draw of this sample index (run seed from config)")
+    p.add_argument("--config", help="YAML config (for --sample-index: generate.seed and dirichlet_concentration)")
+    p.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+
+    p = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) as YAML")
+    _config_args(p)
+    return parser
+
+
+def _load(args) -> "Config":  # noqa: F821
+    from chimera_ray.config import load_config
+
+    overrides = list(args.overrides or [])
+    if getattr(args, "output", None):
+        overrides.append(f"output={args.output}")
+    return load_config(args.config, overrides)
+
+
+def _cmd_train(args) -> int:
+    import fsspec
+
+    from chimera_ray.data.boxes import parse_box
+    from chimera_ray.data.ingest import IMAGE_EXTENSIONS, ImageRow
+    from chimera_ray.data.keys import safe_key
+    from chimera_ray.models import load_pipeline, resolve_device, resolve_dtype
+    from chimera_ray.runner import ClassPlan, train_one, write_json
+    from chimera_ray.train import subsample_shots
+
+    cfg = _load(args)
+    fs, root = fsspec.core.url_to_fs(args.images)
+    if not fs.isdir(root):
+        raise SystemExit(f"error: --images {args.images!r} is not a folder")
+    proto = args.images.split("://", 1)[0] + "://" if "://" in args.images else ""
+    files = sorted(proto + f for f in fs.ls(root, detail=False) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise SystemExit(f"error: no images ({', '.join(IMAGE_EXTENSIONS)}) in {args.images!r}")
+    boxes = {}
+    if args.boxes:
+        with fsspec.open(args.boxes, "r") as f:
+            boxes = json.load(f)
+    rows = [ImageRow(p, args.class_name, "train", tuple(parse_box(b) for b in boxes.get(p.rsplit("/", 1)[-1], [])))
+            for p in files]
+    key = safe_key(args.class_name)
+    shots = tuple(subsample_shots(files, cfg.train.max_shots, cfg.train.seed, key))
+    plan = ClassPlan(args.class_name, key, args.label, len(files), shots, 0)
+    device = resolve_device(cfg.model.device)
+    pipe = load_pipeline(cfg.model.base, cache_dir=cfg.model.cache_dir, device=device,
+                         dtype=resolve_dtype(cfg.model.precision, device))
+    report = train_one(pipe, plan, rows, cfg)
+    write_json(f"{cfg.output.rstrip('/')}/reports/train-{key}.json", report)
+    print(json.dumps({k: report[k] for k in ("class", "key", "digest", "final_loss", "seconds")}, indent=2))
+    print(f"adapter: {cfg.output.rstrip('/')}/adapters/{key}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import fsspec
+
+    from chimera_ray.generate import Generator
+    from chimera_ray.lora.inject import load_adapter
+    from chimera_ray.runner import ClassPlan, generate_local
+
+    overrides = list(args.overrides or [])
+    if args.num is not None:
+        overrides.append(f"generate.samples_per_class={args.num}")
+    args.overrides = overrides
+    cfg = _load(args)
+    out = cfg.output.rstrip("/")
+    if args.classes:
+        keys = [k.strip() for k in args.classes.split(",") if k.strip()]
+    else:
+        fs, root = fsspec.core.url_to_fs(f"{out}/adapters")
+        keys = sorted(p.rsplit("/", 2)[-2] for p in fs.glob(f"{root}/*/adapter.json"))
+        if not keys:
+            raise SystemExit(f"error: no adapters under {out}/adapters; run `chimera-ray train` first or pass --classes")
+    plans = []
+    for k in keys:
+        _, meta = load_adapter(f"{out}/adapters/{k}")
+        plans.append(ClassPlan(meta.class_name, k, meta.label, len(meta.shot_ids), tuple(meta.shot_ids),
+                               cfg.generate.samples_per_class))
+    gen = Generator(cfg.model, cfg.generate, mode=cfg.lora.mode, adapter_root=f"{out}/adapters")
+    written = generate_local(gen, plans, cfg)
+    print(json.dumps({"images": f"{out}/images", "written": written}, indent=2))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from chimera_ray.config import load_config
+    from chimera_ray.lora.inject import export_lora, load_adapter
+    from chimera_ray.sampling import mixture_weights
+
+    state, meta = load_adapter(args.adapter)
+    if args.weights is not None:
+        try:
+            weights = [float(x) for x in args.weights.split(",")]
+        except ValueError:
+            raise SystemExit(f"error: --weights must be comma-separated numbers (got {args.weights!r})") from None
+    else:
+        cfg = load_config(args.config, args.overrides)
+        weights = mixture_weights(meta.mode, meta.num_heads, cfg.generate.dirichlet_concentration, cfg.generate.seed,
+                                  meta.class_key, args.sample_index, cfg.generate.imagewise_mix).tolist()
+    export_lora(args.out, state, meta, weights)
+    print(json.dumps({"lora": args.out, "class": meta.class_name, "weights": weights}, indent=2))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    import yaml
+
+    from chimera_ray.config import config_to_dict
+
+    print(yaml.safe_dump(config_to_dict(_load(args)), sort_keys=False))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from chimera_ray.config import ConfigError
+    from chimera_ray.models import BaseModelError
+
+    args = build_parser().parse_args(argv)
+    handler = {"train": _cmd_train, "generate": _cmd_generate, "export-lora": _cmd_export, "config": _cmd_config}[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, BaseModelError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

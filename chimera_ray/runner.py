@@ -1,0 +1,140 @@
+"""Run a whole config on one machine, no Ray: ingest -> plan -> train classes -> generate.
+
+This is the single-process path behind ``chimera-ray train/generate`` and the demo job;
+the Ray path (``pipelines``) runs the same per-class trainer and generator at scale.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+
+from chimera_ray.config import Config
+from chimera_ray.data.ingest import Dataset, ImageRow, load_image
+from chimera_ray.lora.inject import load_adapter, save_adapter
+from chimera_ray.train import Shot, subsample_shots, train_class
+
+__all__ = ["ClassPlan", "plan_classes", "load_shots", "train_one", "adapter_done", "generate_local", "write_json"]
+
+
+@dataclass(frozen=True)
+class ClassPlan:
+    name: str
+    key: str
+    label: int
+    num_real: int
+    shots: tuple[str, ...]  # image paths used as shots (<= max_shots)
+    budget: int  # synthetic images to generate
+
+
+def plan_classes(ds: Dataset, cfg: Config) -> list[ClassPlan]:
+    """Chooses the classes to augment (explicit list or the tail rule) and their shots."""
+    by_class = ds.by_class(cfg.data.split)
+    keys = ds.keys()
+    if cfg.data.classes:
+        unknown = [c for c in cfg.data.classes if c not in by_class]
+        if unknown:
+            raise ValueError(f"data.classes names unknown classes {unknown}; known: {ds.classes[:20]}")
+        names = list(cfg.data.classes)
+    else:
+        names = [c for c in ds.classes if 0 < len(by_class[c]) <= cfg.data.tail_max_images]
+    plans = []
+    for name in names:
+        rows = by_class[name]
+        if not rows:
+            continue
+        shots = subsample_shots([r.path for r in rows], cfg.train.max_shots, cfg.train.seed, keys[name])
+        plans.append(ClassPlan(name, keys[name], ds.classes.index(name), len(rows), tuple(shots),
+                               cfg.generate.samples_per_class))
+    if cfg.data.max_classes:
+        plans = plans[: cfg.data.max_classes]
+    return plans
+
+
+def load_shots(plan: ClassPlan, rows: list[ImageRow]) -> tuple[list[Shot], list[dict]]:
+    """Opens a class's shot images; unreadable ones are skipped and reported."""
+    by_path = {r.path: r for r in rows}
+    shots, skipped = [], []
+    for p in plan.shots:
+        try:
+            img = load_image(p)
+        except ValueError as e:
+            skipped.append({"class": plan.name, "path": p, "reason": str(e)})
+            continue
+        shots.append(Shot(img, list(by_path[p].boxes), shot_id=p.rsplit("/", 1)[-1]))
+    return shots, skipped
+
+
+def train_one(pipe, plan: ClassPlan, rows: list[ImageRow], cfg: Config, progress: bool = True) -> dict:
+    """Trains one class (resuming from its checkpoints) and commits its adapter."""
+    out = cfg.output.rstrip("/")
+    shots, skipped = load_shots(plan, rows)
+    if not shots:
+        raise ValueError(f"class {plan.name!r} has no readable images left to train on: {skipped}")
+    res = train_class(pipe, shots, class_name=plan.name, class_key=plan.key, label=plan.label, lora=cfg.lora,
+                      train=cfg.train, resolution=cfg.model.resolution, precision=cfg.model.precision,
+                      checkpoint_dir=f"{out}/checkpoints/{plan.key}", progress=progress)
+    digest = save_adapter(f"{out}/adapters/{plan.key}", res.state, res.meta)
+    return {"class": plan.name, "key": plan.key, "digest": digest, "skipped": skipped, **res.report}
+
+
+def adapter_done(cfg: Config, key: str) -> bool:
+    try:
+        load_adapter(f"{cfg.output.rstrip('/')}/adapters/{key}")
+        return True
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def generate_local(gen, plans: list[ClassPlan], cfg: Config, progress: bool = True) -> dict:
+    """Generates every plan's budget in batches into ``<output>/images/<key>/`` + metadata.jsonl."""
+    from tqdm.auto import tqdm
+
+    out = cfg.output.rstrip("/")
+    rows = [(p, i) for p in plans for i in range(p.budget)]
+    fs, root = fsspec.core.url_to_fs(f"{out}/images")
+    fs.makedirs(root, exist_ok=True)
+    written: dict[str, int] = {p.key: 0 for p in plans}
+    bs = cfg.generate.batch_size
+    lines = []
+    with tqdm(total=len(rows), desc="generate", unit="img", disable=not progress) as bar:
+        for s in range(0, len(rows), bs):
+            chunk = rows[s : s + bs]
+            batch = {
+                "class_key": np.array([p.key for p, _ in chunk]),
+                "class_name": np.array([p.name for p, _ in chunk]),
+                "label": np.array([p.label for p, _ in chunk]),
+                "sample_index": np.array([i for _, i in chunk]),
+            }
+            res = gen(batch)
+            for r in range(len(chunk)):
+                key, ck = res["key"][r], res["class_key"][r]
+                fs.makedirs(f"{root}/{ck}", exist_ok=True)
+                with fs.open(f"{root}/{ck}/{key}.{res['ext'][r]}.tmp", "wb") as f:
+                    f.write(res["image"][r])
+                fs.mv(f"{root}/{ck}/{key}.{res['ext'][r]}.tmp", f"{root}/{ck}/{key}.{res['ext'][r]}")
+                lines.append(res["metadata"][r])
+                written[ck] += 1
+            bar.update(len(chunk))
+    with fs.open(f"{root}/metadata.jsonl.tmp", "w") as f:
+        f.write("\n".join(lines) + ("\n" if lines else ""))
+    fs.mv(f"{root}/metadata.jsonl.tmp", f"{root}/metadata.jsonl")
+    return written
+
+
+def write_json(url: str, obj) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+    fs.mv(path + ".tmp", path)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+

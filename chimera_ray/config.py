@@ -291,9 +291,18 @@ def config_from_dict(data: dict, validate: bool = True) -> Config:
     """Builds a ``Config`` from nested dicts, reporting every type or key error at once."""
     errors: list[str] = []
     cfg = _from_dict(Config, data or {}, "", errors)
+    if validate:
+        try:
+            cfg.validate()
+        except ConfigError as e:
+            # Keep one message per field: a type error already covers that field.
+            typed = {m.split(" ", 1)[0] for m in errors}
+            errors += [m for m in e.errors if m.split(" ", 1)[0] not in typed]
+        except TypeError:
+            pass  # a value of the wrong type, already reported above
     if errors:
         raise ConfigError(errors)
-    return cfg.validate() if validate else cfg
+    return cfg
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -1,0 +1,707 @@
+"""The embedded base model ``builtin:toy``: a small Stable Diffusion pretrained on ToyWorld.
+
+The product's demo needs a text-to-image model that makes real images with no
+download. This module builds one from scratch, deterministically from a seed, in a
+few minutes of CPU time:
+
+1. **Data.** A fixed pool of captioned ToyWorld images (all 16 classes, drawn
+   uniformly by `toyworld.sample_captioned`) is rendered once at 64 px and resized
+   to the model's resolution with the same bicubic filter the fine-tuning crops use,
+   so pretraining sees the pixel statistics that LoRA training will see later.
+2. **VAE.** A small `AutoencoderKL` (x2 down-sampling, 4 latent channels) is trained
+   briefly on reconstruction plus a small KL term. Its ``scaling_factor`` is then set
+   to ``1 / std(latents)``, as Stable Diffusion does, and the whole pool (and its
+   mirror image) is encoded once, so the UNet phase never runs the encoder.
+3. **UNet + text encoder.** A `UNet2DConditionModel` with cross-attention blocks
+   (projections ``to_q/to_k/to_v/to_out.0``, the layers ChimeraLoRA adapts) and a tiny
+   `CLIPTextModel` are trained jointly with the epsilon-prediction denoising loss on
+   the cached latents, Min-SNR loss weighting (converges several times faster than
+   the plain loss, which matters at a few thousand steps), 10 % caption dropout (so
+   classifier-free guidance works) and an EMA of the weights, which is what is saved.
+
+Everything runs on the CPU with a fixed number of threads and draws randomness only
+from generators seeded by ``seed``, so one seed gives byte-identical safetensors on a
+given machine and torch version. The training length is a *nominal* budget
+(``minutes_budget`` scales the step counts of the calibrated recipe), never a
+wall-clock deadline, for the same reason.
+
+``evaluate_base`` measures what the model learned: a small CNN trained on real
+ToyWorld renders classifies the model's prompted generations.
+
+Command line::
+
+    python -m chimera_ray.embedded build OUT_DIR [--seed 0] [--minutes 9]
+    python -m chimera_ray.embedded evaluate OUT_DIR [--n-per-class 16] [--grid grid.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from chimera_ray.data import toyworld
+from chimera_ray.models import build_tokenizer, register_builtin
+
+__all__ = ["ToyRecipe", "DEFAULT_RECIPE", "build_toy_base", "build_toy_pipeline", "evaluate_base", "sample_grid"]
+
+# Bump when the recipe or architecture changes (written into the built folder).
+VERSION = "toy-base-v1"
+
+# The recipe below was calibrated so that the full build takes about this many
+# minutes on 2 CPU cores; `minutes_budget` scales step counts relative to it.
+NOMINAL_MINUTES = 9.0
+
+PROMPT_TEMPLATE = "a photo of a {name}"
+
+
+@dataclass(frozen=True)
+class ToyRecipe:
+    """Architecture and pretraining recipe of the toy base model.
+
+    Attributes:
+        resolution: Image side in pixels the pipeline generates at.
+        render_size: ToyWorld render size before the bicubic resize to `resolution`.
+        pool_size: Captioned images rendered once and reused (with flips).
+        vae_channels: `AutoencoderKL` block widths; the latent is
+            ``resolution / 2 ** (len - 1)`` pixels square with 4 channels.
+        vae_steps: VAE training steps.
+        vae_batch: VAE batch size.
+        vae_lr: VAE AdamW learning rate.
+        vae_kl_weight: Weight of the per-element KL term (keeps latents smooth
+            and near-Gaussian without hurting reconstructions).
+        unet_channels: UNet block widths (one resolution level each).
+        unet_attention: Per level, whether it has (self+cross) attention; the
+            highest resolution has none because attention there dominates CPU time.
+        attention_heads: Heads per attention layer (diffusers' SD-1 convention
+            passes this as ``attention_head_dim``).
+        layers_per_block: ResNet (+attention) layers per UNet level.
+        text_width: Text-encoder width, also the cross-attention dim.
+        text_layers: Text-encoder transformer layers.
+        max_length: Tokenizer / text-encoder context length.
+        unet_steps: UNet + text-encoder training steps.
+        unet_batch: UNet batch size.
+        unet_lr: Peak AdamW learning rate (linear warm-up, cosine decay).
+        warmup_steps: Warm-up length.
+        weight_decay: AdamW weight decay.
+        ema_decay: Maximum EMA decay (ramped up as ``(1 + t) / (10 + t)``).
+        caption_dropout: Probability of training on the empty prompt.
+        min_snr_gamma: Min-SNR-gamma loss weighting; 0 disables it.
+        num_threads: torch intra-op threads during the build (part of what
+            makes the result reproducible).
+    """
+
+    resolution: int = 32
+    render_size: int = 64
+    pool_size: int = 4096
+    vae_channels: tuple[int, ...] = (32, 64)
+    vae_steps: int = 300
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-3
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_attention: tuple[bool, ...] = (False, True, True)
+    attention_heads: int = 8
+    layers_per_block: int = 1
+    text_width: int = 64
+    text_layers: int = 2
+    max_length: int = 24
+    unet_steps: int = 2000
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 1e-2
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    num_threads: int = 2
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // 2 ** (len(self.vae_channels) - 1)
+
+    def scaled(self, minutes_budget: float) -> ToyRecipe:
+        """The same recipe with data and step counts scaled to a nominal budget.
+
+        Args:
+            minutes_budget: Nominal minutes; `NOMINAL_MINUTES` gives this recipe.
+                Small values (tests) keep a handful of steps of every phase.
+        """
+        f = minutes_budget / NOMINAL_MINUTES
+        return dataclasses.replace(
+            self,
+            pool_size=max(16, round(self.pool_size * min(f, 1.0))),
+            vae_steps=max(2, round(self.vae_steps * f)),
+            unet_steps=max(2, round(self.unet_steps * f)),
+            warmup_steps=max(1, round(self.warmup_steps * min(f, 1.0))),
+        )
+
+
+DEFAULT_RECIPE = ToyRecipe()
+
+
+# ---------------------------------------------------------------------------
+# Architecture
+# ---------------------------------------------------------------------------
+
+
+def caption_words() -> list[str]:
+    """Every word of every ToyWorld caption (the tokenizer gives each one token)."""
+    words: set[str] = set()
+    for cls in toyworld.CLASSES:
+        words.update(PROMPT_TEMPLATE.format(name=cls.name).split())
+    return sorted(words)
+
+
+def build_toy_pipeline(recipe: ToyRecipe = DEFAULT_RECIPE, seed: int = 0):
+    """An untrained pipeline with the toy base model's architecture.
+
+    Args:
+        recipe: Architecture settings.
+        seed: Initialisation seed.
+
+    Returns:
+        A `StableDiffusionPipeline` (UNet2DConditionModel, AutoencoderKL,
+        CLIPTextModel + CLIP BPE tokenizer, DDIM scheduler with SD-1's config).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    levels = len(recipe.unet_channels)
+    if len(recipe.unet_attention) != levels:
+        raise ValueError("unet_attention needs one flag per entry of unet_channels")
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in recipe.unet_attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(recipe.unet_attention))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=recipe.latent_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=recipe.unet_channels,
+        layers_per_block=recipe.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=recipe.text_width,
+        attention_head_dim=recipe.attention_heads,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed + 1)
+    n_vae = len(recipe.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_vae,
+        up_block_types=("UpDecoderBlock2D",) * n_vae,
+        block_out_channels=recipe.vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=recipe.resolution,
+        # Self-attention in the VAE's mid block costs more than it helps at 16x16.
+        mid_block_add_attention=False,
+    )
+    tokenizer = build_tokenizer(caption_words(), model_max_length=recipe.max_length)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=recipe.text_width,
+            intermediate_size=4 * recipe.text_width,
+            num_attention_heads=4,
+            num_hidden_layers=recipe.text_layers,
+            max_position_embeddings=recipe.max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Pretraining
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run with `n` intra-op threads, restoring the caller's setting afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL RGB images -> float tensor (N, 3, H, W) in [-1, 1]."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0).contiguous()
+
+
+def render_pool(
+    n: int, seed: int, resolution: int, render_size: int = 64, classes: Sequence[toyworld.ToyClass] | None = None
+) -> tuple[torch.Tensor, list[str]]:
+    """Render `n` captioned ToyWorld images at `resolution` (bicubic from `render_size`).
+
+    Returns:
+        ``(images, labels)``: float tensor (n, 3, R, R) in [-1, 1] and class names.
+    """
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for _ in range(n):
+        image, _, label = toyworld.sample_captioned(rng, render_size, classes)
+        if render_size != resolution:
+            image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+        images.append(image)
+        labels.append(label)
+    return _to_tensor(images), labels
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0.05 (a short run gains a lot from annealing)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def _train_vae(vae, pool: torch.Tensor, recipe: ToyRecipe, gen: torch.Generator, bar) -> dict:
+    """Reconstruction (+ small KL) training of `vae` on random flipped pool images."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    vae.train()
+    losses = []
+    for step in range(recipe.vae_steps):
+        for g in opt.param_groups:
+            g["lr"] = recipe.vae_lr * _cosine_lr(step, recipe.vae_steps, max(1, recipe.vae_steps // 20))
+        idx = torch.randint(len(pool), (recipe.vae_batch,), generator=gen)
+        x = pool[idx]
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        post = vae.encode(x).latent_dist
+        # Posterior sample with our generator (latent_dist.sample would use the global RNG).
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        rec_loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+        loss = rec_loss + recipe.vae_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(rec_loss))
+        bar.set_postfix_str(f"vae rec {np.mean(losses[-20:]):.4f}", refresh=False)
+        bar.update(1)
+    vae.eval()
+    return {"vae_rec_loss": float(np.mean(losses[-20:]))}
+
+
+@torch.no_grad()
+def _encode_pool(vae, pool: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and stds of the pool and of its mirror image, concatenated."""
+    means, stds = [], []
+    for images in (pool, pool.flip(-1)):
+        for i in range(0, len(images), batch):
+            post = vae.encode(images[i : i + batch]).latent_dist
+            means.append(post.mean)
+            stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+class _EMA:
+    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
+        self.params = params
+        self.shadow = [p.detach().clone() for p in params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+def _train_denoiser(pipe, latents: tuple[torch.Tensor, torch.Tensor], labels: list[str], recipe: ToyRecipe,
+                    gen: torch.Generator, bar) -> dict:
+    """Joint UNet + text-encoder training with the epsilon loss; leaves EMA weights in place."""
+    from diffusers import DDPMScheduler
+
+    unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    alphas = noise_sched.alphas_cumprod  # float32 (T,)
+    snr = alphas / (1.0 - alphas)
+    # Min-SNR-gamma for epsilon prediction: weight = min(snr, gamma) / snr.
+    loss_w = torch.clamp(snr, max=recipe.min_snr_gamma) / snr if recipe.min_snr_gamma > 0 else torch.ones_like(snr)
+
+    # Captions of the pool are a few distinct strings: tokenize each once.
+    captions = sorted(set(labels))
+    prompts = [PROMPT_TEMPLATE.format(name=c) for c in captions] + [""]
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    empty = len(prompts) - 1
+    label_idx = torch.tensor([captions.index(lab) for lab in labels])
+    label_idx = torch.cat([label_idx, label_idx])  # the mirrored half of the latent pool
+    mean, std = latents
+    scale = float(pipe.vae.config.scaling_factor)
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=recipe.weight_decay)
+    ema = _EMA(params, recipe.ema_decay)
+    unet.train()
+    text_encoder.train()
+    losses = []
+    for step in range(recipe.unet_steps):
+        for g in opt.param_groups:
+            g["lr"] = recipe.unet_lr * _cosine_lr(step, recipe.unet_steps, recipe.warmup_steps)
+        idx = torch.randint(len(mean), (recipe.unet_batch,), generator=gen)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        drop = torch.rand(len(idx), generator=gen) < recipe.caption_dropout
+        tok = ids[torch.where(drop, torch.full_like(idx, empty), label_idx[idx])]
+        t = torch.randint(noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = noise_sched.add_noise(x0, noise, t)
+        cond = text_encoder(tok)[0]
+        pred = unet(xt, t, cond).sample
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * loss_w[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(step)
+        losses.append(float(per_sample.mean()))
+        bar.set_postfix_str(f"unet eps-mse {np.mean(losses[-50:]):.4f}", refresh=False)
+        bar.update(1)
+    ema.copy_to_params()
+    unet.eval()
+    text_encoder.eval()
+    return {"unet_eps_mse": float(np.mean(losses[-100:]))}
+
+
+def build_toy_base(
+    folder: str | Path,
+    seed: int = 0,
+    minutes_budget: float | None = None,
+    progress: bool = True,
+    recipe: ToyRecipe | None = None,
+) -> dict:
+    """Pretrain the toy base model and save it as a diffusers pipeline folder.
+
+    Args:
+        folder: Output folder (``save_pretrained`` layout, safetensors weights).
+        seed: Seed of the data pool, initialisation and every training draw.
+        minutes_budget: Nominal budget; scales the recipe's step counts (see
+            `ToyRecipe.scaled`). None builds the calibrated recipe as is
+            (about `NOMINAL_MINUTES` on 2 CPU cores). It is not a wall-clock
+            limit, so the same arguments always give the same weights.
+        progress: Show a tqdm progress bar.
+        recipe: Architecture and recipe; defaults to `DEFAULT_RECIPE`.
+
+    Returns:
+        A report: recipe, seed, final losses, VAE scaling factor and seconds
+        per phase. The folder also gets ``toy_base.json`` with the recipe and seed.
+    """
+    from tqdm.auto import tqdm
+
+    recipe = recipe or DEFAULT_RECIPE
+    if minutes_budget is not None:
+        recipe = recipe.scaled(minutes_budget)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    report: dict = {"version": VERSION, "seed": seed, "recipe": dataclasses.asdict(recipe), "seconds": {}}
+    t0 = time.perf_counter()
+    with _torch_threads(recipe.num_threads):
+        gen = torch.Generator().manual_seed(seed)
+        total = recipe.pool_size + recipe.vae_steps + recipe.unet_steps
+        with tqdm(total=total, desc="toy base", unit="it", disable=not progress, smoothing=0.05) as bar:
+            bar.set_postfix_str("rendering")
+            # Images are drawn from their own numpy stream, so the pool does not
+            # depend on anything torch does.
+            rng = np.random.default_rng([seed, 0x70A])
+            images: list[Image.Image] = []
+            labels: list[str] = []
+            for _ in range(recipe.pool_size):
+                image, _, label = toyworld.sample_captioned(rng, recipe.render_size)
+                if recipe.render_size != recipe.resolution:
+                    image = image.resize((recipe.resolution, recipe.resolution), Image.Resampling.BICUBIC)
+                images.append(image)
+                labels.append(label)
+                bar.update(1)
+            pool = _to_tensor(images)
+            del images
+            report["seconds"]["data"] = time.perf_counter() - t0
+
+            pipe = build_toy_pipeline(recipe, seed)
+            t1 = time.perf_counter()
+            report.update(_train_vae(pipe.vae, pool, recipe, gen, bar))
+            latents = _encode_pool(pipe.vae, pool)
+            # Stable Diffusion's convention: latents * scaling_factor have unit variance.
+            scale = round(1.0 / float(latents[0].std()), 5)
+            pipe.vae.register_to_config(scaling_factor=scale)
+            report["vae_scaling_factor"] = scale
+            report["seconds"]["vae"] = time.perf_counter() - t1
+
+            t2 = time.perf_counter()
+            report.update(_train_denoiser(pipe, latents, labels, recipe, gen, bar))
+            report["seconds"]["unet"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    pipe.save_pretrained(folder, safe_serialization=True)
+    (folder / "toy_base.json").write_text(
+        json.dumps({"version": VERSION, "seed": seed, "recipe": dataclasses.asdict(recipe)}, indent=2) + "\n"
+    )
+    report["seconds"]["save"] = time.perf_counter() - t3
+    report["seconds"]["total"] = time.perf_counter() - t0
+    report["weights_bytes"] = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    return report
+
+
+def _build_builtin(folder: Path) -> None:
+    """`register_builtin` hook: the calibrated recipe, seed 0."""
+    build_toy_base(folder, seed=0)
+
+
+register_builtin("toy", _build_builtin)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+
+class _SmallCNN(torch.nn.Module):
+    """Three conv stages and a linear head: ample for 16 ToyWorld classes at 32 px."""
+
+    def __init__(self, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = []
+        c_in = 3
+        for c in (width, 2 * width, 4 * width):
+            layers += [torch.nn.Conv2d(c_in, c, 3, padding=1), torch.nn.BatchNorm2d(c), torch.nn.ReLU(),
+                       torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c), torch.nn.ReLU(),
+                       torch.nn.MaxPool2d(2)]
+            c_in = c
+        self.features = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def train_probe_classifier(
+    resolution: int, seed: int = 1234, n_train: int = 4800, epochs: int = 6, render_size: int = 64
+) -> tuple[torch.nn.Module, dict]:
+    """A small CNN trained on real ToyWorld renders (resized like the pretraining pool).
+
+    Args:
+        resolution: Image side the classifier sees (the base model's resolution).
+        seed: Data and initialisation seed; keep it apart from the pretraining seed.
+        n_train: Training images (classes drawn uniformly).
+        epochs: Passes over them.
+        render_size: Render size before the bicubic resize.
+
+    Returns:
+        ``(model, info)`` with held-out accuracy on ``n_train // 4`` fresh renders.
+    """
+    names = [c.name for c in toyworld.CLASSES]
+    torch.manual_seed(seed)
+    x_train, y_train = render_pool(n_train, seed, resolution, render_size)
+    x_test, y_test = render_pool(n_train // 4, seed + 1, resolution, render_size)
+    y_train_t = torch.tensor([names.index(y) for y in y_train])
+    y_test_t = torch.tensor([names.index(y) for y in y_test])
+    model = _SmallCNN(len(names))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    batch = 64
+    steps = epochs * (n_train // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n_train, generator=gen)
+        for i in range(n_train // batch):
+            idx = perm[i * batch : (i + 1) * batch]
+            x = x_train[idx]
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            loss = F.cross_entropy(model(x), y_train_t[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(x_test).argmax(1) == y_test_t).float().mean())
+    return model, {"real_test_acc": acc, "n_train": n_train, "n_test": len(y_test)}
+
+
+@torch.no_grad()
+def generate_class_images(pipe, name: str, n: int, seed: int, steps: int = 25, guidance: float = 5.0,
+                          batch: int = 8) -> torch.Tensor:
+    """`n` prompted generations of class `name` as a float tensor (n, 3, R, R) in [-1, 1]."""
+    out = []
+    for i in range(0, n, batch):
+        k = min(batch, n - i)
+        g = torch.Generator().manual_seed(seed * 100_003 + i)
+        images = pipe([PROMPT_TEMPLATE.format(name=name)] * k, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=g, output_type="np").images
+        out.append(torch.from_numpy(images).permute(0, 3, 1, 2) * 2.0 - 1.0)
+    return torch.cat(out).float()
+
+
+def evaluate_base(
+    pipe,
+    n_per_class: int = 16,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 5.0,
+    head_classes: int = 8,
+    classifier_seed: int = 1234,
+) -> dict:
+    """How recognisable are the base model's generations? A real-image classifier decides.
+
+    A small CNN is trained on real ToyWorld renders (seed `classifier_seed`, apart
+    from any pretraining seed) and then classifies ``n_per_class`` generations of
+    "a photo of a {class}" for every class. Chance is 1 / 16.
+
+    Args:
+        pipe: A pipeline whose native resolution the classifier is trained at.
+        n_per_class: Generations per class.
+        seed: Generation seed.
+        steps: DDIM steps.
+        guidance: Classifier-free guidance scale.
+        head_classes: How many of the first (largest) classes count as "head".
+        classifier_seed: Seed of the classifier's data and initialisation.
+
+    Returns:
+        ``real_test_acc`` (classifier on held-out real images), ``gen_acc_all``,
+        ``gen_acc_head``, ``gen_acc_tail``, ``per_class`` accuracies, ``chance``,
+        the settings and the seconds taken.
+    """
+    from chimera_ray.models import native_resolution
+
+    t0 = time.perf_counter()
+    resolution = native_resolution(pipe)
+    clf, info = train_probe_classifier(resolution, seed=classifier_seed)
+    t_clf = time.perf_counter() - t0
+    pipe.set_progress_bar_config(disable=True)
+    per_class: dict[str, float] = {}
+    confusions: dict[str, str] = {}
+    names = [c.name for c in toyworld.CLASSES]
+    for label, name in enumerate(names):
+        x = generate_class_images(pipe, name, n_per_class, seed * 1000 + label, steps, guidance)
+        pred = clf(x).argmax(1)
+        per_class[name] = float((pred == label).float().mean())
+        confusions[name] = names[int(torch.bincount(pred, minlength=len(names)).argmax())]
+    accs = list(per_class.values())
+    return {
+        "real_test_acc": info["real_test_acc"],
+        "gen_acc_all": float(np.mean(accs)),
+        "gen_acc_head": float(np.mean(accs[:head_classes])),
+        "gen_acc_tail": float(np.mean(accs[head_classes:])) if len(accs) > head_classes else float("nan"),
+        "per_class": per_class,
+        "most_predicted": confusions,
+        "chance": 1.0 / len(names),
+        "settings": {"n_per_class": n_per_class, "seed": seed, "steps": steps, "guidance": guidance,
+                     "head_classes": head_classes, "classifier_seed": classifier_seed, "resolution": resolution},
+        "seconds": {"classifier": t_clf, "total": time.perf_counter() - t0},
+    }
+
+
+def sample_grid(pipe, path: str | Path, classes: Sequence[str] | None = None, n: int = 8, seed: int = 0,
+                steps: int = 25, guidance: float = 5.0, upscale: int = 2) -> Path:
+    """Save a grid of generations: one row per class, `n` samples each (nearest-upscaled)."""
+    names = list(classes) if classes is not None else [c.name for c in toyworld.CLASSES[:8]]
+    rows = []
+    for i, name in enumerate(names):
+        x = generate_class_images(pipe, name, n, seed * 1000 + i, steps, guidance)
+        rows.append(torch.cat(list(x), dim=2))  # (3, R, n * R)
+    grid = ((torch.cat(rows, dim=1).clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    image = Image.fromarray(grid)
+    image = image.resize((image.width * upscale, image.height * upscale), Image.Resampling.NEAREST)
+    path = Path(path)
+    image.save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chimera_ray.embedded", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="pretrain the toy base model into OUT_DIR")
+    b.add_argument("out_dir")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--minutes", type=float, default=None, help="nominal budget (scales step counts)")
+    b.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a ToyRecipe field (experiments), e.g. --set unet_steps=3000")
+    b.add_argument("--no-progress", action="store_true")
+    e = sub.add_parser("evaluate", help="classifier accuracy on generations of a built model")
+    e.add_argument("model_dir")
+    e.add_argument("--n-per-class", type=int, default=16)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--steps", type=int, default=25)
+    e.add_argument("--guidance", type=float, default=5.0)
+    e.add_argument("--grid", default=None, help="also save a sample grid PNG here")
+    e.add_argument("--json", default=None, help="also write the report here")
+    args = parser.parse_args(argv)
+
+    if args.cmd == "build":
+        recipe = DEFAULT_RECIPE
+        for item in args.set:
+            key, value = item.split("=", 1)
+            current = getattr(recipe, key)
+            parsed = json.loads(value) if not isinstance(current, str) else value
+            recipe = dataclasses.replace(recipe, **{key: tuple(parsed) if isinstance(current, tuple) else parsed})
+        t0 = time.perf_counter()
+        report = build_toy_base(args.out_dir, seed=args.seed, minutes_budget=args.minutes,
+                                progress=not args.no_progress, recipe=recipe)
+        print(json.dumps(report, indent=2))
+        print(f"built {args.out_dir} in {time.perf_counter() - t0:.1f} s "
+              f"({report['weights_bytes'] / 1e6:.1f} MB of safetensors)")
+        return 0
+
+    from chimera_ray.models import load_pipeline
+
+    torch.set_num_threads(2)
+    pipe = load_pipeline(str(Path(args.model_dir).resolve()))
+    report = evaluate_base(pipe, n_per_class=args.n_per_class, seed=args.seed, steps=args.steps,
+                           guidance=args.guidance)
+    if args.grid:
+        report["grid"] = str(sample_grid(pipe, args.grid, seed=args.seed, steps=args.steps, guidance=args.guidance))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The chimera-ray CLI and the main job, run as a new user would (subprocesses)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).parent.parent
+
+
+def run(args, env_extra=None, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.mark.parametrize("sub", [[], ["train"], ["generate"], ["export-lora"], ["config"]])
+def test_help_everywhere(sub):
+    out = run(["-m", "chimera_ray.cli", *sub, "--help"]).stdout
+    assert "usage: chimera-ray" in out
+    if sub:
+        assert "overrides" in out or "--weights" in out
+
+
+def test_train_generate_export_round_trip(tmp_path):
+    images = tmp_path / "shots"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(images / f"img{i}.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "boxes.json").write_text(json.dumps({"img0.png": [[2, 2, 12, 14]], "img1.png": [[-3, 0, 30, 10]]}))
+    out = tmp_path / "run"
+    env = {"CHIMERA_RAY_CACHE": str(tmp_path / "cache")}
+    common = ["--config", "jobs/configs/tiny.yaml", "--output", str(out)]
+    res = run(["-m", "chimera_ray.cli", "train", "--images", str(images), "--class-name", "Red star / v2",
+               "--boxes", str(tmp_path / "boxes.json"), *common, "train.steps=3"], env)
+    key = json.loads(res.stdout.split("\nadapter:")[0])["key"]
+    assert key.startswith("Red_star_v2-") and "/" not in key and "." not in key  # sanitised, digest-suffixed
+    report = json.loads((out / "reports" / f"train-{key}.json").read_text())
+    assert report["boxes_clipped"] == 1 and len(report["skipped"]) == 1 and "broken.png" in report["skipped"][0]["path"]
+    assert (out / "adapters" / key / "adapter.json").exists()
+
+    run(["-m", "chimera_ray.cli", "generate", *common, "--num", "3"], env)
+    files = sorted((out / "images" / key).glob("*.png"))
+    assert len(files) == 3 and Image.open(files[0]).size == (16, 16)
+    meta = [json.loads(x) for x in (out / "images" / "metadata.jsonl").read_text().splitlines()]
+    assert [m["class_name"] for m in meta] == ["Red star / v2"] * 3 and "/" not in meta[0]["key"]
+
+    res = run(["-m", "chimera_ray.cli", "export-lora", "--adapter", str(out / "adapters" / key), "--out",
+               str(tmp_path / "lora"), "--weights", "0.5,0.25,0.25"], env)
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
+    bad = run(["-m", "chimera_ray.cli", "export-lora", "--adapter", str(out / "adapters" / key), "--out",
+               str(tmp_path / "lora2"), "--weights", "0.5,0.6,0.0"], env, check=False)
+    assert bad.returncode == 2 and "sum to 1" in bad.stderr
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    res = run(["-m", "chimera_ray.cli", "config", "train.steps=0", "lora.rank=0"], check=False)
+    assert res.returncode == 2 and "train.steps must be >= 1" in res.stderr and "lora.rank must be >= 1" in res.stderr
+    res = run(["-m", "chimera_ray.cli", "generate", "--output", str(tmp_path / "empty")], check=False)
+    assert res.returncode != 0 and "no adapters" in res.stderr
+
+
+def test_full_job_smoke_and_resume(tmp_path):
+    env = {"CHIMERA_RAY_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "job"
+    args = ["jobs/full.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test", f"output={out}"]
+    run(args, env)
+    report = json.loads((out / "report.json").read_text())
+    assert report["classes"] == 2 and sum(report["written"].values()) == 4
+    assert all(isinstance(v, dict) for v in report["train"].values())
+    run(args, env)  # rerun: finished classes are not retrained
+    report = json.loads((out / "report.json").read_text())
+    assert all(v == "resumed (already trained)" for v in report["train"].values())

@@ -53,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (for --sample-index: generate.seed and dirichlet_concentration)")
     p.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
 
+    p = sub.add_parser("validate", help="check config, dataset and storage; print every problem in one table",
+                       description="Check the config, every URL it names (data, S3 prefixes, output), the dataset's rows "
+                                   "and images, and print the plan. Exit 0 when nothing is fatal, 1 when something "
+                                   "is, 2 for config errors. CONFIG may be given as the first positional argument.")
+    p.add_argument("--images", choices=("tail", "all", "none"),
+                   help="which images to open (default: data.check_images; 'all' reads every image)")
+    p.add_argument("--max-per-code", type=int, default=20, help="table rows shown per problem code (default 20)")
+    p.add_argument("--json", dest="json_out", help="also write every problem as JSON to this file")
+    _config_args(p)
+
     p = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) as YAML")
     _config_args(p)
     return parser
@@ -155,6 +165,36 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_validate(args) -> int:
+    from chimera_ray.config import ConfigError
+    from chimera_ray.data.plan import class_counts, format_plan, plan_classes, summarize
+    from chimera_ray.data.validate import format_problems, validate
+
+    if args.config is None and args.overrides and "=" not in args.overrides[0]:
+        args.config, args.overrides = args.overrides[0], args.overrides[1:]  # `chimera-ray validate CONFIG`
+    try:
+        cfg = _load(args)
+    except ConfigError as e:
+        print(f"config: {args.config or '(defaults)'}: {len(e.errors)} error(s)")
+        for msg in e.errors:
+            print(f"fatal     config  {msg}")
+        return 2
+    v = validate(cfg, images=args.images)
+    print(format_problems(v.problems, max_per_code=args.max_per_code))
+    if args.json_out:
+        import fsspec
+
+        with fsspec.open(args.json_out, "w") as f:
+            json.dump([p.__dict__ for p in v.problems], f, indent=2)
+    if v.ok:
+        plans = plan_classes(v.dataset, cfg, candidates=v.candidates)
+        counts = class_counts(v.dataset, cfg.data.split)
+        print()
+        print(format_plan(plans, summarize(counts, plans, cfg)))
+    print("\nOK: no fatal problems" if v.ok else "\nFAILED: fix the fatal problems above")
+    return 0 if v.ok else 1
+
+
 def _cmd_config(args) -> int:
     import yaml
 
@@ -169,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     from chimera_ray.models import BaseModelError
 
     args = build_parser().parse_args(argv)
-    handler = {"train": _cmd_train, "generate": _cmd_generate, "export-lora": _cmd_export, "config": _cmd_config}[args.command]
+    handler = {"train": _cmd_train, "generate": _cmd_generate, "export-lora": _cmd_export, "config": _cmd_config,
+               "validate": _cmd_validate}[args.command]
     try:
         return handler(args)
     except (ConfigError, BaseModelError, ValueError, FileNotFoundError) as e:

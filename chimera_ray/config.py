@@ -21,7 +21,11 @@ __all__ = [
     "CropConfig",
     "TrainConfig",
     "GenerateConfig",
+    "DetectorConfig",
     "DataConfig",
+    "ShardsConfig",
+    "RayConfig",
+    "FaultConfig",
     "Config",
     "load_config",
     "apply_overrides",
@@ -136,17 +140,131 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class DetectorConfig:
+    # Off by default: a detector is a large download and slow on CPU, and most detection
+    # datasets already carry boxes; without boxes a shot trains on the whole image.
+    enabled: bool = False
+    # transformers zero-shot detector (OWLv2, OWL-ViT or Grounding DINO): a local folder written
+    # by save_pretrained, an fsspec URL of one (copied to model.cache_dir), or a hub id that is
+    # already in the Hugging Face cache. OWLv2 base is the best open-vocabulary box per byte.
+    model: str = "google/owlv2-base-patch16-ensemble"
+    # Minimum score for the best box; below it the shot falls back to the whole image.
+    # 0.1 is the threshold OWLv2's own examples use (its scores are low and calibrated).
+    threshold: float = 0.1
+    # The detector's text query; {name} is the class name (OWL models were trained on
+    # "a photo of a ..." queries).
+    prompt_template: str = "a photo of a {name}"
+    # Images per forward pass; detection only runs on the shots of planned classes.
+    batch_size: int = 8
+    # "auto": CUDA when torch sees one, else CPU.
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
 class DataConfig:
     # ImageFolder root (one folder per class) or a manifest file (csv/jsonl/parquet); fsspec URL.
     source: str = "builtin:toyworld"
+    # "auto" picks by extension (.csv, .jsonl/.json, .parquet/.pq, else a folder); set it for
+    # manifests whose names do not say (e.g. an S3 object without a suffix).
+    format: Literal["auto", "imagefolder", "csv", "jsonl", "parquet"] = "auto"
+    # Manifest column names; the defaults are what the bundled datasets write.
+    image_column: str = "path"
+    label_column: str = "label"
+    # Optional columns: a row without boxes trains on its detector box or the whole image;
+    # a row without a split is a training row.
+    boxes_column: str = "boxes"
+    split_column: str = "split"
+    # Folder that relative image paths in a manifest are joined to; null: the manifest's folder.
+    image_root: str | None = None
+    # How manifest boxes are written: "xyxy" pixels [x0, y0, x1, y1] (what the bundled datasets
+    # write), "xyxy_norm" fractions of width/height, "xywh" pixels [x, y, w, h] (COCO).
+    box_format: Literal["xyxy", "xyxy_norm", "xywh"] = "xyxy"
+    # COCO-style detection annotations (JSON) used as a box source; images match rows by
+    # file_name (a suffix of the row's path). null: no COCO file.
+    coco: str | None = None
+    # Allowed class names, in label-id order (JSON list or one name per line); labels outside it
+    # are bad rows. null: classes.json next to the data if present, else every label seen.
+    class_list: str | None = None
     # Only train-split rows are used as shots.
     split: str = "train"
-    # Tail classes: those with at most this many training images get synthetic data.
+    # Tail rule, first that applies: `classes` (explicit list), `tail_bottom_percent` (> 0),
+    # `tail_max_images`. 16 images is the few-shot regime the method targets.
     tail_max_images: int = 16
+    # The bottom p % of non-empty classes by image count (0: off); classes tied with the
+    # boundary count are all included, so the choice never depends on names.
+    tail_bottom_percent: float = 0.0
     # Explicit class names to process instead of the tail rule (empty: use the rule).
     classes: tuple[str, ...] = ()
     # Stop after this many classes (0: all); smoke tests and quick looks.
     max_classes: int = 0
+    # Synthetic images per tail class: "fixed" budget_value each (null: generate.samples_per_class,
+    # the CLI's per-class number), "top_up" to budget_value images in total counting the real
+    # ones, "multiple" budget_value x the class's real count.
+    budget: Literal["fixed", "top_up", "multiple"] = "fixed"
+    budget_value: float | None = None
+    # A bad input row (unreadable image, bad box, unknown label, duplicate): "skip" it and count
+    # it in the run report, or "stop" before any work. Skip suits large crawled datasets.
+    on_bad_input: Literal["skip", "stop"] = "skip"
+    # Which images are opened before a run: "tail" (only the classes that may be planned; a
+    # long-tailed S3 set keeps most bytes in head classes no run reads) or "all".
+    check_images: Literal["tail", "all"] = "tail"
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+
+
+@dataclass(frozen=True)
+class ShardsConfig:
+    # WebDataset shard names are {prefix}-000000.tar, ...
+    prefix: str = "shard"
+    # Shards are closed before a sample would exceed this (webdataset recommends 100 MB-1 GB
+    # for streaming from object stores; the demo's images are small, so 8 MB).
+    max_bytes: int = 8_000_000
+    # And before they exceed this many samples (0: no sample bound).
+    max_samples: int = 1000
+    # Mix classes within shards with a seeded hash order (a downstream trainer reading shards
+    # sequentially then sees every class); false keeps samples sorted by key.
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    # Test hooks (fault injection). Empty: off.
+    # "raise" or "kill": the generation actor fails / dies on its first attempt at a batch
+    # containing sample index 0 of any class (retried by Ray; the run must still be exact).
+    generate_once: str = ""
+    # Class key whose training worker process dies once (retried by Ray Train).
+    kill_train_once: str = ""
+    # Class key whose training always raises (isolated: the other classes finish).
+    fail_train_always: str = ""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    # Cluster address; null starts a local Ray (or joins RAY_ADDRESS, as under `ray job submit`).
+    address: str | None = None
+    # Resources of a local Ray started by the job (null: Ray detects them).
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    # One Ray Train run fine-tunes this many classes one after another on one worker: a
+    # trainer costs ~10 s of fixed setup (controller, worker group, base model load), more
+    # than a few-shot class takes to train on a small model (docs/benchmarks.md).
+    classes_per_trainer: int = 4
+    # Trainers running at once; each holds one worker with the resources below.
+    max_concurrent_trainers: int = 2
+    train_cpus: float = 1.0
+    # GPUs per training worker (1 on a GPU cluster; fractional values share a GPU).
+    train_gpus: float = 0.0
+    # Ray Train restarts a worker group this many times after a worker dies.
+    max_failures: int = 2
+    # A class whose training raises is retried this many times, then reported as failed.
+    class_attempts: int = 2
+    # Generation actor pool size (autoscales between min and max).
+    gen_actors_min: int = 1
+    gen_actors_max: int = 2
+    gen_cpus: float = 1.0
+    gen_gpus: float = 0.0
+    # Ray Train's run storage (local path or s3://); null: <output>/ray.
+    storage: str | None = None
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
 
 @dataclass(frozen=True)
@@ -156,6 +274,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     # Where adapters, images, shards and reports go (local path or fsspec URL).
     output: str = "outputs/demo"
 
@@ -202,7 +322,37 @@ class Config:
         check("{name}" in g.prompt_template, f"generate.prompt_template must contain '{{name}}' (got {g.prompt_template!r})")
         check(self.data.tail_max_images >= 1, f"data.tail_max_images must be >= 1 (got {self.data.tail_max_images})")
         check(self.data.max_classes >= 0, f"data.max_classes must be >= 0, 0 means all (got {self.data.max_classes})")
+        d = self.data
+        check(0 <= d.tail_bottom_percent <= 100, f"data.tail_bottom_percent must be in [0, 100], 0 turns it off (got {d.tail_bottom_percent})")
+        check(bool(d.image_column) and bool(d.label_column), "data.image_column and data.label_column must name manifest columns")
+        if d.budget in ("fixed", "top_up") and d.budget_value is not None:
+            check(d.budget_value >= 0 and float(d.budget_value).is_integer(),
+                  f"data.budget_value must be a whole number >= 0 for budget={d.budget} (got {d.budget_value})")
+        check(d.budget != "top_up" or d.budget_value is not None,
+              "data.budget=top_up needs data.budget_value, the image count each tail class is topped up to")
+        check(d.budget != "multiple" or (d.budget_value is not None and d.budget_value > 0),
+              f"data.budget=multiple needs data.budget_value > 0, the multiple of each class's real count (got {d.budget_value})")
+        check(len(set(d.classes)) == len(d.classes), f"data.classes lists a class twice (got {list(d.classes)})")
+        dt = d.detector
+        check(0 <= dt.threshold <= 1, f"data.detector.threshold must be in [0, 1] (got {dt.threshold})")
+        check(dt.batch_size >= 1, f"data.detector.batch_size must be >= 1 (got {dt.batch_size})")
+        check(not dt.enabled or bool(dt.model), "data.detector.model must name a local folder, URL or cached hub id when the detector is enabled")
+        check("{name}" in dt.prompt_template, f"data.detector.prompt_template must contain '{{name}}' (got {dt.prompt_template!r})")
         check(bool(self.output), "output must be a folder path or fsspec URL")
+        sh, ry = self.shards, self.ray
+        check(sh.max_bytes >= 10240, f"shards.max_bytes must be >= 10240, one tar record (got {sh.max_bytes})")
+        check(sh.max_samples >= 0, f"shards.max_samples must be >= 0, 0 means unbounded (got {sh.max_samples})")
+        check(bool(sh.prefix) and all(c.isalnum() or c in "-_" for c in sh.prefix),
+              f"shards.prefix must be letters, digits, - or _ (got {sh.prefix!r})")
+        check(ry.classes_per_trainer >= 1, f"ray.classes_per_trainer must be >= 1 (got {ry.classes_per_trainer})")
+        check(ry.max_concurrent_trainers >= 1, f"ray.max_concurrent_trainers must be >= 1 (got {ry.max_concurrent_trainers})")
+        check(ry.train_cpus >= 0 and ry.train_gpus >= 0 and ry.gen_cpus >= 0 and ry.gen_gpus >= 0,
+              "ray.train_cpus/train_gpus/gen_cpus/gen_gpus must be >= 0")
+        check(1 <= ry.gen_actors_min <= ry.gen_actors_max,
+              f"ray.gen_actors_min/max must satisfy 1 <= min <= max (got {ry.gen_actors_min}, {ry.gen_actors_max})")
+        check(ry.max_failures >= 0 and ry.class_attempts >= 1, "ray.max_failures must be >= 0 and ray.class_attempts >= 1")
+        check(ry.faults.generate_once in ("", "raise", "kill"),
+              f"ray.faults.generate_once must be '', raise or kill (got {ry.faults.generate_once!r})")
         if errors:
             raise ConfigError(errors)
         return self

@@ -80,6 +80,7 @@ class ToyRecipe:
         vae_steps: VAE training steps.
         vae_batch: VAE batch size.
         vae_lr: VAE AdamW learning rate.
+        vae_crop: Train the VAE on random square crops of this side (0: whole images).
         vae_kl_weight: Weight of the per-element KL term (keeps latents smooth
             and near-Gaussian without hurting reconstructions).
         unet_channels: UNet block widths (one resolution level each).
@@ -107,10 +108,11 @@ class ToyRecipe:
     render_size: int = 64
     pool_size: int = 4096
     vae_channels: tuple[int, ...] = (32, 64)
-    vae_steps: int = 300
-    vae_batch: int = 32
+    vae_steps: int = 1200
+    vae_batch: int = 16
     vae_lr: float = 2e-3
-    vae_kl_weight: float = 1e-3
+    vae_crop: int = 16
+    vae_kl_weight: float = 1e-5
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_attention: tuple[bool, ...] = (False, True, True)
     attention_heads: int = 8
@@ -118,7 +120,7 @@ class ToyRecipe:
     text_width: int = 64
     text_layers: int = 2
     max_length: int = 24
-    unet_steps: int = 2000
+    unet_steps: int = 1500
     unet_batch: int = 32
     unet_lr: float = 1e-3
     warmup_steps: int = 100
@@ -298,6 +300,12 @@ def _train_vae(vae, pool: torch.Tensor, recipe: ToyRecipe, gen: torch.Generator,
         x = pool[idx]
         flip = torch.rand(len(idx), generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if 0 < recipe.vae_crop < x.shape[-1]:
+            # The VAE is fully convolutional and only needs local detail: a random
+            # crop gives the same number of updates for a fraction of the compute.
+            c = recipe.vae_crop
+            i, j = torch.randint(x.shape[-1] - c + 1, (2,), generator=gen).tolist()
+            x = x[:, :, i : i + c, j : j + c]
         post = vae.encode(x).latent_dist
         # Posterior sample with our generator (latent_dist.sample would use the global RNG).
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
@@ -308,7 +316,7 @@ def _train_vae(vae, pool: torch.Tensor, recipe: ToyRecipe, gen: torch.Generator,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(rec_loss))
+        losses.append(float(rec_loss.detach()))
         bar.set_postfix_str(f"vae rec {np.mean(losses[-20:]):.4f}", refresh=False)
         bar.update(1)
     vae.eval()
@@ -325,6 +333,41 @@ def _encode_pool(vae, pool: torch.Tensor, batch: int = 256) -> tuple[torch.Tenso
             means.append(post.mean)
             stds.append(post.std)
     return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def _standardize_latents(vae, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a per-channel affine map into the VAE so its latents have zero mean and unit variance.
+
+    The diffusion noise schedule assumes centred, unit-scale data, and Stable
+    Diffusion's pipeline only applies a scalar ``scaling_factor`` (no shift). A
+    freshly trained VAE has channel means of the order of its channel stds, so we
+    rewrite the 1x1 ``quant_conv`` to emit ``(mu - m) / s`` (and ``logvar - 2 log s``)
+    and ``post_quant_conv`` to undo it exactly. Decoding is unchanged.
+
+    Args:
+        vae: The trained `AutoencoderKL` (modified in place).
+        mean: Posterior means of the pool, (N, C, h, w).
+        std: Posterior stds of the pool.
+
+    Returns:
+        The pool's posterior means and stds in the new latent coordinates.
+    """
+    m = mean.mean(dim=(0, 2, 3)).double()
+    s = mean.std(dim=(0, 2, 3)).double()
+    c = len(m)
+    q, pq = vae.quant_conv, vae.post_quant_conv
+    wq, bq = q.weight.double(), q.bias.double()
+    wq[:c] /= s[:, None, None, None]
+    bq[:c] = (bq[:c] - m) / s
+    bq[c:] -= 2.0 * torch.log(s)
+    wp, bp = pq.weight.double(), pq.bias.double()
+    bp += wp[:, :, 0, 0] @ m
+    wp *= s[None, :, None, None]
+    for param, value in ((q.weight, wq), (q.bias, bq), (pq.weight, wp), (pq.bias, bp)):
+        param.copy_(value.float())
+    shape = (1, c, 1, 1)
+    return ((mean - m.float().view(shape)) / s.float().view(shape)), std / s.float().view(shape)
 
 
 class _EMA:
@@ -394,7 +437,7 @@ def _train_denoiser(pipe, latents: tuple[torch.Tensor, torch.Tensor], labels: li
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update(step)
-        losses.append(float(per_sample.mean()))
+        losses.append(float(per_sample.detach().mean()))
         bar.set_postfix_str(f"unet eps-mse {np.mean(losses[-50:]):.4f}", refresh=False)
         bar.update(1)
     ema.copy_to_params()
@@ -459,8 +502,9 @@ def build_toy_base(
             pipe = build_toy_pipeline(recipe, seed)
             t1 = time.perf_counter()
             report.update(_train_vae(pipe.vae, pool, recipe, gen, bar))
-            latents = _encode_pool(pipe.vae, pool)
-            # Stable Diffusion's convention: latents * scaling_factor have unit variance.
+            latents = _standardize_latents(pipe.vae, *_encode_pool(pipe.vae, pool))
+            # Stable Diffusion's convention: latents * scaling_factor have unit variance
+            # (close to 1 here, since the latents were just standardized).
             scale = round(1.0 / float(latents[0].std()), 5)
             pipe.vae.register_to_config(scaling_factor=scale)
             report["vae_scaling_factor"] = scale
@@ -471,6 +515,9 @@ def build_toy_base(
             report["seconds"]["unet"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
+    # Stored in float16, as SD checkpoints usually are: half the bytes, and
+    # `from_pretrained(dtype=torch.float32)` upcasts on load.
+    pipe.to(torch.float16)
     pipe.save_pretrained(folder, safe_serialization=True)
     (folder / "toy_base.json").write_text(
         json.dumps({"version": VERSION, "seed": seed, "recipe": dataclasses.asdict(recipe)}, indent=2) + "\n"

@@ -76,12 +76,16 @@ def cache_root(cache_dir: str | None = None) -> Path:
 
 # ---- builtin models ------------------------------------------------------------------------
 
-_BUILTINS: dict[str, Callable[[Path], None]] = {}
+_BUILTINS: dict[str, tuple[Callable[[Path], None], str]] = {}
 
 
-def register_builtin(name: str, build: Callable[[Path], None]) -> None:
-    """Registers ``builtin:<name>``: ``build(folder)`` writes a pipeline with ``save_pretrained``."""
-    _BUILTINS[name] = build
+def register_builtin(name: str, build: Callable[[Path], None], version: str = "1") -> None:
+    """Registers ``builtin:<name>``: ``build(folder)`` writes a pipeline with ``save_pretrained``.
+
+    ``version`` is stored with the cached copy; bump it when the recipe changes so caches
+    built by an older recipe are rebuilt instead of silently reused.
+    """
+    _BUILTINS[name] = (build, version)
 
 
 def _builtin_names() -> list[str]:
@@ -97,17 +101,18 @@ def _load_builtin_registry() -> None:
         pass
 
 
-def _complete(folder: Path) -> bool:
-    return (folder / "model_index.json").is_file() and (folder / ".chimera_complete").is_file()
+def _complete(folder: Path, version: str = "1") -> bool:
+    marker = folder / ".chimera_complete"
+    return (folder / "model_index.json").is_file() and marker.is_file() and marker.read_text().strip() == version
 
 
-def _build_into(folder: Path, build: Callable[[Path], None]) -> None:
+def _build_into(folder: Path, build: Callable[[Path], None], version: str = "1") -> None:
     """Builds into a temporary sibling, then renames: a crash never leaves half a model."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
         build(tmp)
-        (tmp / ".chimera_complete").write_text("ok\n")
+        (tmp / ".chimera_complete").write_text(version + "\n")
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -120,7 +125,7 @@ def _tiny_random(folder: Path) -> None:
     build_tiny_pipeline(seed=0, max_length=32).save_pretrained(folder, safe_serialization=True)
 
 
-register_builtin("tiny-random", _tiny_random)
+register_builtin("tiny-random", _tiny_random, version="2")
 
 
 def resolve_base(source: str, cache_dir: str | None = None, rebuild: bool = False) -> str:
@@ -131,8 +136,9 @@ def resolve_base(source: str, cache_dir: str | None = None, rebuild: bool = Fals
         if name not in _BUILTINS:
             raise BaseModelError(f"unknown builtin model {source!r}; available: {', '.join('builtin:' + n for n in _builtin_names())}")
         folder = cache_root(cache_dir) / "builtin" / name
-        if rebuild or not _complete(folder):
-            _build_into(folder, _BUILTINS[name])
+        build, version = _BUILTINS[name]
+        if rebuild or not _complete(folder, version):
+            _build_into(folder, build, version)
         return str(folder)
     if "://" in source:
         import fsspec

@@ -7,51 +7,17 @@ the Ray path (``pipelines``) runs the same per-class trainer and generator at sc
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 
 from chimera_ray.config import Config
-from chimera_ray.data.ingest import Dataset, ImageRow, load_image
+from chimera_ray.data.ingest import ImageRow, load_image
+from chimera_ray.data.plan import ClassPlan, plan_classes
 from chimera_ray.lora.inject import load_adapter, save_adapter
-from chimera_ray.train import Shot, subsample_shots, train_class
+from chimera_ray.train import Shot, train_class
 
 __all__ = ["ClassPlan", "plan_classes", "load_shots", "train_one", "adapter_done", "generate_local", "write_json"]
-
-
-@dataclass(frozen=True)
-class ClassPlan:
-    name: str
-    key: str
-    label: int
-    num_real: int
-    shots: tuple[str, ...]  # image paths used as shots (<= max_shots)
-    budget: int  # synthetic images to generate
-
-
-def plan_classes(ds: Dataset, cfg: Config) -> list[ClassPlan]:
-    """Chooses the classes to augment (explicit list or the tail rule) and their shots."""
-    by_class = ds.by_class(cfg.data.split)
-    keys = ds.keys()
-    if cfg.data.classes:
-        unknown = [c for c in cfg.data.classes if c not in by_class]
-        if unknown:
-            raise ValueError(f"data.classes names unknown classes {unknown}; known: {ds.classes[:20]}")
-        names = list(cfg.data.classes)
-    else:
-        names = [c for c in ds.classes if 0 < len(by_class[c]) <= cfg.data.tail_max_images]
-    plans = []
-    for name in names:
-        rows = by_class[name]
-        if not rows:
-            continue
-        shots = subsample_shots([r.path for r in rows], cfg.train.max_shots, cfg.train.seed, keys[name])
-        plans.append(ClassPlan(name, keys[name], ds.classes.index(name), len(rows), tuple(shots),
-                               cfg.generate.samples_per_class))
-    if cfg.data.max_classes:
-        plans = plans[: cfg.data.max_classes]
-    return plans
 
 
 def load_shots(plan: ClassPlan, rows: list[ImageRow]) -> tuple[list[Shot], list[dict]]:
@@ -68,7 +34,8 @@ def load_shots(plan: ClassPlan, rows: list[ImageRow]) -> tuple[list[Shot], list[
     return shots, skipped
 
 
-def train_one(pipe, plan: ClassPlan, rows: list[ImageRow], cfg: Config, progress: bool = True) -> dict:
+def train_one(pipe, plan: ClassPlan, rows: list[ImageRow], cfg: Config, progress: bool = True,
+              on_checkpoint=None) -> dict:
     """Trains one class (resuming from its checkpoints) and commits its adapter."""
     out = cfg.output.rstrip("/")
     shots, skipped = load_shots(plan, rows)
@@ -76,7 +43,8 @@ def train_one(pipe, plan: ClassPlan, rows: list[ImageRow], cfg: Config, progress
         raise ValueError(f"class {plan.name!r} has no readable images left to train on: {skipped}")
     res = train_class(pipe, shots, class_name=plan.name, class_key=plan.key, label=plan.label, lora=cfg.lora,
                       train=cfg.train, resolution=cfg.model.resolution, precision=cfg.model.precision,
-                      checkpoint_dir=f"{out}/checkpoints/{plan.key}", progress=progress)
+                      checkpoint_dir=f"{out}/checkpoints/{plan.key}", progress=progress,
+                      on_checkpoint=on_checkpoint)
     digest = save_adapter(f"{out}/adapters/{plan.key}", res.state, res.meta)
     return {"class": plan.name, "key": plan.key, "digest": digest, "skipped": skipped, **res.report}
 

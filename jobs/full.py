@@ -1,10 +1,12 @@
-"""The main job: dataset -> tail classes -> per-class multi-head LoRA -> synthetic images.
+"""The main job: dataset -> tail classes -> per-class multi-head LoRA (Ray Train) ->
+synthetic images (Ray Data actor pool) -> WebDataset shards + index -> run report.
 
     python jobs/full.py --config jobs/configs/demo.yaml [key=value ...] [--smoke-test]
+    ray job submit --working-dir . -- python jobs/full.py --config jobs/configs/demo.yaml
 
-Runs on this machine, one class after another, resuming finished classes. (The Ray
-scale-out of the same steps, `ray job submit -- python jobs/full.py ...`, is the
-Ray issue's work.)
+Starts a local Ray, or joins the cluster under `ray job submit` (RAY_ADDRESS). Rerunning
+the same command resumes: committed classes are skipped, interrupted ones continue from
+their last checkpoint, and complete shards are not regenerated.
 """
 
 import argparse
@@ -12,48 +14,45 @@ import json
 import time
 
 from chimera_ray.config import load_config
-from chimera_ray.data.ingest import read_dataset, resolve_dataset
-from chimera_ray.generate import Generator
-from chimera_ray.models import load_pipeline, resolve_device, resolve_dtype
-from chimera_ray.runner import adapter_done, generate_local, plan_classes, train_one, write_json
+from chimera_ray.data.validate import ingest_for_run
+from chimera_ray.pipelines import generate_shards, init_ray, train_classes
+from chimera_ray.runner import write_json
 
-SMOKE = ["train.steps=4", "train.checkpoint_every=2", "data.max_classes=2", "generate.samples_per_class=2",
-         "generate.num_inference_steps=2", "output=outputs/smoke"]
+SMOKE = ["train.steps=4", "train.checkpoint_every=2", "data.max_classes=2", "generate.samples_per_class=3",
+         "generate.num_inference_steps=2", "ray.gen_actors_max=1"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML config, e.g. jobs/configs/demo.yaml")
-    ap.add_argument("--smoke-test", action="store_true", help="tiny run: 2 classes, 4 steps, 2 images each")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    ap.add_argument("--smoke-test", action="store_true", help="tiny run: 2 classes, 4 steps, 3 images each")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 output=s3://bucket/run")
     args = ap.parse_args()
     cfg = load_config(args.config, (SMOKE if args.smoke_test else []) + args.overrides)
     t0, out = time.time(), cfg.output.rstrip("/")
 
-    ds = read_dataset(resolve_dataset(cfg.data.source, cfg.model.cache_dir))
-    plans = plan_classes(ds, cfg)
-    print(f"plan: {len(plans)} classes -> {sum(p.budget for p in plans)} images")
-    for p in plans:
-        print(f"  {p.label:3d} {p.name:30s} real={p.num_real:4d} shots={len(p.shots):3d} budget={p.budget}")
-    write_json(f"{out}/plan.json", [p.__dict__ for p in plans])
+    # Same checks as `chimera-ray validate`: stops on fatal problems, else skips and counts bad rows.
+    inputs = ingest_for_run(cfg)
+    print(inputs.plan_table(), flush=True)
+    write_json(f"{out}/plan.json", inputs.plan_json())
 
-    device = resolve_device(cfg.model.device)
-    pipe = load_pipeline(cfg.model.base, cache_dir=cfg.model.cache_dir, device=device,
-                         dtype=resolve_dtype(cfg.model.precision, device))
-    rows = [r for r in ds.rows if r.split == cfg.data.split]
-    trained = {}
-    if cfg.lora.mode != "base":
-        for p in plans:
-            trained[p.key] = "resumed (already trained)" if adapter_done(cfg, p.key) else train_one(pipe, p, rows, cfg)
+    init_ray(cfg)
+    trained = train_classes(cfg, inputs.plans, inputs.dataset.by_class(cfg.data.split)) if cfg.lora.mode != "base" else {}
     t_train = time.time() - t0
+    ready = [p for p in inputs.plans if cfg.lora.mode == "base" or trained[p.key]["status"] != "failed"]
+    index = generate_shards(cfg, ready)
 
-    gen = Generator(cfg.model, cfg.generate, mode=cfg.lora.mode, adapter_root=f"{out}/adapters", pipe=pipe)
-    written = generate_local(gen, plans, cfg)
-    report = {"config": args.config, "classes": len(plans), "requested": {p.key: p.budget for p in plans},
-              "written": written, "skipped_inputs": ds.skipped, "train": trained,
-              "seconds": {"train": round(t_train, 1), "total": round(time.time() - t0, 1)}}
+    written = index["totals"]["class_counts"]
+    report = {
+        "config": args.config, "output": out, "classes": len(inputs.plans),
+        "requested": {p.key: p.budget for p in inputs.plans}, "written": {p.key: written.get(p.key, 0) for p in inputs.plans},
+        "train": trained, "failed_classes": sorted(k for k, v in trained.items() if v["status"] == "failed"),
+        **inputs.report(), "shards": {"count": index["totals"]["shards"], "bytes": index["totals"]["bytes"],
+                                      "index": f"{out}/shards/index.json"},
+        "seconds": {"train": round(t_train, 1), "total": round(time.time() - t0, 1), **index.get("timing", {})},
+    }
     write_json(f"{out}/report.json", report)
-    print(json.dumps({"output": out, "written": sum(written.values()), "seconds": report["seconds"]}, indent=2))
+    print(json.dumps({k: report[k] for k in ("output", "shards", "failed_classes", "seconds")}, indent=2))
 
 
 if __name__ == "__main__":

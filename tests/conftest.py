@@ -43,3 +43,54 @@ def shots():
         img = Image.fromarray(rng.integers(0, 255, (20 + 4 * i, 24, 3), dtype=np.uint8))
         out.append(Shot(img, [Box(2, 3, 12 + i, 14)], f"shot{i}"))
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A local S3 (moto) server for the session at ``http://127.0.0.1:<free port>``.
+
+    Clients find it through ``AWS_ENDPOINT_URL`` (botocore, hence s3fs and every fsspec
+    ``s3://`` URL, honour it; subprocesses and Ray workers inherit it). Explicit s3fs options
+    would be ``client_kwargs={"endpoint_url": endpoint}``.
+    """
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance made before the env change would miss the server
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh, empty bucket on the local S3 server; returns ``s3://<name>``."""
+    import uuid
+
+    import fsspec
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3").mkdir(name)
+    return f"s3://{name}"

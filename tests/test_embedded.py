@@ -1,0 +1,69 @@
+"""Tests for the embedded ``builtin:toy`` base model (reduced builds: a few seconds each).
+
+The full build takes minutes; these run the same `build_toy_base` code path with a
+tiny nominal budget, which keeps a handful of steps of every phase.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chimera_ray import embedded, models
+from chimera_ray.embedded import build_toy_base
+from chimera_ray.models import load_pipeline, native_resolution
+
+# ~0.5 % of the calibrated recipe: a few VAE and UNet steps on a small pool.
+TINY_BUDGET = 0.05
+
+
+def _safetensors_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("toy") / "base"
+    report = build_toy_base(folder, seed=3, minutes_budget=TINY_BUDGET, progress=False)
+    return folder, report
+
+
+def test_reduced_build_loads_and_generates(tiny_build: tuple[Path, dict]) -> None:
+    folder, report = tiny_build
+    assert (folder / "model_index.json").is_file() and (folder / "toy_base.json").is_file()
+    assert report["recipe"]["unet_steps"] >= 2 and report["recipe"]["vae_steps"] >= 2
+    assert 0 < report["weights_bytes"] <= 25_000_000
+    pipe = load_pipeline(str(folder))
+    assert pipe.unet.dtype == torch.float32  # stored as fp16, upcast on load
+    resolution = native_resolution(pipe)
+    assert resolution == embedded.DEFAULT_RECIPE.resolution
+    # The projections ChimeraLoRA adapts exist under their Stable Diffusion names.
+    names = {n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0" for n, _ in pipe.unet.named_modules()}
+    assert {"to_q", "to_k", "to_v", "to_out.0"} <= names
+    out = pipe(["a photo of a red star", "a photo of a pink heart"], num_inference_steps=2, guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (2, resolution, resolution, 3)
+    assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_same_seed_gives_identical_weights(tiny_build: tuple[Path, dict], tmp_path: Path) -> None:
+    folder, _ = tiny_build
+    again = tmp_path / "again"
+    build_toy_base(again, seed=3, minutes_budget=TINY_BUDGET, progress=False)
+    first, second = _safetensors_bytes(folder), _safetensors_bytes(again)
+    assert first and first.keys() == second.keys()
+    assert all(first[k] == second[k] for k in first)
+
+
+def test_builtin_toy_is_registered_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models._load_builtin_registry()
+    assert "toy" in models._BUILTINS
+    # Route builtin:toy through a reduced build so the registry/cache path runs quickly.
+    monkeypatch.setitem(models._BUILTINS, "toy",
+                        lambda f: build_toy_base(f, seed=0, minutes_budget=TINY_BUDGET, progress=False))
+    pipe = load_pipeline("builtin:toy", cache_dir=str(tmp_path))
+    assert pipe.chimera_base_id == "builtin:toy"
+    assert (tmp_path / "builtin" / "toy" / ".chimera_complete").is_file()

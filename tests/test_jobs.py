@@ -1,0 +1,114 @@
+"""The main job end to end: on local S3 (moto), and submitted to a real local Ray cluster."""
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).parent.parent
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def _env(**extra):
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled",
+            "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""), **extra}
+
+
+def _upload_dataset(root: str, n_classes=3, per_class=2):
+    """A small manifest dataset with boxes on any fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(root)
+    rng = np.random.default_rng(0)
+    lines = []
+    for c in range(n_classes):
+        for i in range(per_class):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buf, format="PNG")
+            rel = f"images/c{c}/{i}.png"
+            with fs.open(f"{path}/{rel}", "wb") as f:
+                f.write(buf.getvalue())
+            lines.append(json.dumps({"path": rel, "label": f"class {c}", "split": "train", "boxes": [[2, 2, 18, 20]]}))
+    with fs.open(f"{path}/manifest.jsonl", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return f"{root}/manifest.jsonl"
+
+
+def _shard_keys(out_url: str) -> tuple[dict, list[str]]:
+    fs, path = fsspec.core.url_to_fs(out_url)
+    with fs.open(f"{path}/shards/index.json", "r") as f:
+        index = json.load(f)
+    keys = []
+    for e in index["shards"]:
+        with fs.open(f"{path}/shards/{e['name']}", "rb") as f:
+            data = f.read()
+        assert len(data) == e["bytes"]
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            keys += sorted({n.split(".", 1)[0] for n in tar.getnames()})
+    return index, keys
+
+
+def test_full_job_on_local_s3(s3_bucket, tmp_path, tiny_pipe_dir):
+    """Inputs, base model, checkpoints, Ray Train storage, adapters and shards all on S3."""
+    fs = fsspec.filesystem("s3")
+    bucket = s3_bucket[len("s3://"):]
+    fs.put(tiny_pipe_dir + "/", f"{bucket}/models/tiny/", recursive=True)
+    manifest = _upload_dataset(f"{s3_bucket}/data")
+    out = f"{s3_bucket}/runs/r1"
+    cmd = [sys.executable, "jobs/full.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test",
+           f"data.source={manifest}", f"model.base={s3_bucket}/models/tiny", f"model.cache_dir={tmp_path / 'cache'}",
+           f"output={out}", "data.max_classes=0", "ray.num_cpus=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    index, keys = _shard_keys(out)
+    expected = sorted(f"class_{c}__{i:08d}" for c in range(3) for i in range(3))
+    assert sorted(keys) == expected
+    assert fs.exists(f"{bucket}/runs/r1/adapters/class_0/adapter.json")
+    assert fs.exists(f"{bucket}/runs/r1/checkpoints/class_0/latest.json")
+    assert fs.ls(f"{bucket}/runs/r1/ray")  # Ray Train's run storage
+    report = json.loads(fs.cat(f"{bucket}/runs/r1/report.json"))
+    assert report["written"] == {"class_0": 3, "class_1": 3, "class_2": 3} and not report["failed_classes"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_smoke_on_a_real_local_cluster(tmp_path):
+    """`ray start --head` on 127.0.0.1, then `ray job submit -- python jobs/full.py --smoke-test`."""
+    port, dash = _free_port(), _free_port()
+    env = _env(CHIMERA_RAY_CACHE=str(tmp_path / "cache"))
+    ray_bin = os.path.join(VENV_BIN, "ray")
+    start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        out = tmp_path / "job-out"
+        address = f"http://127.0.0.1:{dash}"
+        for _ in range(60):  # the dashboard's job API takes a moment after `ray start`
+            if subprocess.run([ray_bin, "job", "list", "--address", address], env=env, capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        sub = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT),
+             "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", ".git"]}), "--",
+             "python", "jobs/full.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test", f"output={out}"],
+            env=env, capture_output=True, text=True, timeout=900)
+        assert sub.returncode == 0, sub.stdout[-4000:] + sub.stderr[-2000:]
+        assert "succeeded" in sub.stdout
+        index, keys = _shard_keys(str(out))
+        assert len(keys) == len(set(keys)) == index["totals"]["samples"] == 6
+        assert json.loads((out / "report.json").read_text())["failed_classes"] == []
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -70,13 +70,18 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 
 
 def test_full_job_smoke_and_resume(tmp_path):
+    """`python jobs/full.py --smoke-test` on a local Ray, then the same command again resumes."""
     env = {"CHIMERA_RAY_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "job"
-    args = ["jobs/full.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test", f"output={out}"]
-    run(args, env)
+    args = ["jobs/full.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test", f"output={out}", "ray.num_cpus=2"]
+    first = run(args, env)
+    assert "budget" in first.stdout and "plan:" in first.stdout  # the plan is printed before work starts
     report = json.loads((out / "report.json").read_text())
-    assert report["classes"] == 2 and sum(report["written"].values()) == 4
-    assert all(isinstance(v, dict) for v in report["train"].values())
-    run(args, env)  # rerun: finished classes are not retrained
+    assert report["classes"] == 2 and sum(report["written"].values()) == 6
+    assert all(v["status"] == "trained" for v in report["train"].values())
+    assert json.loads((out / "plan.json").read_text())
+    index = json.loads((out / "shards" / "index.json").read_text())
+    run(args, env)  # rerun: committed classes are not retrained, complete shards not regenerated
     report = json.loads((out / "report.json").read_text())
-    assert all(v == "resumed (already trained)" for v in report["train"].values())
+    assert all(v["status"].startswith("skipped") for v in report["train"].values())
+    assert json.loads((out / "shards" / "index.json").read_text())["shards"] == index["shards"]

@@ -135,6 +135,9 @@ class GenerateConfig:
     negative_prompt: str = ""
     # Images per class for `chimera-ray generate` (the Ray job takes budgets from the plan).
     samples_per_class: int = 16
+    # Optional table (JSONL or Parquet; columns class_key, sample_index, weights) replacing the
+    # plan's rows and Dirichlet draws: generate exactly these samples with these mixtures.
+    weights_table: str | None = None
     # Adapters kept in memory per generator; batches may mix classes.
     adapter_cache_size: int = 16
 

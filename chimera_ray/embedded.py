@@ -44,7 +44,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -478,7 +478,8 @@ def build_toy_base(
     folder.mkdir(parents=True, exist_ok=True)
     report: dict = {"version": VERSION, "seed": seed, "recipe": dataclasses.asdict(recipe), "seconds": {}}
     t0 = time.perf_counter()
-    with _torch_threads(recipe.num_threads):
+    # fork_rng: the build seeds torch's global RNG (module init) without touching the caller's.
+    with _torch_threads(recipe.num_threads), torch.random.fork_rng(devices=[]):
         gen = torch.Generator().manual_seed(seed)
         total = recipe.pool_size + recipe.vae_steps + recipe.unet_steps
         with tqdm(total=total, desc="toy base", unit="it", disable=not progress, smoothing=0.05) as bar:
@@ -544,13 +545,12 @@ register_builtin("toy", _build_builtin)
 class _SmallCNN(torch.nn.Module):
     """Three conv stages and a linear head: ample for 16 ToyWorld classes at 32 px."""
 
-    def __init__(self, num_classes: int, width: int = 32) -> None:
+    def __init__(self, num_classes: int, width: int = 24) -> None:
         super().__init__()
         layers: list[torch.nn.Module] = []
         c_in = 3
         for c in (width, 2 * width, 4 * width):
             layers += [torch.nn.Conv2d(c_in, c, 3, padding=1), torch.nn.BatchNorm2d(c), torch.nn.ReLU(),
-                       torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c), torch.nn.ReLU(),
                        torch.nn.MaxPool2d(2)]
             c_in = c
         self.features = torch.nn.Sequential(*layers)
@@ -561,7 +561,7 @@ class _SmallCNN(torch.nn.Module):
 
 
 def train_probe_classifier(
-    resolution: int, seed: int = 1234, n_train: int = 4800, epochs: int = 6, render_size: int = 64
+    resolution: int, seed: int = 1234, n_train: int = 2400, epochs: int = 6, render_size: int = 64
 ) -> tuple[torch.nn.Module, dict]:
     """A small CNN trained on real ToyWorld renders (resized like the pretraining pool).
 
@@ -576,12 +576,13 @@ def train_probe_classifier(
         ``(model, info)`` with held-out accuracy on ``n_train // 4`` fresh renders.
     """
     names = [c.name for c in toyworld.CLASSES]
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _SmallCNN(len(names))
     x_train, y_train = render_pool(n_train, seed, resolution, render_size)
     x_test, y_test = render_pool(n_train // 4, seed + 1, resolution, render_size)
     y_train_t = torch.tensor([names.index(y) for y in y_train])
     y_test_t = torch.tensor([names.index(y) for y in y_test])
-    model = _SmallCNN(len(names))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     batch = 64

@@ -15,7 +15,6 @@ Weights load with ``use_safetensors=True``; no remote code is ever executed.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile

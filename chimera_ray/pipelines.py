@@ -207,6 +207,18 @@ def _arrow_fs(url: str):
 # ---- generation ------------------------------------------------------------------------------
 
 
+def _label_rows(batch: dict[str, np.ndarray], names: dict[str, str], labels: dict[str, int]) -> dict[str, np.ndarray]:
+    """Adds class name and label to rows of a user weight table (class_key, sample_index, weights)."""
+    unknown = sorted({str(k) for k in batch["class_key"]} - set(names))
+    if unknown:
+        raise ValueError(f"generate.weights_table names classes that are not in the plan: {unknown[:5]}")
+    col = np.empty(len(batch["weights"]), dtype=object)
+    col[:] = [list(map(float, w)) for w in batch["weights"]]
+    return {"class_key": batch["class_key"].astype(object), "sample_index": batch["sample_index"].astype(np.int64),
+            "class_name": np.array([names[str(k)] for k in batch["class_key"]], dtype=object),
+            "label": np.array([labels[str(k)] for k in batch["class_key"]], dtype=np.int64), "weights": col}
+
+
 def _rows(batch: dict[str, np.ndarray], keys: list[str], names: list[str], labels: list[int],
           budgets: list[int]) -> dict[str, np.ndarray]:
     """``id`` -> (class_key, class_name, label, sample_index) from a compact plan table."""
@@ -280,19 +292,24 @@ def _make_sink(staging: str):
 
         def __init__(self):
             self.staged: list[StagedSample] = []
+            self.write_seconds = 0.0
 
         def write(self, blocks, ctx) -> list[dict]:
             from ray.data.block import BlockAccessor
 
+            t0 = time.perf_counter()
             samples = []
             for block in blocks:
                 for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
                     samples.append(Sample(str(row["key"]), str(row["ext"]), bytes(row["image"]), int(row["label"]),
                                           str(row["metadata"]), str(row["class_key"])))
-            return [asdict(s) for s in write_staging(staging, samples)]
+            staged = [asdict(s) for s in write_staging(staging, samples)]
+            return {"staged": staged, "seconds": time.perf_counter() - t0}
 
         def on_write_complete(self, write_result) -> None:
-            self.staged = [StagedSample(**d) for ret in write_result.write_returns for d in (ret or [])]
+            rets = [r for r in write_result.write_returns if r]
+            self.staged = [StagedSample(**d) for r in rets for d in r["staged"]]
+            self.write_seconds = sum(r["seconds"] for r in rets)
 
     return ShardSink()
 
@@ -317,7 +334,7 @@ def generate_shards(cfg: Config, plans: list[ClassPlan]) -> dict:
     out = absolute_url(cfg.output.rstrip("/"))
     shards_dir, staging = f"{out}/shards", f"{out}/shards/_staging"
     adapter_root = f"{out}/adapters" if cfg.lora.mode != "base" else None
-    plan_sig = hashlib.sha256(json.dumps([(p.key, p.budget) for p in plans]).encode()).hexdigest()[:16]
+    plan_sig = hashlib.sha256(json.dumps([[(p.key, p.budget) for p in plans], cfg.generate.weights_table]).encode()).hexdigest()[:16]
     try:
         index = read_index(shards_dir)
         if index.get("plan_signature") == plan_sig and index.get("generate") == config_to_dict(cfg.generate):
@@ -333,12 +350,19 @@ def generate_shards(cfg: Config, plans: list[ClassPlan]) -> dict:
     # Retry a batch whose generation raised (actor death is retried by Ray anyway); bounded by
     # max_task_retries below so a deterministic error still fails the run instead of looping.
     ctx.actor_task_retry_on_errors = True
-    total = sum(p.budget for p in plans)
-    ds = ray.data.range(total, override_num_blocks=max(1, min(256, -(-total // (4 * cfg.generate.batch_size)))))
-    # Light CPU stages (fused with the read into one task): rows, then each row's weights.
-    ds = ds.map_batches(_rows, fn_kwargs=dict(keys=[p.key for p in plans], names=[p.name for p in plans],
-                                              labels=[p.label for p in plans], budgets=[p.budget for p in plans]),
-                        batch_size=None)
+    table = cfg.generate.weights_table
+    if table:
+        # The user's rows and mixtures replace the plan's budgets and Dirichlet draws.
+        ds = ray.data.read_parquet(table) if table.endswith(".parquet") else ray.data.read_json(table)
+        ds = ds.map_batches(_label_rows, fn_kwargs=dict(names={p.key: p.name for p in plans},
+                                                        labels={p.key: p.label for p in plans}), batch_size=None)
+    else:
+        total = sum(p.budget for p in plans)
+        ds = ray.data.range(total, override_num_blocks=max(1, min(256, -(-total // (4 * cfg.generate.batch_size)))))
+        # Light CPU stages (fused with the read into one task): rows, then each row's weights.
+        ds = ds.map_batches(_rows, fn_kwargs=dict(keys=[p.key for p in plans], names=[p.name for p in plans],
+                                                  labels=[p.label for p in plans], budgets=[p.budget for p in plans]),
+                            batch_size=None)
     weights = _Weights(adapter_root, cfg.lora.mode, cfg.generate.dirichlet_concentration, cfg.generate.seed,
                        cfg.generate.imagewise_mix)
     ds = ds.map_batches(weights.__call__, batch_size=None)
@@ -368,6 +392,7 @@ def generate_shards(cfg: Config, plans: list[ClassPlan]) -> dict:
     )
     t_total = time.time() - t0
     fs.rm(staging_path, recursive=True)
-    index["timing"] = {"generate_and_stage_s": round(t_gen, 2), "finalize_s": round(t_total - t_gen, 2)}
+    index["timing"] = {"generate_and_stage_s": round(t_gen, 2), "staging_write_s": round(sink.write_seconds, 3),
+                       "finalize_s": round(t_total - t_gen, 2)}
     write_json(f"{shards_dir}/timing.json", index["timing"])
     return index

@@ -6,14 +6,13 @@ the Ray path (``pipelines``) runs the same per-class trainer and generator at sc
 
 from __future__ import annotations
 
-import json
-
 import fsspec
 import numpy as np
 
 from chimera_ray.config import Config
 from chimera_ray.data.ingest import ImageRow, load_image
 from chimera_ray.data.plan import ClassPlan, plan_classes
+from chimera_ray.io import write_json
 from chimera_ray.lora.inject import load_adapter, save_adapter
 from chimera_ray.train import Shot, train_class
 
@@ -91,18 +90,3 @@ def generate_local(gen, plans: list[ClassPlan], cfg: Config, progress: bool = Tr
         f.write("\n".join(lines) + ("\n" if lines else ""))
     fs.mv(f"{root}/metadata.jsonl.tmp", f"{root}/metadata.jsonl")
     return written
-
-
-def write_json(url: str, obj) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-    fs.mv(path + ".tmp", path)
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import fsspec
 
+from chimera_ray.io import atomic_write
 from chimera_ray.sampling import derive_seed
 
 __all__ = [
@@ -113,21 +114,12 @@ def encode_tar(samples: Iterable[Sample]) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(url: str, data: bytes) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
-
-
 def write_staging(staging_dir: str, samples: list[Sample]) -> list[StagedSample]:
     """Writes one staging tar (unique name, committed by rename); returns its listing."""
     if not samples:
         return []
     url = f"{staging_dir.rstrip('/')}/{uuid.uuid4().hex}.tar"
-    _atomic_write(url, encode_tar(samples))
+    atomic_write(url, encode_tar(samples))
     return [StagedSample(s.key, s.class_key, sample_tar_size(s), url) for s in samples]
 
 
@@ -210,7 +202,7 @@ def write_shard(out_dir: str, name: str, members: list[StagedSample]) -> dict:
     if missing:
         raise RuntimeError(f"staging data lost for {len(missing)} samples (e.g. {missing[0]}); rerun the generation")
     data = encode_tar(samples[m.key] for m in members)
-    _atomic_write(f"{out_dir.rstrip('/')}/{name}", data)
+    atomic_write(f"{out_dir.rstrip('/')}/{name}", data)
     return {"name": name, "samples": len(members), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "class_counts": dict(sorted(Counter(m.class_key for m in members).items())),
             "first_key": members[0].key, "last_key": members[-1].key}
@@ -244,7 +236,7 @@ def finalize_shards(
         "order": "sorted" if shuffle_seed is None else f"hash-shuffle(seed={shuffle_seed})",
         **(extra or {}),
     }
-    _atomic_write(f"{out_dir.rstrip('/')}/{INDEX_NAME}", json.dumps(index, indent=2).encode())
+    atomic_write(f"{out_dir.rstrip('/')}/{INDEX_NAME}", json.dumps(index, indent=2).encode())
     return index
 
 

@@ -21,7 +21,7 @@ def run(args, env_extra=None, check=True):
     return proc
 
 
-@pytest.mark.parametrize("sub", [[], ["train"], ["generate"], ["export-lora"], ["config"]])
+@pytest.mark.parametrize("sub", [[], ["train"], ["generate"], ["export-lora"], ["validate"], ["config"]])
 def test_help_everywhere(sub):
     out = run(["-m", "chimera_ray.cli", *sub, "--help"]).stdout
     assert "usage: chimera-ray" in out

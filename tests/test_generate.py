@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from chimera_ray.config import GenerateConfig, LoRAConfig, TrainConfig
+from chimera_ray.config import GenerateConfig, TrainConfig
 from chimera_ray.generate import Generator
-from chimera_ray.lora.inject import inject_lora, load_adapter, load_adapter_state_dict, save_adapter, set_mixture
+from chimera_ray.lora.inject import load_adapter, save_adapter
 from chimera_ray.sampling import mixture_weights
 from chimera_ray.train import train_class
 

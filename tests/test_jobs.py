@@ -12,7 +12,6 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
-import pytest
 from PIL import Image
 
 ROOT = Path(__file__).parent.parent

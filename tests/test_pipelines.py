@@ -127,3 +127,21 @@ def test_generation_exception_is_retried_and_shards_are_deterministic(local_ray,
     assert [e["name"] for e in second["shards"]] == [e["name"] for e in first["shards"]]
     assert [e["class_counts"] for e in second["shards"]] == [e["class_counts"] for e in first["shards"]]
     assert [e["sha256"] for e in second["shards"]] == [e["sha256"] for e in first["shards"]]
+
+
+def test_user_weight_table_replaces_the_dirichlet_draws(local_ray, tmp_path):
+    from chimera_ray.pipelines import generate_shards, train_classes
+
+    plans, rows = _classes(tmp_path, n=2)
+    cfg = _cfg(tmp_path)
+    train_classes(cfg, plans, rows)
+    table = tmp_path / "weights.jsonl"
+    wanted = {("class_0", 3): [1.0, 0.0], ("class_0", 7): [0.25, 0.75], ("class_1", 0): [0.5, 0.5]}
+    table.write_text("".join(json.dumps({"class_key": k, "sample_index": i, "weights": w}) + "\n"
+                             for (k, i), w in wanted.items()))
+    generate_shards(_cfg(tmp_path, f"generate.weights_table={table}"), plans)
+    import webdataset as wds
+
+    urls = sorted(str(p) for p in (tmp_path / "run" / "shards").glob("shard-*.tar"))
+    got = {(r["json"]["class_key"], r["json"]["sample_index"]): r["json"]["weights"] for r in wds.WebDataset(urls, shardshuffle=False).decode()}
+    assert got == wanted

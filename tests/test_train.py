@@ -7,7 +7,7 @@ import torch
 from chimera_ray.config import LoRAConfig, TrainConfig
 from chimera_ray.data.boxes import Box, BoxError
 from chimera_ray.lora.inject import inject_lora, load_adapter, load_adapter_state_dict, remove_lora
-from chimera_ray.train import Shot, denoising_loss, heads_for_mode, subsample_shots, train_class
+from chimera_ray.train import denoising_loss, heads_for_mode, subsample_shots, train_class
 
 FAST = TrainConfig(steps=12, batch_size=4, lr=5e-3, checkpoint_every=0)
 

@@ -250,7 +250,8 @@ def _class_problems(ds: Dataset, cfg: Config) -> list[Problem]:
             problems.append(Problem("fatal", "key_collision", c, f"class names {keys[k]!r} and {c!r} both map to the key "
                                     f"{k!r}; rename one of them"))
         keys.setdefault(k, c)
-        if k != c:
+        # Spaces alone map to underscores ("red star" -> "red_star"): routine, not worth a warning.
+        if k != c and k != c.strip().replace(" ", "_"):
             problems.append(Problem("warn", "unsafe_class_name", c, f"class name {c!r} has {_unsafe_reasons(c)}: "
                                     f"its folder/shard key is {k!r} (the original name is kept in metadata)"))
         if counts.get(c, 0) == 0:

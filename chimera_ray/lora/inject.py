@@ -20,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from chimera_ray.io import atomic_write
 from chimera_ray.lora.layer import MultiHeadLoRALinear, mixture_factors
 
 __all__ = [
@@ -215,17 +216,6 @@ def tensor_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _write_bytes(url: str, data: bytes) -> None:
-    """Writes to ``url + '.tmp'`` then moves it into place, so readers never see a partial file."""
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
-
-
 def save_adapter(directory: str, state: dict[str, torch.Tensor], meta: AdapterMeta) -> str:
     """Saves tensors (safetensors) and the sidecar; the sidecar is written last, so a
     directory with ``adapter.json`` holds a complete adapter.
@@ -236,8 +226,8 @@ def save_adapter(directory: str, state: dict[str, torch.Tensor], meta: AdapterMe
     meta.digest = tensor_digest(state)
     blob = st_save({k: v.contiguous() for k, v in state.items()}, metadata={"chimera_ray": meta.to_json()})
     directory = directory.rstrip("/")
-    _write_bytes(f"{directory}/{ADAPTER_WEIGHTS}", blob)
-    _write_bytes(f"{directory}/{ADAPTER_META}", meta.to_json().encode())
+    atomic_write(f"{directory}/{ADAPTER_WEIGHTS}", blob)
+    atomic_write(f"{directory}/{ADAPTER_META}", meta.to_json().encode())
     return meta.digest
 
 

@@ -16,7 +16,7 @@ from chimera_ray.data.validate import DataError, Problem, format_problems, inges
 
 W, H = 32, 24  # every corpus image is 32x24 (landscape) unless its case says otherwise
 UNSAFE = {"a/b": "slashes", "v1.0": "dots", "..": "'..'", "café": "non-ASCII characters",
-          "x" * 80: "more than 64 characters", "two words": "spaces"}
+          "x" * 80: "more than 64 characters", "tab\there": "characters outside [A-Za-z0-9_-]"}
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -39,6 +39,25 @@ def _dataset(root: Path, n: int, shots: int):
     return plans, rows
 
 
+def _empty_loop(config: dict) -> None:
+    import ray.train
+
+    ray.train.report({"done": 1})
+
+
+def _empty_fits(work: Path, n: int = 3) -> list[float]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        TorchTrainer(_empty_loop, torch_config=TorchConfig(backend="gloo"), scaling_config=ScalingConfig(num_workers=1),
+                     run_config=RunConfig(name=f"empty-{i}", storage_path=str(work / "ray"))).fit()
+        times.append(round(time.perf_counter() - t0, 2))
+    return times
+
+
 def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="builtin:tiny-random")
@@ -48,6 +67,7 @@ def main() -> dict:
     ap.add_argument("--images", type=int, default=48, help="images per generation run")
     ap.add_argument("--gen-steps", type=int, default=10)
     ap.add_argument("--json")
+    ap.add_argument("--only", choices=["empty", "train", "generate"], help="run one part only")
     args = ap.parse_args()
 
     import ray
@@ -67,6 +87,13 @@ def main() -> dict:
             f"generate.num_inference_steps={args.gen_steps}", "generate.batch_size=8", *extra])
 
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "args": vars(args)}
+    # 0. The bare fixed cost of one Ray Train run: TorchTrainer.fit() around an empty loop.
+    if args.only in (None, "empty"):
+        results["empty_fit_s"] = _empty_fits(work)
+        print(f"TorchTrainer.fit() with an empty loop: {results['empty_fit_s']} s", flush=True)
+        if args.only == "empty":
+            ray.shutdown()
+            return results
     # 1. Fixed cost per trainer: one class per Ray Train run vs all classes packed in one run.
     timing = {}
     for per in (1, args.classes):

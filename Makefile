@@ -22,7 +22,7 @@ demo: $(STAMP)
 	RAY_AUTH_MODE=disabled $(PY) jobs/full.py --config jobs/configs/demo.yaml $(ARGS)
 
 smoke: $(STAMP)
-	RAY_AUTH_MODE=disabled $(PY) jobs/full.py --config jobs/configs/demo.yaml --smoke-test
+	RAY_AUTH_MODE=disabled $(PY) jobs/full.py --config jobs/configs/tiny.yaml --smoke-test
 
 # pytest exits 5 when no test was collected; any non-zero exit fails `make test`.
 test: $(STAMP)

@@ -31,6 +31,7 @@ __all__ = [
     "build_pipe",
     "attention_processors",
     "swap_modules",
+    "Timings",
     "interleaved",
     "paired_ratio",
     "median",
@@ -69,7 +70,10 @@ def add_common_args(ap: argparse.ArgumentParser, defaults: dict[str, dict]) -> N
     ap.add_argument("--warmup", type=int, help="untimed rounds before timing (default per size)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="base model dtype (LoRA weights stay fp32)")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch.set_num_threads (CPU). Default 1: on a CPU shared with other processes every "
+                         "parallel region of a multi-threaded op waits for a descheduled worker (~8 ms per op "
+                         "measured here), which swamps small ops and skews ratios; raise it on a dedicated machine")
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (bare and chimera variants)")
     ap.add_argument("--quick", action="store_true", help="smallest settings: a smoke run, numbers meaningless")
     ap.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
@@ -137,6 +141,23 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
+class Timings:
+    """Per-variant seconds per round: ``wall`` (perf_counter) and ``cpu`` (this process's CPU time).
+
+    On a CPU shared with other processes, CPU time excludes the time this process was
+    descheduled, so with one torch thread it is the steadier measure of work; on CUDA only
+    wall time means anything (the CPU time is the host's launch overhead).
+    """
+
+    def __init__(self, names: list[str]):
+        self.wall: dict[str, list[float]] = {k: [] for k in names}
+        self.cpu: dict[str, list[float]] = {k: [] for k in names}
+
+    def primary(self, device: torch.device | str) -> dict[str, list[float]]:
+        """The measure the goals are judged on: wall on CUDA, CPU time on CPU."""
+        return self.wall if torch.device(device).type == "cuda" else self.cpu
+
+
 def interleaved(
     fns: dict[str, Callable[[], object]],
     repeats: int,
@@ -144,11 +165,12 @@ def interleaved(
     device: torch.device | str = "cpu",
     before: Callable[[str], None] | None = None,
     after: Callable[[str], None] | None = None,
-) -> dict[str, list[float]]:
-    """Wall seconds of each variant per round: ``{name: [s_round0, s_round1, ...]}``.
+) -> Timings:
+    """Times each variant once per round, ``repeats`` rounds after ``warmup`` untimed ones.
 
-    Round r runs the variants in the list order rotated by r. ``before(name)`` / ``after(name)``
-    run untimed around each call (switching modules in, reading a memory peak).
+    Round r runs the variants in the list order rotated by r, so none always goes first
+    (drifting load then hits every variant alike). ``before(name)`` / ``after(name)`` run
+    untimed around each call (switching modules in, reading a memory peak).
     """
     names = list(fns)
     for _ in range(warmup):
@@ -158,7 +180,7 @@ def interleaved(
             fns[k]()
             if after:
                 after(k)
-    times: dict[str, list[float]] = {k: [] for k in names}
+    out = Timings(names)
     for r in range(repeats):
         rot = r % len(names)
         for k in names[rot:] + names[:rot]:
@@ -166,13 +188,14 @@ def interleaved(
                 before(k)
             gc.collect()
             sync(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[k]()
             sync(device)
-            times[k].append(time.perf_counter() - t0)
+            out.wall[k].append(time.perf_counter() - t0)
+            out.cpu[k].append(time.process_time() - c0)
             if after:
                 after(k)
-    return times
+    return out
 
 
 def median(xs: list[float]) -> float:

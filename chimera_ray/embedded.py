@@ -106,7 +106,7 @@ class ToyRecipe:
 
     resolution: int = 32
     render_size: int = 64
-    pool_size: int = 4096
+    pool_size: int = 3072
     vae_channels: tuple[int, ...] = (32, 64)
     vae_steps: int = 1200
     vae_batch: int = 16
@@ -120,7 +120,7 @@ class ToyRecipe:
     text_width: int = 64
     text_layers: int = 2
     max_length: int = 24
-    unet_steps: int = 1500
+    unet_steps: int = 1200
     unet_batch: int = 32
     unet_lr: float = 1e-3
     warmup_steps: int = 100

@@ -85,7 +85,7 @@ def _cmd_train(args) -> int:
     from chimera_ray.data.keys import safe_key
     from chimera_ray.models import load_pipeline, resolve_device, resolve_dtype
     from chimera_ray.runner import ClassPlan, train_one, write_json
-    from chimera_ray.train import subsample_shots
+    from chimera_ray.data.plan import subsample_shots
 
     cfg = _load(args)
     fs, root = fsspec.core.url_to_fs(args.images)

@@ -26,6 +26,7 @@ from PIL import Image
 from chimera_ray.config import LoRAConfig, TrainConfig
 from chimera_ray.data.boxes import Box, BoxError, sanitize_box, union_box
 from chimera_ray.data.crops import boosted_view
+from chimera_ray.data.plan import subsample_shots  # noqa: F401  (re-exported: the few-shot cap)
 from chimera_ray.lora.inject import (
     AdapterMeta,
     adapter_state_dict,
@@ -65,15 +66,6 @@ def heads_for_mode(mode: str, num_shots: int) -> tuple[int, bool]:
     if num_shots < 1:
         raise ValueError("a class needs at least one shot to fine-tune")
     return {"chimera": (num_shots, True), "classwise": (1, True), "imagewise": (num_shots, False)}[mode]
-
-
-def subsample_shots(ids: list[str], max_shots: int, seed: int, class_key: str) -> list[str]:
-    """Deterministic choice of at most ``max_shots`` ids (order-independent: sorted first)."""
-    ids = sorted(ids)
-    if len(ids) <= max_shots:
-        return ids
-    rng = np.random.default_rng(derive_seed(seed, class_key, 0, "shots"))
-    return sorted(ids[i] for i in rng.choice(len(ids), size=max_shots, replace=False))
 
 
 def prepare_shots(shots: list[Shot], policy: str = "clip") -> tuple[list[tuple[Image.Image, Box | None, str]], dict]:

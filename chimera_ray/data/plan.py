@@ -134,7 +134,7 @@ def subsample_shots(ids: list[str], max_shots: int, seed: int, class_key: str) -
     """Deterministic choice of at most ``max_shots`` ids (order-independent: sorted first).
 
     The few-shot cap: a class with more real images trains on a seeded subset that depends
-    only on ``(seed, class_key)`` and the set of ids. Same draw as ``chimera_ray.train``'s.
+    only on ``(seed, class_key)`` and the set of ids.
     """
     ids = sorted(ids)
     if len(ids) <= max_shots:

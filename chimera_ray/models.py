@@ -134,8 +134,13 @@ def resolve_base(source: str, cache_dir: str | None = None, rebuild: bool = Fals
         _load_builtin_registry()
         if name not in _BUILTINS:
             raise BaseModelError(f"unknown builtin model {source!r}; available: {', '.join('builtin:' + n for n in _builtin_names())}")
-        folder = cache_root(cache_dir) / "builtin" / name
         build, version = _BUILTINS[name]
+        # Weights shipped inside the package (built by the same recipe, same version) spare a
+        # first-time user the build; a stale or missing copy falls through to the build.
+        shipped = Path(__file__).parent / "assets" / name
+        if not rebuild and _complete(shipped, version):
+            return str(shipped)
+        folder = cache_root(cache_dir) / "builtin" / name
         if rebuild or not _complete(folder, version):
             _build_into(folder, build, version)
         return str(folder)

@@ -65,3 +65,18 @@ def test_cache_dir_that_is_a_file(tmp_path):
     f.write_text("x")
     with pytest.raises(BaseModelError, match="not writable"):
         cache_root(str(f))
+
+
+def test_shipped_builtin_weights_are_used_only_when_their_version_matches(tmp_path, monkeypatch):
+    """builtin:toy ships its weights in the package; a recipe change (new version) rebuilds instead."""
+    from pathlib import Path
+
+    import chimera_ray.models as models
+
+    shipped = Path(models.__file__).parent / "assets" / "toy"
+    assert resolve_base("builtin:toy", cache_dir=str(tmp_path)) == str(shipped)
+    built = []
+    monkeypatch.setitem(models._BUILTINS, "toy", (lambda f: built.append(f) or
+                                                  models.build_tiny_pipeline().save_pretrained(f), "a-newer-recipe"))
+    folder = resolve_base("builtin:toy", cache_dir=str(tmp_path))
+    assert folder != str(shipped) and built and (Path(folder) / "model_index.json").exists()

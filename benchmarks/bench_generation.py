@@ -63,11 +63,11 @@ DEFAULTS = {
     # 8 images of 16x16 px (8x8 latents), 20 DDIM steps with CFG: the full pipeline incl. VAE decode.
     "tiny": dict(batch=8, steps=20, repeats=7, warmup=1, mode="pipeline", guidance=7.5, classes=4, heads=8,
                  variants="bare,chimera,chimera_fused,chimera_per_step,naive,bare_b1"),
-    # SD 1.5 at 64x64 latents: one UNet call is ~30 s on 2 CPU cores, so 2 images, no CFG,
-    # one step; the UNet is the whole cost of a step, so the UNet loop is what is compared.
-    # Warmup 0: the first call of a multi-second UNet is within 2% of the next (measured); per-step
+    # SD 1.5 at 64x64 latents: one UNet call at batch 2 is ~14 s of CPU time on one thread, so
+    # 2 images, no CFG, one step; the UNet is the whole cost of a step, so the UNet loop is compared.
+    # Warmup 0: the first call of a multi-second UNet is within ~3% of the next (measured); per-step
     # rebuilding is meaningless at one step (its cost is reported as the B' build share instead).
-    "sd15": dict(batch=2, steps=1, repeats=5, warmup=0, mode="unet", guidance=1.0, classes=4, heads=8,
+    "sd15": dict(batch=2, steps=1, repeats=3, warmup=0, mode="unet", guidance=1.0, classes=4, heads=8,
                  variants="bare,chimera,chimera_fused,naive,bare_b1"),
     "quick": dict(batch=2, steps=2, repeats=1, warmup=0, classes=2, heads=2),
 }
@@ -316,17 +316,55 @@ def main(argv: list[str] | None = None) -> dict:
     # chimera/bare. On the tiny model rank 8 is not small beside 32/64-wide projections.
     from torch.utils.flop_counter import FlopCounterMode
 
-    flops = {}
+    flops, shapes = {}, {}
+
+    def record_tokens(name: str):
+        def hook(module, inputs) -> None:  # a pre-hook that returns None leaves the input alone
+            shapes.setdefault(name, tuple(inputs[0].shape[1:-1]))
+        return hook
+
     for k in ("bare", "chimera"):
         swap_modules(unet, modules[k])
+        hooks = []
         if k == "chimera":
-            for layer in chimera.values():  # one image, no CFG doubling
+            for name, layer in chimera.items():  # one image, no CFG doubling
                 layer.set_mixture(W[:1], cls[:1], cfg=False)
+                hooks.append(layer.register_forward_pre_hook(record_tokens(name)))
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
             unet(latents0[:1], scheduler.config.num_train_timesteps // 2, encoder_hidden_states=pos[:1])
         flops[k] = fc.get_total_flops()
+        for h in hooks:
+            h.remove()
         clear()
     swap_modules(unet, bare)
+
+    # The LoRA path alone at the costliest adapted layer (most tokens x in x out), at the UNet
+    # batch of the timed runs: bare Linear vs current forward vs proposed fused forward.
+    def layer_cost(name: str) -> int:
+        return math.prod(shapes[name]) * chimera[name].in_features * chimera[name].out_features
+
+    big = max(shapes, key=layer_cost)
+    layer = chimera[big]
+    n_unet = B * (2 if do_cfg else 1)
+    x_layer = torch.randn(n_unet, *shapes[big], layer.in_features, generator=torch.Generator().manual_seed(3))
+    x_layer = x_layer.to(device, dtype)
+    layer.set_mixture(W, cls, cfg=do_cfg)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        layer.base(x_layer)
+        reps = max(1, min(2000, int(0.05 / max(time.perf_counter() - t0, 1e-6))))  # ~50 ms of base calls
+
+        def loop(f):
+            return lambda: [f() for _ in range(reps)]
+
+        layer_t = interleaved({"bare": loop(lambda: layer.base(x_layer)),
+                               "current": loop(lambda: _current_forward(layer, x_layer)),
+                               "fused": loop(lambda: proposed_forward(layer, x_layer))},
+                              repeats=max(5, args.repeats), warmup=1, device=device).primary(device)
+    layer.clear_state()
+    layer_us = {k: median(v) / reps * 1e6 for k, v in layer_t.items()}
+    layer_info = {"name": big, "input": [n_unet, *shapes[big], layer.in_features], "out": layer.out_features,
+                  "us_per_call": layer_us}
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -365,6 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "chimera_per_step" in times:
         ratios["once_vs_per_step"] = vs("chimera", "chimera_per_step")
     ratios["flops_bare_vs_chimera"] = flops["bare"] / flops["chimera"]
+    ratios["layer_lora_overhead_current"] = layer_us["current"] / layer_us["bare"] - 1
+    ratios["layer_lora_overhead_fused"] = layer_us["fused"] / layer_us["bare"] - 1
     # Share of a batch's time that one B' build takes (what per-step rebuilding would add per step).
     ratios["build_share_of_batch"] = build_ms / 1e3 / med["chimera"]
 
@@ -421,6 +461,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"{markdown_table(headers, rows)}\n\n"
             f"Ratios ({primary}, median over rounds of per-round ratios):\n\n"
             f"{markdown_table(['ratio', 'value', 'goal', ''], goal_rows)}\n\n"
+            f"LoRA path alone at the costliest adapted layer (`{big}`, input "
+            f"{tuple(layer_info['input'])}, out {layer.out_features}), {primary} per call: bare Linear "
+            f"{layer_us['bare']:.1f} us, current forward +{100 * ratios['layer_lora_overhead_current']:.1f}%, "
+            f"proposed fused forward +{100 * ratios['layer_lora_overhead_fused']:.1f}%.\n\n"
             f"B' build, all layers, one batch of {B}: {build_ms:.2f} ms"
             + (f" ({build_ms:.2f} ms / {med['chimera'] * 1e3:.0f} ms per batch)" if cuda else "")
             + f". Checks: max |chimera - fused| = {checks.get('max_abs_fused_vs_chimera', math.nan):.2e}, "
@@ -431,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "generation", "command": cmd, "machine": info, "args": {k: v for k, v in vars(args).items()},
         "setting": setting, "attention_processors": processors, "adapted_layers": len(chimera),
-        "seconds": {"wall": timings.wall, "cpu": timings.cpu}, "primary": primary, "median_s": med, "ratios": ratios, "unet_flops": flops, "build_ms": build_ms, "checks": checks,
+        "seconds": {"wall": timings.wall, "cpu": timings.cpu}, "primary": primary, "median_s": med, "ratios": ratios, "unet_flops": flops, "layer": layer_info, "build_ms": build_ms, "checks": checks,
         "model_build_s": build_s, "peft_load_s": peft_load_s, "markdown": text,
     }
     if args.json:

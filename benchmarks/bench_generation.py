@@ -40,7 +40,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     SD15_TEXT,
     add_common_args,
     attention_processors,
@@ -56,20 +56,20 @@ from benchmarks.common import (  # noqa: E402
     setup,
     swap_modules,
 )
-from chimera_ray.lora.inject import inject_lora, remove_lora  # noqa: E402
-from chimera_ray.lora.layer import MultiHeadLoRALinear  # noqa: E402
+from chimera_ray.lora.inject import inject_lora, remove_lora
+from chimera_ray.lora.layer import MultiHeadLoRALinear
 
 DEFAULTS = {
     # 8 images of 16x16 px (8x8 latents), 20 DDIM steps with CFG: the full pipeline incl. VAE decode.
-    "tiny": dict(batch=8, steps=20, repeats=7, warmup=1, mode="pipeline", guidance=7.5, classes=4, heads=8,
-                 variants="bare,chimera,chimera_fused,chimera_per_step,naive,bare_b1"),
+    "tiny": {"batch": 8, "steps": 20, "repeats": 7, "warmup": 1, "mode": "pipeline", "guidance": 7.5,
+             "classes": 4, "heads": 8, "variants": "bare,chimera,chimera_fused,chimera_per_step,naive,bare_b1"},
     # SD 1.5 at 64x64 latents: one UNet call at batch 2 is ~14 s of CPU time on one thread, so
     # 2 images, no CFG, one step; the UNet is the whole cost of a step, so the UNet loop is compared.
     # Warmup 0: the first call of a multi-second UNet is within ~3% of the next (measured); per-step
     # rebuilding is meaningless at one step (its cost is reported as the B' build share instead).
-    "sd15": dict(batch=2, steps=1, repeats=3, warmup=0, mode="unet", guidance=1.0, classes=4, heads=8,
-                 variants="bare,chimera,chimera_fused,naive,bare_b1"),
-    "quick": dict(batch=2, steps=2, repeats=1, warmup=0, classes=2, heads=2),
+    "sd15": {"batch": 2, "steps": 1, "repeats": 3, "warmup": 0, "mode": "unet", "guidance": 1.0,
+             "classes": 4, "heads": 8, "variants": "bare,chimera,chimera_fused,naive,bare_b1"},
+    "quick": {"batch": 2, "steps": 2, "repeats": 1, "warmup": 0, "classes": 2, "heads": 2},
 }
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ALL_VARIANTS = ("bare", "chimera", "chimera_fused", "chimera_per_step", "naive", "bare_b1")
@@ -81,14 +81,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--classes", type=int, help="classes in the bank (default 4)")
     ap.add_argument("--heads", type=int, help="heads (shots) per class (default 8)")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    ap.add_argument("--guidance", type=float, help="CFG scale; > 1 doubles the UNet batch (default: tiny 7.5, sd15 1.0)")
+    ap.add_argument("--guidance", type=float,
+                    help="CFG scale; > 1 doubles the UNet batch (default: tiny 7.5, sd15 1.0)")
     ap.add_argument("--mode", choices=("pipeline", "unet"),
-                    help="pipeline: StableDiffusionPipeline call incl. VAE decode (tiny only); unet: the denoising loop")
+                    help="pipeline: StableDiffusionPipeline call incl. VAE decode (tiny only); "
+                         "unet: the denoising loop")
     ap.add_argument("--variants", help=f"comma-separated subset of {','.join(ALL_VARIANTS)} "
                     "(bare and chimera always run; default per size)")
     ap.add_argument("--dirichlet", type=float, default=1.0, help="Dirichlet concentration of the per-image w")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--profile", action="store_true", help="print torch.profiler op tables of one UNet call, bare and chimera")
+    ap.add_argument("--profile", action="store_true",
+                    help="print torch.profiler op tables of one UNet call, bare and chimera")
     return ap.parse_args(argv)
 
 
@@ -408,12 +411,14 @@ def main(argv: list[str] | None = None) -> dict:
     # Share of a batch's time that one B' build takes (what per-step rebuilding would add per step).
     ratios["build_share_of_batch"] = build_ms / 1e3 / med["chimera"]
 
-    checks = {}
+    def max_abs(a: str, b: str) -> float:
+        return float((last[a].float() - last[b].float()).abs().max())
+
+    checks = {"max_abs_chimera_vs_bare": max_abs("chimera", "bare")}
     if "chimera_fused" in last:
-        checks["max_abs_fused_vs_chimera"] = float((last["chimera"].float() - last["chimera_fused"].float()).abs().max())
+        checks["max_abs_fused_vs_chimera"] = max_abs("chimera_fused", "chimera")
     if "naive" in last:
-        checks["max_abs_chimera_vs_naive"] = float((last["chimera"].float() - last["naive"].float()).abs().max())
-    checks["max_abs_chimera_vs_bare"] = float((last["chimera"].float() - last["bare"].float()).abs().max())
+        checks["max_abs_chimera_vs_naive"] = max_abs("chimera", "naive")
     info = machine(device)
     what = {
         "bare": "base model, no adapters",
@@ -442,7 +447,8 @@ def main(argv: list[str] | None = None) -> dict:
                               ratios["fused_vs_bare"] >= 0.97))
         goal_rows.append(goal("fused forward / current forward", ratios["fused_vs_current"], "(after / before)", None))
     if "chimera_vs_naive" in ratios:
-        goal_rows.append(goal("chimera / naive PEFT", ratios["chimera_vs_naive"], ">= 5", ratios["chimera_vs_naive"] >= 5))
+        goal_rows.append(goal("chimera / naive PEFT", ratios["chimera_vs_naive"], ">= 5",
+                              ratios["chimera_vs_naive"] >= 5))
     if "chimera_vs_bare_b1" in ratios:
         goal_rows.append(goal("chimera / bare batch 1", ratios["chimera_vs_bare_b1"], "(info: batching gain)", None))
     if "once_vs_per_step" in ratios:
@@ -475,7 +481,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "generation", "command": cmd, "machine": info, "args": {k: v for k, v in vars(args).items()},
         "setting": setting, "attention_processors": processors, "adapted_layers": len(chimera),
-        "seconds": {"wall": timings.wall, "cpu": timings.cpu}, "primary": primary, "median_s": med, "ratios": ratios, "unet_flops": flops, "layer": layer_info, "build_ms": build_ms, "checks": checks,
+        "seconds": {"wall": timings.wall, "cpu": timings.cpu}, "primary": primary, "median_s": med,
+        "ratios": ratios, "unet_flops": flops, "layer": layer_info, "build_ms": build_ms, "checks": checks,
         "model_build_s": build_s, "peft_load_s": peft_load_s, "markdown": text,
     }
     if args.json:

@@ -25,36 +25,36 @@ from torch import nn
 
 __all__ = [
     "SD15_UNET",
-    "add_common_args",
-    "setup",
-    "build_unet",
-    "build_pipe",
-    "attention_processors",
-    "swap_modules",
-    "Timings",
-    "interleaved",
-    "paired_ratio",
-    "median",
-    "machine",
-    "command_line",
-    "markdown_table",
-    "sync",
     "Peak",
+    "Timings",
+    "add_common_args",
+    "attention_processors",
+    "build_pipe",
+    "build_unet",
+    "command_line",
+    "interleaved",
+    "machine",
+    "markdown_table",
+    "median",
+    "paired_ratio",
+    "setup",
+    "swap_modules",
+    "sync",
 ]
 
 # Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json), random weights:
 # ~860M parameters, 64x64 latents for 512x512 images. Built from the config, nothing downloaded.
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}
 SD15_TEXT = (77, 768)  # CLIP ViT-L/14 prompt embeddings: (tokens, dim)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -63,7 +63,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def add_common_args(ap: argparse.ArgumentParser, defaults: dict[str, dict]) -> None:
     """The flags every benchmark takes; ``defaults[size]`` fills the ones left unset per size."""
     ap.add_argument("--size", choices=("tiny", "sd15"), default="tiny",
-                    help="tiny: build_tiny_pipeline (full pipeline, fast); sd15: SD 1.5 UNet architecture, random weights")
+                    help="tiny: build_tiny_pipeline (full pipeline, fast); "
+                         "sd15: SD 1.5 UNet architecture, random weights")
     ap.add_argument("--batch", type=int, help="images per batch (default per size)")
     ap.add_argument("--steps", type=int, help="denoising steps / optimizer steps per timed call (default per size)")
     ap.add_argument("--repeats", type=int, help="timed rounds; every variant runs once per round (default per size)")

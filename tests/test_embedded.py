@@ -70,8 +70,8 @@ def test_builtin_toy_is_registered_and_cached(tmp_path: Path, monkeypatch: pytes
     models._load_builtin_registry()
     assert "toy" in models._BUILTINS
     # Route builtin:toy through a reduced build so the registry/cache path runs quickly.
-    monkeypatch.setitem(models._BUILTINS, "toy",
-                        (lambda f: build_toy_base(f, seed=0, minutes_budget=TINY_BUDGET, progress=False), "test"))
+    # A version of its own keeps the shipped weights (another version) from answering.
+    monkeypatch.setitem(models._BUILTINS, "toy", (lambda folder: _tiny_build(folder, seed=0), "test"))
     pipe = load_pipeline("builtin:toy", cache_dir=str(tmp_path))
     assert pipe.chimera_base_id == "builtin:toy"
     assert (tmp_path / "builtin" / "toy" / ".chimera_complete").is_file()

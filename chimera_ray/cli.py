@@ -65,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) as YAML")
     _config_args(p)
+
+    p = sub.add_parser("report", help="write one self-contained HTML page for a run directory",
+                       description="Real shots, synthetic samples with their mixture weights, a Dirichlet "
+                                   "concentration sweep, weight distributions and (when present) eval results of a "
+                                   "run, in one HTML file with every image embedded.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder or URL (holds plan.json)")
+    p.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
+    p.add_argument("--samples", type=int, default=8, help="synthetic images shown per class (default 8)")
+    p.add_argument("--no-sweep", action="store_true",
+                   help="skip the concentration sweep (it loads the base model and generates 6 images per class)")
+    p.add_argument("--config", help="YAML config for the sweep's model settings (default: the run's, as the page says)")
     return parser
 
 
@@ -204,13 +215,22 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from chimera_ray.report import write_report
+
+    out = write_report(args.run_dir, args.out, samples=args.samples, sweep=not args.no_sweep, config=args.config,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from chimera_ray.config import ConfigError
     from chimera_ray.models import BaseModelError
 
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "generate": _cmd_generate, "export-lora": _cmd_export, "config": _cmd_config,
-               "validate": _cmd_validate}[args.command]
+               "validate": _cmd_validate, "report": _cmd_report}[args.command]
     try:
         return handler(args)
     except (ConfigError, BaseModelError, ValueError, FileNotFoundError) as e:

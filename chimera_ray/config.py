@@ -26,6 +26,7 @@ __all__ = [
     "ShardsConfig",
     "RayConfig",
     "FaultConfig",
+    "DownstreamConfig",
     "Config",
     "load_config",
     "apply_overrides",
@@ -140,6 +141,9 @@ class GenerateConfig:
     weights_table: str | None = None
     # Adapters kept in memory per generator; batches may mix classes.
     adapter_cache_size: int = 16
+    # Folder/URL of trained class adapters; None: <output>/adapters. Lets one set of adapters
+    # feed several generation runs (an alpha sweep) with their own outputs.
+    adapters: str | None = None
 
 
 @dataclass(frozen=True)
@@ -271,6 +275,46 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class DownstreamConfig:
+    """`jobs/downstream.py`: a classifier on real + synthetic images, judged on real test images."""
+
+    # small_cnn: trained from scratch (toy scale, 32-64 px). clip: a CLIP vision tower from a
+    # local folder (`weights`), frozen, with a trained linear head (a standard few-shot probe).
+    backbone: Literal["small_cnn", "clip"] = "small_cnn"
+    # Local folder / fsspec URL of the backbone's weights (clip only); never downloaded.
+    weights: str | None = None
+    # Synthetic shard folders/URLs (each holding index.json). Empty: `<output>/shards`.
+    shards: tuple[str, ...] = ()
+    # False gives the real-only baseline (same recipe, no synthetic images).
+    use_synthetic: bool = True
+    # Within a class that has synthetic images, the chance a draw is synthetic (the
+    # real:synthetic mix). 0.5 keeps the few real shots as prominent as the generated ones.
+    synthetic_fraction: float = 0.5
+    # Class-balanced sampling: every class is drawn equally often, whatever its size (the
+    # standard long-tail recipe; without it the head classes swamp the loss).
+    balanced: bool = True
+    # ~50 passes over the toy real split at batch 64; about a minute on 2 CPU cores.
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    # Side of the images the classifier sees; None: the base model's native resolution.
+    image_size: int | None = None
+    # Split names in the dataset.
+    train_split: str = "train"
+    test_split: str = "test"
+    # Feature extractor for fidelity/diversity metrics (chimera_ray.features): the project's
+    # own toy feature network at toy scale; "clip:/path" or an Inception path for real data.
+    features: str = "builtin:toy-features"
+    # k of the k-NN radii in precision/recall/density/coverage.
+    prdc_k: int = 3
+    metrics: bool = True
+    num_workers: int = 1
+    use_gpu: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -279,6 +323,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     # Where adapters, images, shards and reports go (local path or fsspec URL).
     output: str = "outputs/demo"
 
@@ -356,6 +401,15 @@ class Config:
         check(ry.max_failures >= 0 and ry.class_attempts >= 1, "ray.max_failures must be >= 0 and ray.class_attempts >= 1")
         check(ry.faults.generate_once in ("", "raise", "kill"),
               f"ray.faults.generate_once must be '', raise or kill (got {ry.faults.generate_once!r})")
+        ds = self.downstream
+        check(0.0 <= ds.synthetic_fraction <= 1.0,
+              f"downstream.synthetic_fraction must be in [0, 1] (got {ds.synthetic_fraction})")
+        check(ds.steps >= 1 and ds.batch_size >= 1 and ds.lr > 0,
+              f"downstream.steps, batch_size must be >= 1 and lr > 0 (got {ds.steps}, {ds.batch_size}, {ds.lr})")
+        check(ds.image_size is None or ds.image_size >= 8, f"downstream.image_size must be >= 8 or null (got {ds.image_size})")
+        check(ds.backbone != "clip" or bool(ds.weights),
+              "downstream.weights must name a local CLIP folder (save_pretrained format) when downstream.backbone=clip")
+        check(ds.prdc_k >= 1 and ds.num_workers >= 1, "downstream.prdc_k and downstream.num_workers must be >= 1")
         if errors:
             raise ConfigError(errors)
         return self

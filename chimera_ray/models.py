@@ -15,6 +15,7 @@ Weights load with ``use_safetensors=True``; no remote code is ever executed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -221,6 +222,18 @@ def load_pipeline(
 def native_resolution(pipe) -> int:
     """The pixel size the UNet was trained at: ``sample_size * vae_scale_factor``."""
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def base_resolution(source: str, cache_dir: str | None = None) -> int:
+    """``native_resolution`` of a base model read from its config files, without loading weights."""
+    folder = Path(resolve_base(source, cache_dir))
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+    except FileNotFoundError as e:
+        raise BaseModelError(f"{source!r}: {e.filename} is missing; a diffusers pipeline folder is needed "
+                             "(or set the resolution explicitly)") from None
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 # ---- tiny models for tests -------------------------------------------------------------------

@@ -9,6 +9,9 @@
   "done" marker), failures recorded in ``<output>/failures/<key>.json``. Ray Train restarts a
   dead worker (``FailureConfig``); the restarted loop skips committed classes and resumes the
   interrupted one from its checkpoint. A class that keeps raising is reported; the others finish.
+* ``train_downstream``: one ``TorchTrainer`` run (``downstream.num_workers`` workers, DDP when
+  more than one) training a classifier on real images plus synthetic shards read by the
+  workers straight from their URLs; metrics come back through ``ray.train.report``.
 * ``generate_shards``: ``range`` rows -> (class, sample index) -> mixture weights (CPU stage,
   a column that streams with the rows) -> the ``Generator`` on an actor pool -> a ``Datasink``
   that stages samples and then commits bounded, deterministic WebDataset shards + index.
@@ -33,7 +36,7 @@ from chimera_ray.runner import ClassPlan, adapter_done, train_one, write_json
 from chimera_ray.sampling import check_weights, mixture_weights
 from chimera_ray.shards import Sample, StagedSample, finalize_shards, read_index, write_staging
 
-__all__ = ["init_ray", "train_classes", "generate_shards", "absolute_url"]
+__all__ = ["init_ray", "train_classes", "generate_shards", "train_downstream", "evaluate_run", "absolute_url"]
 
 
 def absolute_url(url: str) -> str:
@@ -321,6 +324,13 @@ def _ray_map(fn, *iterables):
     return ray.get([remote.remote(*args) for args in zip(*iterables)])
 
 
+# CPU request of the light stages (row building, Dirichlet draws, staging writes). They take
+# milliseconds per block; any CPU request lets a pool of generation actors that fills the node
+# (2 actors x 1 CPU on a 2-CPU machine) starve them forever: Ray Data then waits on a read task
+# that can never be scheduled (seen here with gen_actors_min = gen_actors_max = 2).
+LIGHT_CPUS = 0
+
+
 def generate_shards(cfg: Config, plans: list[ClassPlan]) -> dict:
     """Generates every plan's budget through a Ray Data actor pool into WebDataset shards.
 
@@ -328,12 +338,13 @@ def generate_shards(cfg: Config, plans: list[ClassPlan]) -> dict:
     the same plan is returned as is (rerunning a finished job does not regenerate).
     """
     import ray
+    import pyarrow as pa
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
 
     out = absolute_url(cfg.output.rstrip("/"))
     shards_dir, staging = f"{out}/shards", f"{out}/shards/_staging"
-    adapter_root = f"{out}/adapters" if cfg.lora.mode != "base" else None
+    adapter_root = absolute_url(cfg.generate.adapters or f"{out}/adapters") if cfg.lora.mode != "base" else None
     plan_sig = hashlib.sha256(json.dumps([[(p.key, p.budget) for p in plans], cfg.generate.weights_table]).encode()).hexdigest()[:16]
     try:
         index = read_index(shards_dir)
@@ -355,17 +366,23 @@ def generate_shards(cfg: Config, plans: list[ClassPlan]) -> dict:
         # The user's rows and mixtures replace the plan's budgets and Dirichlet draws.
         ds = ray.data.read_parquet(table) if table.endswith(".parquet") else ray.data.read_json(table)
         ds = ds.map_batches(_label_rows, fn_kwargs=dict(names={p.key: p.name for p in plans},
-                                                        labels={p.key: p.label for p in plans}), batch_size=None)
+                                                        labels={p.key: p.label for p in plans}), batch_size=None,
+                            num_cpus=LIGHT_CPUS)
     else:
         total = sum(p.budget for p in plans)
-        ds = ray.data.range(total, override_num_blocks=max(1, min(256, -(-total // (4 * cfg.generate.batch_size)))))
+        # A range of sample ids, like ray.data.range, but built from in-memory blocks: range's
+        # read tasks always ask for a whole CPU, which a node-filling actor pool never frees.
+        # The ids cost 8 bytes a sample (8 MB per million) in the object store.
+        n_blocks = max(1, min(256, -(-total // (4 * cfg.generate.batch_size))))
+        ds = ray.data.from_arrow([pa.table({"id": chunk}) for chunk in np.array_split(np.arange(total, dtype=np.int64),
+                                                                                     n_blocks) if len(chunk)])
         # Light CPU stages (fused with the read into one task): rows, then each row's weights.
         ds = ds.map_batches(_rows, fn_kwargs=dict(keys=[p.key for p in plans], names=[p.name for p in plans],
                                                   labels=[p.label for p in plans], budgets=[p.budget for p in plans]),
-                            batch_size=None)
+                            batch_size=None, num_cpus=LIGHT_CPUS)
     weights = _Weights(adapter_root, cfg.lora.mode, cfg.generate.dirichlet_concentration, cfg.generate.seed,
                        cfg.generate.imagewise_mix)
-    ds = ds.map_batches(weights.__call__, batch_size=None)
+    ds = ds.map_batches(weights.__call__, batch_size=None, num_cpus=LIGHT_CPUS)
     # max_restarts/max_task_retries bound Ray Data's default of infinite retries, so a
     # deterministic error fails the run. Ray 2.60 flags them as deprecated "ray_remote_args"
     # but documents them as the way to override those defaults.
@@ -382,7 +399,7 @@ def generate_shards(cfg: Config, plans: list[ClassPlan]) -> dict:
     )
     sink = _make_sink(staging)
     t0 = time.time()
-    ds.write_datasink(sink)
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_CPUS})
     t_gen = time.time() - t0
     index = finalize_shards(
         shards_dir, sink.staged, prefix=cfg.shards.prefix, max_bytes=cfg.shards.max_bytes,
@@ -396,3 +413,122 @@ def generate_shards(cfg: Config, plans: list[ClassPlan]) -> dict:
                        "finalize_s": round(t_total - t_gen, 2)}
     write_json(f"{shards_dir}/timing.json", index["timing"])
     return index
+
+
+# ---- downstream classifier -----------------------------------------------------------------
+
+
+def _downstream_loop(config: dict) -> None:
+    import ray.train
+    import torch
+
+    from chimera_ray.data.ingest import ImageRow
+    from chimera_ray.downstream import ImageSet, load_real, load_synthetic, run_downstream
+
+    cfg = config_from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.downstream.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    names, size = config["class_names"], config["image_size"]
+
+    def rows(d):
+        return {n: [ImageRow(path=p, label=n) for p in ps] for n, ps in d.items()}
+
+    real = load_real(rows(config["train_rows"]), names, size)
+    test = load_real(rows(config["test_rows"]), names, size)
+    syn = load_synthetic(config["shard_urls"], names, size) if cfg.downstream.use_synthetic else ImageSet.concat([])
+    if rank == 0:
+        print(f"[downstream] {len(real)} real + {len(syn)} synthetic training images, {len(test)} test images "
+              f"({world} worker(s), {device})", flush=True)
+    wrap = (lambda m: ray.train.torch.prepare_model(m)) if world > 1 else None
+    result = run_downstream(cfg, real, syn, test, names, set(config["tail"]), device=str(device), rank=rank,
+                            wrap=wrap, log=(lambda m: print(f"[downstream] {m}", flush=True)) if rank == 0 else (lambda m: None))
+    result["skipped_inputs"] = real.skipped + test.skipped + syn.skipped
+    result["n_train_real"], result["n_train_synthetic"], result["n_test_images"] = len(real), len(syn), len(test)
+    # Ray Train V2 keeps only checkpointed reports in Result: rank 0 hands back the numbers
+    # and the trained classifier (safetensors) as a checkpoint.
+    if rank == 0:
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        model = result.pop("model")
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "result.json"), "w") as f:
+                json.dump(result, f)
+            state = {k: v.detach().cpu().contiguous() for k, v in getattr(model, "module", model).state_dict().items()}
+            save_file(state, os.path.join(tmp, "classifier.safetensors"))
+            ray.train.report({"overall_acc": result["overall_acc"]}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        result.pop("model")
+        ray.train.report({})
+
+
+def train_downstream(cfg: Config, class_names: list[str], train_rows: dict[str, list[str]],
+                     test_rows: dict[str, list[str]], tail: list[str], shard_urls: list[str], image_size: int) -> dict:
+    """Trains and evaluates the downstream classifier with Ray Train; returns the result dict.
+
+    Args:
+        cfg: run config (``downstream`` section; ``output`` for Ray Train's storage).
+        class_names: label-id order.
+        train_rows / test_rows: class name -> image URLs of the real splits.
+        tail: class names counted as tail (the planned classes).
+        shard_urls: WebDataset shard URLs (read by the workers).
+        image_size: side of the images the classifier sees.
+    """
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    d = cfg.downstream
+    out = cfg.output.rstrip("/")
+    storage_fs, storage_path = _arrow_fs(absolute_url(cfg.ray.storage or f"{out}/ray"))
+    name = "downstream-" + hashlib.blake2b(json.dumps(config_to_dict(cfg), sort_keys=True).encode(), digest_size=6).hexdigest()
+    trainer = TorchTrainer(
+        _downstream_loop,
+        train_loop_config={"cfg": config_to_dict(cfg), "class_names": class_names, "train_rows": train_rows,
+                           "test_rows": test_rows, "tail": tail, "shard_urls": shard_urls, "image_size": image_size},
+        torch_config=TorchConfig(backend="nccl" if d.use_gpu and d.num_workers > 1 else "gloo"),
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu),
+        run_config=RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage_path,
+                             storage_filesystem=storage_fs),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, "result.json")) as f:
+            out_result = json.load(f)
+    out_result["checkpoint"] = str(result.checkpoint.path)  # holds classifier.safetensors
+    return out_result
+
+
+def evaluate_run(cfg: Config, inputs, extractor=None, log=print) -> tuple[dict, dict | None]:
+    """The downstream classifier (Ray Train) and, with synthetic data, the per-class metrics.
+
+    Args:
+        cfg: the run's config (``output`` holds its shards unless ``downstream.shards`` says otherwise).
+        inputs: ``chimera_ray.data.validate.RunInputs`` of the run (dataset, plans = tail classes).
+        extractor: a loaded feature extractor to reuse across runs (else ``downstream.features``).
+
+    Returns:
+        ``(downstream result, metrics or None)`` as written to ``<output>/eval/``.
+    """
+    from chimera_ray.downstream import class_metrics_table, shard_urls
+    from chimera_ray.models import base_resolution
+
+    d, out = cfg.downstream, cfg.output.rstrip("/")
+    names, tail = inputs.dataset.classes, [p.name for p in inputs.plans]
+    train_rows = {n: [r.path for r in rows] for n, rows in inputs.dataset.by_class(d.train_split).items()}
+    test_rows = {n: [r.path for r in rows] for n, rows in inputs.dataset.by_class(d.test_split).items()}
+    if not any(test_rows.values()):
+        raise ValueError(f"the dataset has no images in split {d.test_split!r}; set downstream.test_split to the "
+                         f"held-out split's name (splits seen: {sorted({r.split for r in inputs.dataset.rows})})")
+    urls = shard_urls(list(d.shards) or [f"{out}/shards"]) if d.use_synthetic else []
+    size = d.image_size or cfg.model.resolution or base_resolution(cfg.model.base, cfg.model.cache_dir)
+    result = train_downstream(cfg, names, train_rows, test_rows, tail, urls, size)
+    result["classes"] = [{"name": n, "key": k, "label": i, "group": "tail" if n in tail else "head",
+                          "n_real_train": len(train_rows[n]), "n_test": len(test_rows[n])}
+                         for i, (n, k) in enumerate(inputs.dataset.keys().items())]
+    result["settings"] = {**config_to_dict(d), "image_size": size, "n_shards": len(urls)}
+    metrics = None
+    if d.metrics and d.use_synthetic:
+        metrics = class_metrics_table(cfg, inputs.dataset, tail, urls, size, extractor)
+    return result, metrics

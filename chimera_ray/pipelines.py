@@ -423,7 +423,7 @@ def _downstream_loop(config: dict) -> None:
     import torch
 
     from chimera_ray.data.ingest import ImageRow
-    from chimera_ray.downstream import ImageSet, load_real, load_synthetic, run_downstream
+    from chimera_ray.downstream import load_real, load_synthetic, run_downstream
 
     cfg = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
@@ -436,7 +436,7 @@ def _downstream_loop(config: dict) -> None:
 
     real = load_real(rows(config["train_rows"]), names, size)
     test = load_real(rows(config["test_rows"]), names, size)
-    syn = load_synthetic(config["shard_urls"], names, size) if cfg.downstream.use_synthetic else ImageSet.concat([])
+    syn = load_synthetic(config["shard_urls"] if cfg.downstream.use_synthetic else [], names, size)
     if rank == 0:
         print(f"[downstream] {len(real)} real + {len(syn)} synthetic training images, {len(test)} test images "
               f"({world} worker(s), {device})", flush=True)

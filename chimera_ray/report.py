@@ -680,7 +680,7 @@ def _eval_section(run_dir: str, plan: dict, report: dict | None) -> str:
     out.append("<h3>Fidelity and diversity (eval/metrics.json)</h3>")
     metrics = _optional_json(run_dir, "eval/metrics.json", out)
     if metrics is None:
-        out.append(_note(f"no eval/metrics.json: produce it with `{cmd}` (or `chimera-ray eval`), then rerun "
+        out.append(_note(f"no eval/metrics.json: produce it with `{cmd}`, then rerun "
                          "`chimera-ray report`"))
     elif metrics:
         per = metrics.get("per_class") or {}

@@ -13,10 +13,12 @@ import argparse
 import json
 import time
 
-from chimera_ray.config import load_config
+import yaml
+
+from chimera_ray.config import config_to_dict, load_config
 from chimera_ray.data.validate import ingest_for_run
+from chimera_ray.io import atomic_write, write_json
 from chimera_ray.pipelines import generate_shards, init_ray, train_classes
-from chimera_ray.runner import write_json
 
 SMOKE = ["train.steps=4", "train.checkpoint_every=2", "data.max_classes=2", "generate.samples_per_class=3",
          "generate.num_inference_steps=2", "ray.gen_actors_max=1"]
@@ -35,6 +37,8 @@ def main() -> None:
     inputs = ingest_for_run(cfg)
     print(inputs.plan_table(), flush=True)
     write_json(f"{out}/plan.json", inputs.plan_json())
+    # The resolved config (file + overrides): what `chimera-ray report` and a rerun need.
+    atomic_write(f"{out}/config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
 
     init_ray(cfg)
     trained = train_classes(cfg, inputs.plans, inputs.dataset.by_class(cfg.data.split)) if cfg.lora.mode != "base" else {}

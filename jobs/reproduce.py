@@ -18,11 +18,12 @@ import os
 import time
 
 import numpy as np
+import yaml
 
-from chimera_ray.config import load_config
+from chimera_ray.config import config_to_dict, load_config
 from chimera_ray.data.validate import ingest_for_run
 from chimera_ray.features import load_feature_extractor
-from chimera_ray.io import write_json
+from chimera_ray.io import atomic_write, write_json
 from chimera_ray.pipelines import evaluate_run, generate_shards, init_ray, train_classes
 
 METHODS = ("real_only", "base", "classwise", "imagewise", "chimera")
@@ -104,6 +105,8 @@ def main() -> None:
         cfg = load_config(args.config, args.overrides + seeds + extra + [
             f"lora.mode={'chimera' if real_only else mode}", f"output={out}",
             f"downstream.use_synthetic={'false' if real_only else 'true'}"])
+        atomic_write(f"{out}/config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
+        write_json(f"{out}/plan.json", inputs.plan_json())  # the run folder reads like a jobs/full.py run
         t = time.time()
         if mode in ("classwise", "imagewise", "chimera") and not cfg.generate.adapters:
             status = train_classes(cfg, inputs.plans, rows)

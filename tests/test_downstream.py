@@ -161,3 +161,20 @@ def test_accuracy_table_matches_hand_computation():
     assert r["all_acc"] == pytest.approx(round((0.75 + 0.5 + 0.0) / 3, 4))
     assert r["head_acc"] == 0.75 and r["tail_acc"] == 0.25
     assert r["n_test"] == {"red thing": 4, "blue thing": 2, "green thing": 1}
+
+
+@pytest.mark.parametrize("use_synthetic,share", [(False, 0.0), (True, 0.5)])
+def test_run_downstream_real_only_and_mixed(use_synthetic, share):
+    from chimera_ray.config import Config
+    from chimera_ray.downstream import run_downstream
+
+    torch.set_num_threads(1)
+    real, test = _colour_set(4, 0), _colour_set(4, 1)
+    syn = _colour_set(4, 2, synthetic=True) if use_synthetic else load_synthetic([], NAMES, 16)
+    assert syn.images.shape == ((12, 3, 16, 16) if use_synthetic else (0, 3, 16, 16))
+    cfg = Config(downstream=DownstreamConfig(steps=5, batch_size=8, use_synthetic=use_synthetic))
+    r = run_downstream(cfg, real, syn, test, NAMES, {"green thing"}, log=lambda m: None)
+    assert r["synthetic_draw_share"] == pytest.approx(share)
+    assert set(r["per_class"]) == set(NAMES) and len(r["history"]) == 1
+    assert isinstance(r.pop("model"), torch.nn.Module)
+    json.dumps(r)  # what the job writes

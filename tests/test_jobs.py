@@ -12,6 +12,7 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).parent.parent
@@ -23,19 +24,20 @@ def _env(**extra):
             "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""), **extra}
 
 
-def _upload_dataset(root: str, n_classes=3, per_class=2):
-    """A small manifest dataset with boxes on any fsspec URL."""
+def _upload_dataset(root: str, n_classes=3, per_class=2, test_per_class=1):
+    """A small manifest dataset with boxes (train) and a test split on any fsspec URL."""
     fs, path = fsspec.core.url_to_fs(root)
     rng = np.random.default_rng(0)
     lines = []
     for c in range(n_classes):
-        for i in range(per_class):
+        for i in range(per_class + test_per_class):
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buf, format="PNG")
             rel = f"images/c{c}/{i}.png"
             with fs.open(f"{path}/{rel}", "wb") as f:
                 f.write(buf.getvalue())
-            lines.append(json.dumps({"path": rel, "label": f"class {c}", "split": "train", "boxes": [[2, 2, 18, 20]]}))
+            split = "train" if i < per_class else "test"
+            lines.append(json.dumps({"path": rel, "label": f"class {c}", "split": split, "boxes": [[2, 2, 18, 20]]}))
     with fs.open(f"{path}/manifest.jsonl", "w") as f:
         f.write("\n".join(lines) + "\n")
     return f"{root}/manifest.jsonl"
@@ -75,6 +77,18 @@ def test_full_job_on_local_s3(s3_bucket, tmp_path, tiny_pipe_dir):
     assert fs.ls(f"{bucket}/runs/r1/ray")  # Ray Train's run storage
     report = json.loads(fs.cat(f"{bucket}/runs/r1/report.json"))
     assert report["written"] == {"class_0": 3, "class_1": 3, "class_2": 3} and not report["failed_classes"]
+
+    # The downstream check reads the real splits and the shards straight from S3 (Ray Train).
+    cmd = [sys.executable, "jobs/downstream.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test",
+           f"data.source={manifest}", f"model.base={s3_bucket}/models/tiny", f"model.cache_dir={tmp_path / 'cache'}",
+           f"output={out}", "data.max_classes=0", "ray.num_cpus=2", "downstream.metrics=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(fs.cat(f"{bucket}/runs/r1/eval/downstream.json"))
+    assert result["n_train_real"] == 6 and result["n_train_synthetic"] == 9 and result["n_test_images"] == 3
+    assert set(result["per_class"]) == {"class 0", "class 1", "class 2"}
+    assert fs.exists(result["checkpoint"].replace("s3://", "") + "/classifier.safetensors")
+    assert yaml.safe_load(fs.cat(f"{bucket}/runs/r1/config.yaml"))["output"] == out  # the resolved config
 
 
 def _free_port() -> int:

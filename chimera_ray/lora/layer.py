@@ -257,7 +257,15 @@ class MultiHeadLoRALinear(nn.Module):
             A, B = self._factors
             self._check_batch(n, A.shape[0])
             h = torch.bmm(x.reshape(n, -1, self.in_features).to(A.dtype), A.transpose(1, 2))
-            return y + torch.bmm(h, B.transpose(1, 2)).reshape(y.shape).to(y.dtype)
+            Bt = B.transpose(1, 2)
+            if y.dtype != h.dtype:
+                return y + torch.bmm(h, Bt).reshape(y.shape).to(y.dtype)
+            # y + h @ B' as one fused baddbmm: no (n, tokens, out) temporary for the low-rank
+            # term and one pass over y; in place when autograd does not need y.
+            y3 = y.reshape(n, -1, Bt.shape[-1])
+            if torch.is_grad_enabled() and (y.requires_grad or h.requires_grad):
+                return torch.baddbmm(y3, h, Bt).reshape(y.shape)
+            return y3.baddbmm_(h, Bt).reshape(y.shape)
         if self._heads is not None:
             self._check_batch(n, self._heads.shape[0])
             A = self.lora_A[self.head_group[self._heads]]  # (n, r, in): gradient flows to the shared A

@@ -103,6 +103,9 @@ class ToyRecipe:
         min_snr_gamma: Min-SNR-gamma loss weighting; 0 disables it.
         num_threads: torch intra-op threads during the build (part of what
             makes the result reproducible).
+        pretrain_classes: Pretrain on the first N ToyWorld classes (the long tail's
+            largest); 16 = all. With 8, the tail classes' concepts are new to the base
+            model, as a rare class is new to Stable Diffusion (``builtin:toy-head``).
     """
 
     resolution: int = 32
@@ -130,6 +133,7 @@ class ToyRecipe:
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     num_threads: int = 2
+    pretrain_classes: int = 16
 
     @property
     def latent_size(self) -> int:
@@ -491,7 +495,8 @@ def build_toy_base(
             images: list[Image.Image] = []
             labels: list[str] = []
             for _ in range(recipe.pool_size):
-                image, _, label = toyworld.sample_captioned(rng, recipe.render_size)
+                image, _, label = toyworld.sample_captioned(rng, recipe.render_size,
+                                                            toyworld.CLASSES[: recipe.pretrain_classes])
                 if recipe.render_size != recipe.resolution:
                     image = image.resize((recipe.resolution, recipe.resolution), Image.Resampling.BICUBIC)
                 images.append(image)
@@ -536,6 +541,18 @@ def _build_builtin(folder: Path) -> None:
 
 
 register_builtin("toy", _build_builtin, version=VERSION)
+
+# The same recipe pretrained on the 8 head classes only: the tail classes' shapes/colour
+# schemes are partly or wholly new to it (an experiment base for jobs/reproduce.py; built on
+# first use into the cache, not shipped).
+HEAD_RECIPE = dataclasses.replace(DEFAULT_RECIPE, pretrain_classes=8)
+
+
+def _build_head_builtin(folder: Path) -> None:
+    build_toy_base(folder, seed=0, recipe=HEAD_RECIPE)
+
+
+register_builtin("toy-head", _build_head_builtin, version=VERSION + "-head8")
 
 
 # ---------------------------------------------------------------------------

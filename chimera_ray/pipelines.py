@@ -36,12 +36,39 @@ from chimera_ray.runner import ClassPlan, adapter_done, train_one, write_json
 from chimera_ray.sampling import check_weights, mixture_weights
 from chimera_ray.shards import Sample, StagedSample, finalize_shards, read_index, write_staging
 
-__all__ = ["init_ray", "train_classes", "generate_shards", "train_downstream", "evaluate_run", "absolute_url"]
+__all__ = ["init_ray", "train_classes", "generate_shards", "train_downstream", "evaluate_run", "absolute_url", "absolute_config"]
 
 
 def absolute_url(url: str) -> str:
     """Local paths become absolute (Ray workers may run in another working directory)."""
     return url if "://" in url else os.path.abspath(url)
+
+
+def existing_path(p: str) -> str:
+    """A local file path made absolute (URLs unchanged)."""
+    return p if "://" in p else os.path.abspath(p)
+
+
+def absolute_config(cfg: Config) -> Config:
+    """The config with every local path made absolute: Ray workers run in their own working
+    directory (Ray Train's is the run's artifact folder), where a relative path means
+    something else."""
+    from dataclasses import replace
+
+    def path(p):  # a place to write: always absolute
+        return absolute_url(p) if p else p
+
+    def existing(p):  # a source that may also be a hub id or builtin name: only if it exists here
+        return os.path.abspath(p) if p and "://" not in p and os.path.exists(p) else p
+
+    m, g, d, r = cfg.model, cfg.generate, cfg.downstream, cfg.ray
+    return replace(
+        cfg, output=path(cfg.output),
+        model=replace(m, base=existing(m.base), cache_dir=path(m.cache_dir)),
+        generate=replace(g, adapters=path(g.adapters), weights_table=existing(g.weights_table)),
+        downstream=replace(d, weights=existing(d.weights), shards=tuple(path(u) for u in d.shards)),
+        ray=replace(r, storage=path(r.storage)),
+    )
 
 
 def init_ray(cfg: Config) -> None:
@@ -142,6 +169,7 @@ def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cfg = absolute_config(cfg)
     out = cfg.output.rstrip("/")
     status: dict[str, dict] = {}
     todo = []
@@ -156,7 +184,8 @@ def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, 
 
     def payload(p: ClassPlan) -> dict:
         by_path = {r.path: r for r in rows_by_class[p.name]}
-        return {"plan": asdict(p), "rows": [{"path": s, "boxes": [b.as_list() for b in by_path[s].boxes]} for s in p.shots]}
+        return {"plan": {**asdict(p), "shots": [existing_path(s) for s in p.shots]},
+                "rows": [{"path": existing_path(s), "boxes": [b.as_list() for b in by_path[s].boxes]} for s in p.shots]}
 
     def run_group(group: list[ClassPlan]) -> None:
         name = _group_name([p.key for p in group])
@@ -342,7 +371,8 @@ def generate_shards(cfg: Config, plans: list[ClassPlan]) -> dict:
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
 
-    out = absolute_url(cfg.output.rstrip("/"))
+    cfg = absolute_config(cfg)
+    out = cfg.output.rstrip("/")
     shards_dir, staging = f"{out}/shards", f"{out}/shards/_staging"
     adapter_root = absolute_url(cfg.generate.adapters or f"{out}/adapters") if cfg.lora.mode != "base" else None
     plan_sig = hashlib.sha256(json.dumps([[(p.key, p.budget) for p in plans], cfg.generate.weights_table]).encode()).hexdigest()[:16]
@@ -476,11 +506,14 @@ def train_downstream(cfg: Config, class_names: list[str], train_rows: dict[str, 
         shard_urls: WebDataset shard URLs (read by the workers).
         image_size: side of the images the classifier sees.
     """
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cfg = absolute_config(cfg)
     d = cfg.downstream
     out = cfg.output.rstrip("/")
+    train_rows = {n: [existing_path(p) for p in ps] for n, ps in train_rows.items()}
+    test_rows = {n: [existing_path(p) for p in ps] for n, ps in test_rows.items()}
     storage_fs, storage_path = _arrow_fs(absolute_url(cfg.ray.storage or f"{out}/ray"))
     name = "downstream-" + hashlib.blake2b(json.dumps(config_to_dict(cfg), sort_keys=True).encode(), digest_size=6).hexdigest()
     trainer = TorchTrainer(
@@ -489,8 +522,9 @@ def train_downstream(cfg: Config, class_names: list[str], train_rows: dict[str, 
                            "test_rows": test_rows, "tail": tail, "shard_urls": shard_urls, "image_size": image_size},
         torch_config=TorchConfig(backend="nccl" if d.use_gpu and d.num_workers > 1 else "gloo"),
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu),
+        # A dead worker restarts the (short) run from scratch, like a training class does.
         run_config=RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage_path,
-                             storage_filesystem=storage_fs),
+                             storage_filesystem=storage_fs, failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
@@ -521,7 +555,7 @@ def evaluate_run(cfg: Config, inputs, extractor=None, log=print) -> tuple[dict, 
     if not any(test_rows.values()):
         raise ValueError(f"the dataset has no images in split {d.test_split!r}; set downstream.test_split to the "
                          f"held-out split's name (splits seen: {sorted({r.split for r in inputs.dataset.rows})})")
-    urls = shard_urls(list(d.shards) or [f"{out}/shards"]) if d.use_synthetic else []
+    urls = shard_urls([absolute_url(u) for u in (list(d.shards) or [f"{out}/shards"])]) if d.use_synthetic else []
     size = d.image_size or cfg.model.resolution or base_resolution(cfg.model.base, cfg.model.cache_dir)
     result = train_downstream(cfg, names, train_rows, test_rows, tail, urls, size)
     result["classes"] = [{"name": n, "key": k, "label": i, "group": "tail" if n in tail else "head",

@@ -103,29 +103,54 @@ def test_ray_job_submit_smoke_on_a_real_local_cluster(tmp_path):
     env = _env(CHIMERA_RAY_CACHE=str(tmp_path / "cache"))
     ray_bin = os.path.join(VENV_BIN, "ray")
     # (--node-ip-address=127.0.0.1 makes the job agent unreachable: "No available agent".)
-    start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-                            f"--dashboard-port={dash}", "--disable-usage-stats"],
-                           env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stdout + start.stderr
+    # --block in a session of its own: every process of this cluster (GCS, raylet, dashboard,
+    # workers, job drivers) shares the process group, so the test stops exactly its cluster.
+    # (`ray stop` would stop every Ray cluster on the machine, other users' runs included.)
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         out = tmp_path / "job-out"
         address = f"http://127.0.0.1:{dash}"
-        for _ in range(60):  # the dashboard's job API takes a moment after `ray start`
+        for _ in range(120):  # the dashboard's job API takes a moment after `ray start`
+            assert head.poll() is None, "`ray start --head` exited; see the Ray logs under /tmp/ray"
             if subprocess.run([ray_bin, "job", "list", "--address", address], env=env, capture_output=True).returncode == 0:
                 break
             time.sleep(1)
         submit = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT),
                   "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", ".git"]}), "--",
                   "python", "jobs/full.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test", f"output={out}"]
-        for _ in range(20):  # the head's job agent may still be starting ("No available agent")
+        # The head's job agent may still be starting ("No available agent"); on a busy 2-core
+        # machine that took over 40 s, so wait on a deadline rather than a retry count.
+        deadline = time.monotonic() + 300
+        while True:
             sub = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
-            if "No available agent" not in sub.stdout + sub.stderr:
+            if "No available agent" not in sub.stdout + sub.stderr or time.monotonic() > deadline:
                 break
-            time.sleep(2)
+            time.sleep(3)
         assert sub.returncode == 0, sub.stdout[-4000:] + sub.stderr[-2000:]
         assert "succeeded" in sub.stdout
         index, keys = _shard_keys(str(out))
         assert len(keys) == len(set(keys)) == index["totals"]["samples"] == 6
         assert json.loads((out / "report.json").read_text())["failed_classes"] == []
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_group(head)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group (graceful), then SIGKILL whatever is left."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # children can outlive the `ray start` process
+    except ProcessLookupError:
+        pass

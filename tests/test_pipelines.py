@@ -127,6 +127,12 @@ def test_generation_exception_is_retried_and_shards_are_deterministic(local_ray,
     assert [e["name"] for e in second["shards"]] == [e["name"] for e in first["shards"]]
     assert [e["class_counts"] for e in second["shards"]] == [e["class_counts"] for e in first["shards"]]
     assert [e["sha256"] for e in second["shards"]] == [e["sha256"] for e in first["shards"]]
+    # A pool that fills the node (2 actors x 1 CPU on 2 CPUs) must not starve the light
+    # stages (row ids, weights, staging writes): they ask for no CPU. This used to hang.
+    shutil.rmtree(tmp_path / "run" / "shards")
+    c = _cfg(tmp_path, "ray.gen_actors_min=2", "ray.gen_actors_max=2", "ray.gen_cpus=1", "ray.gen_gpus=0")
+    third = generate_shards(c, plans)
+    assert [e["sha256"] for e in third["shards"]] == [e["sha256"] for e in first["shards"]]
 
 
 def test_user_weight_table_replaces_the_dirichlet_draws(local_ray, tmp_path):
@@ -145,3 +151,18 @@ def test_user_weight_table_replaces_the_dirichlet_draws(local_ray, tmp_path):
     urls = sorted(str(p) for p in (tmp_path / "run" / "shards").glob("shard-*.tar"))
     got = {(r["json"]["class_key"], r["json"]["sample_index"]): r["json"]["weights"] for r in wds.WebDataset(urls, shardshuffle=False).decode()}
     assert got == wanted
+
+
+def test_relative_paths_mean_the_drivers_working_directory(local_ray, tmp_path, monkeypatch):
+    """Ray workers run elsewhere (Ray Train: the run's artifact folder); a relative output
+    must still land where the user ran the job."""
+    from chimera_ray.pipelines import generate_shards, train_classes
+
+    plans, rows = _classes(tmp_path, n=1)
+    cfg = _cfg(tmp_path, "output=rel/run", "model.cache_dir=rel/cache")
+    monkeypatch.chdir(tmp_path)  # relative paths are resolved when the pipelines run
+    assert train_classes(cfg, plans, rows)["class_0"]["status"] == "trained"
+    assert (tmp_path / "rel" / "run" / "adapters" / "class_0" / "adapter.json").is_file()
+    index = generate_shards(cfg, plans)
+    assert index["totals"]["samples"] == plans[0].budget
+    assert (tmp_path / "rel" / "run" / "shards" / "index.json").is_file()

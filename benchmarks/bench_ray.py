@@ -78,7 +78,7 @@ def main() -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_ray_"))
     plans, rows = _dataset(work / "data", args.classes, args.shots)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
     def cfg(out, *extra):
         return load_config("jobs/configs/tiny.yaml", [

@@ -83,7 +83,10 @@ def init_ray(cfg: Config) -> None:
         # A private local cluster on loopback: token auth protects shared clusters, and this
         # one is reachable only from this process tree.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False)
+        # address="local": always a new private instance. Plain ray.init() would join whatever
+        # cluster /tmp/ray/ray_current_cluster names (another user's `ray start`, or a dead one
+        # whose head was killed without `ray stop`, where it then hangs).
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False)
 
 
 # ---- training ------------------------------------------------------------------------------

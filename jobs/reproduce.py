@@ -40,7 +40,29 @@ def ablations(seed: int, root: str) -> dict[str, tuple[str, list[str]]]:
         "chimera_no_boost": ("chimera", ["train.crop.enabled=false"]),
         "chimera_rank2": ("chimera", ["lora.rank=2", "lora.lora_alpha=2"]),
         "chimera_rank8": ("chimera", ["lora.rank=8", "lora.lora_alpha=8"]),
+        # The demo recipe (150 steps, lr 2e-3, scale 1) barely moves the toy base; a stronger one:
+        "chimera_strong": ("chimera", ["train.steps=300", "train.lr=0.005", "lora.rank=8", "lora.lora_alpha=16"]),
     }
+
+
+def _images(shards_dir: str) -> dict[str, np.ndarray]:
+    import glob
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    urls = sorted(glob.glob(f"{shards_dir}/*.tar"))
+    return {s["__key__"]: np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB"), dtype=np.float32)
+            for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)} if urls else {}
+
+
+def pixel_change(root: str, seed: int, name: str) -> float | None:
+    """Mean |image - base image| (0-255 scale) over samples with the same key, hence the same
+    noise seed: how far a method's adapters move the base model's output."""
+    base, other = _images(f"{root}/seed{seed}/base/shards"), _images(f"{root}/seed{seed}/{name}/shards")
+    common = sorted(set(base) & set(other))
+    return float(np.mean([np.abs(base[k] - other[k]).mean() for k in common])) if common else None
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
@@ -55,6 +77,10 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             v = [r["metrics"]["mean"][m] for r in results if r.get("metrics") and r["metrics"]["mean"].get(m) is not None]
             if v:
                 entry[m] = {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "values": v}
+        v = [r["pixel_change_vs_base"] for r in results if r.get("pixel_change_vs_base") is not None]
+        if v:
+            entry["pixel_change_vs_base"] = {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                                             "values": v}
         out[name] = entry
     return out
 
@@ -65,13 +91,14 @@ def markdown(summary: dict) -> str:
             return "-"
         return f"{e[k]['mean'] * scale:.{digits}f} ± {e[k]['std'] * scale:.{digits}f}"
 
-    lines = ["| run | seeds | tail acc % | all-class acc % | head acc % | FD | KID x1e3 | precision | recall | coverage | diversity |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | seeds | tail acc % | all-class acc % | head acc % | FD | KID x1e3 | precision | recall | coverage | diversity "
+             "| pixel change vs base |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in summary.items():
         lines.append(f"| {name} | {e['n_seeds']} | {cell(e, 'tail_acc', 100)} | {cell(e, 'all_acc', 100)} | "
                      f"{cell(e, 'head_acc', 100)} | {cell(e, 'fd', 1, 2)} | {cell(e, 'kid', 1e3, 2)} | "
                      f"{cell(e, 'precision', 1, 2)} | {cell(e, 'recall', 1, 2)} | {cell(e, 'coverage', 1, 2)} | "
-                     f"{cell(e, 'diversity_synthetic', 1, 3)} |")
+                     f"{cell(e, 'diversity_synthetic', 1, 3)} | {cell(e, 'pixel_change_vs_base', 1, 2)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -138,6 +165,10 @@ def main() -> None:
         for name, (mode, extra) in ablations(seed, root).items():
             runs.setdefault(name, []).append(run(name, seed, mode, extra))
 
+    for name, results in runs.items():
+        for r in results:
+            if r["mode"] not in ("real_only", "base"):
+                r["pixel_change_vs_base"] = pixel_change(root, r["seed"], name)
     summary = summarize(runs)
     results = {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
                "tail_classes": [p.name for p in inputs.plans], "feature_extractor": extractor.name,

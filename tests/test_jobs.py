@@ -106,8 +106,13 @@ def test_ray_job_submit_smoke_on_a_real_local_cluster(tmp_path):
     # --block in a session of its own: every process of this cluster (GCS, raylet, dashboard,
     # workers, job drivers) shares the process group, so the test stops exactly its cluster.
     # (`ray stop` would stop every Ray cluster on the machine, other users' runs included.)
+    # Free ports for the agents too: their defaults (52365, ...) clash with any other Ray
+    # instance on the machine, and a head whose job agent cannot bind answers "No available agent".
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+                             *agent_ports],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         out = tmp_path / "job-out"
@@ -135,6 +140,11 @@ def test_ray_job_submit_smoke_on_a_real_local_cluster(tmp_path):
         assert json.loads((out / "report.json").read_text())["failed_classes"] == []
     finally:
         _stop_group(head)
+        # `ray start` recorded this (now dead) head as the machine's "current cluster"; `ray stop`
+        # would remove the record, killing the group does not.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

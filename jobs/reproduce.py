@@ -91,12 +91,12 @@ def markdown(summary: dict) -> str:
             return "-"
         return f"{e[k]['mean'] * scale:.{digits}f} ± {e[k]['std'] * scale:.{digits}f}"
 
-    lines = ["| run | seeds | tail acc % | all-class acc % | head acc % | FD | KID x1e3 | precision | recall | coverage | diversity "
+    lines = ["| run | seeds | tail acc % | all-class acc % | head acc % | FD | KID | precision | recall | coverage | diversity "
              "| pixel change vs base |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in summary.items():
         lines.append(f"| {name} | {e['n_seeds']} | {cell(e, 'tail_acc', 100)} | {cell(e, 'all_acc', 100)} | "
-                     f"{cell(e, 'head_acc', 100)} | {cell(e, 'fd', 1, 2)} | {cell(e, 'kid', 1e3, 2)} | "
+                     f"{cell(e, 'head_acc', 100)} | {cell(e, 'fd', 1, 2)} | {cell(e, 'kid', 1, 2)} | "
                      f"{cell(e, 'precision', 1, 2)} | {cell(e, 'recall', 1, 2)} | {cell(e, 'coverage', 1, 2)} | "
                      f"{cell(e, 'diversity_synthetic', 1, 3)} | {cell(e, 'pixel_change_vs_base', 1, 2)} |")
     return "\n".join(lines) + "\n"

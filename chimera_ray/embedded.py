@@ -560,22 +560,12 @@ register_builtin("toy-head", _build_head_builtin, version=VERSION + "-head8")
 # ---------------------------------------------------------------------------
 
 
-class _SmallCNN(torch.nn.Module):
-    """Three conv stages and a linear head: ample for 16 ToyWorld classes at 32 px."""
+def _SmallCNN(num_classes: int, width: int = 24) -> torch.nn.Module:
+    """The probe classifier: `chimera_ray.downstream.SmallCNN` (3 conv stages and a linear
+    head) at width 24, ample for 16 ToyWorld classes at 32 px."""
+    from chimera_ray.downstream import SmallCNN
 
-    def __init__(self, num_classes: int, width: int = 24) -> None:
-        super().__init__()
-        layers: list[torch.nn.Module] = []
-        c_in = 3
-        for c in (width, 2 * width, 4 * width):
-            layers += [torch.nn.Conv2d(c_in, c, 3, padding=1), torch.nn.BatchNorm2d(c), torch.nn.ReLU(),
-                       torch.nn.MaxPool2d(2)]
-            c_in = c
-        self.features = torch.nn.Sequential(*layers)
-        self.head = torch.nn.Linear(c_in, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean(dim=(2, 3)))
+    return SmallCNN(num_classes, width)
 
 
 def train_probe_classifier(

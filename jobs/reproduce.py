@@ -9,6 +9,9 @@ concentration (alpha), semantic boosting off, LoRA rank. Every run lives in its 
     python jobs/reproduce.py                                   # demo config, 3 seeds, ablations
     python jobs/reproduce.py --seeds 0 --no-ablations train.steps=50   # quicker look
 
+Dotted overrides are positional: put them first, or after a flag such as --no-ablations, never
+right after --seeds/--methods (those take lists and would swallow them).
+
 Writes <out>/results.json (mean, std and values per method and ablation) and <out>/results.md.
 """
 

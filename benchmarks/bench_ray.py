@@ -23,7 +23,7 @@ from PIL import Image
 def _dataset(root: Path, n: int, shots: int):
     from chimera_ray.data.boxes import Box
     from chimera_ray.data.ingest import ImageRow
-    from chimera_ray.data.plan import ClassPlan
+    from chimera_ray.plan import ClassPlan
 
     rng = np.random.default_rng(0)
     plans, rows = [], {}
@@ -131,10 +131,11 @@ def main() -> dict:
     print(f"\nfixed overhead per trainer: **{t['fixed_overhead_per_trainer_s']:.1f} s** vs "
           f"{t['train_seconds_per_class']:.1f} s of training per class\n")
     print(f"### Ray Data generation: actors ({args.images} images, {args.gen_steps} steps)\n")
-    print("| actors | images/s | wall s | staging write s | finalize s | shard writer share |\n|---|---|---|---|---|---|")
+    print("| actors | images/s | wall s | driver planning s | streamed generation s | actor time in units s |\n"
+          "|---|---|---|---|---|---|")
     for a, r in g.items():
-        share = (r["staging_write_s"] + r["finalize_s"]) / r["wall_s"]
-        print(f"| {a} | {r['images_per_s']:.2f} | {r['wall_s']:.1f} | {r['staging_write_s']:.3f} | {r['finalize_s']:.2f} | {share:.1%} |")
+        print(f"| {a} | {r['images_per_s']:.2f} | {r['wall_s']:.1f} | {r['generate_plan_s']:.2f} | {r['generate_s']:.1f} "
+              f"| {r['generate_units_sum_s']:.1f} |")
     print(f"\n2 actors / 1 actor: **{g[2]['images_per_s'] / g[1]['images_per_s']:.2f}x**")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

@@ -113,7 +113,7 @@ def build_unet(size: str, seed: int = 0):
 
 def build_pipe(seed: int = 0):
     """The tiny random pipeline (8x8 latents, 16x16 images) with progress bars off."""
-    from chimera_ray.models import build_tiny_pipeline
+    from chimera_ray.toy.arch import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=seed, words=["a", "photo", "of", "class"])
     pipe.set_progress_bar_config(disable=True)

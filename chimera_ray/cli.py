@@ -1,6 +1,9 @@
 """``chimera-ray``: one CLI whose subcommands mirror the jobs.
 
 Every subcommand takes ``--config FILE.yaml`` plus dotted overrides (``train.steps=50``).
+Subcommands import what they need inside their handler: ``chimera-ray --help`` must not pay
+for importing torch, diffusers and transformers (several seconds). The config is given the same
+way to every subcommand: ``--config FILE`` or ``FILE`` as the first positional argument.
 """
 
 from __future__ import annotations
@@ -9,15 +12,33 @@ import argparse
 import json
 import sys
 
+# The config module is light (dataclasses + yaml); everything heavy is imported by the handler
+# that needs it, so that `chimera-ray --help` does not pay for torch and diffusers.
+from chimera_ray.config import Config, ConfigError, config_to_dict, load_config
+from chimera_ray.console import setup_logging
+
 __all__ = ["main", "build_parser"]
 
 _OVERRIDES_HELP = "config overrides as dotted key=value pairs, e.g. train.steps=50 lora.rank=4"
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (local path or fsspec URL); defaults apply without one")
-    p.add_argument("--output", help="output folder or URL (overrides the config's `output`)")
-    p.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+def _config_args(p: argparse.ArgumentParser, output: bool = True) -> None:
+    p.add_argument("--config", help="YAML config file (local path or fsspec URL); defaults apply without one. "
+                                     "The file may also be given as the first positional argument.")
+    if output:
+        p.add_argument("--output", help="output folder or URL (overrides the config's `output`)")
+    p.add_argument("overrides", nargs="*", help="[CONFIG.yaml] " + _OVERRIDES_HELP)
+
+
+def _config_and_overrides(args) -> tuple[str | None, list[str]]:
+    """``--config FILE`` or a first positional ``FILE`` (any argument without ``=``), then overrides."""
+    overrides = list(args.overrides or [])
+    config = args.config
+    if overrides and "=" not in overrides[0]:
+        if config is not None:
+            raise ConfigError([f"two config files given: --config {config!r} and {overrides[0]!r}; pass one"])
+        config, overrides = overrides[0], overrides[1:]
+    return config, overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--weights", help="comma-separated mixture weights, one per shot, summing to 1")
     g.add_argument("--sample-index", type=int, help="use the Dirichlet draw of this sample index (run seed from config)")
-    p.add_argument("--config", help="YAML config (for --sample-index: generate.seed and dirichlet_concentration)")
-    p.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+    _config_args(p, output=False)
 
     p = sub.add_parser("validate", help="check config, dataset and storage; print every problem in one table",
                        description="Check the config, every URL it names (data, S3 prefixes, output), the dataset's rows "
@@ -76,16 +96,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sweep", action="store_true",
                    help="skip the concentration sweep (it loads the base model and generates 6 images per class)")
     p.add_argument("--config", help="YAML config for the sweep's model settings (default: the run's, as the page says)")
+
+    p = sub.add_parser("toy", help="build or evaluate the embedded toy base model",
+                       description="The embedded toy base model (builtin:toy): pretrain it from scratch into a folder, "
+                                   "or measure how recognisable its generations are.")
+    toy = p.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
+    b = toy.add_parser("build", help="pretrain the toy base model into OUT_DIR")
+    b.add_argument("out_dir")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--minutes", type=float, default=None, help="nominal budget (scales step counts)")
+    b.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a ToyRecipe field (experiments), e.g. --set unet_steps=3000")
+    b.add_argument("--no-progress", action="store_true")
+    e = toy.add_parser("evaluate", help="classifier accuracy on generations of a built model")
+    e.add_argument("model_dir")
+    e.add_argument("--n-per-class", type=int, default=16)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--steps", type=int, default=25)
+    e.add_argument("--guidance", type=float, default=5.0)
+    e.add_argument("--grid", default=None, help="also save a sample grid PNG here")
+    e.add_argument("--json", default=None, help="also write the report here")
     return parser
 
 
-def _load(args) -> "Config":  # noqa: F821
-    from chimera_ray.config import load_config
-
-    overrides = list(args.overrides or [])
+def _load(args) -> Config:
+    config, overrides = _config_and_overrides(args)
+    args.config = config
     if getattr(args, "output", None):
         overrides.append(f"output={args.output}")
-    return load_config(args.config, overrides)
+    return load_config(config, overrides)
 
 
 def _cmd_train(args) -> int:
@@ -94,9 +133,9 @@ def _cmd_train(args) -> int:
     from chimera_ray.data.boxes import parse_box
     from chimera_ray.data.ingest import IMAGE_EXTENSIONS, ImageRow
     from chimera_ray.data.keys import safe_key
+    from chimera_ray.local import ClassPlan, train_one, write_json
     from chimera_ray.models import load_pipeline, resolve_device, resolve_dtype
-    from chimera_ray.runner import ClassPlan, train_one, write_json
-    from chimera_ray.data.plan import subsample_shots
+    from chimera_ray.plan import subsample_shots
 
     cfg = _load(args)
     fs, root = fsspec.core.url_to_fs(args.images)
@@ -129,8 +168,8 @@ def _cmd_generate(args) -> int:
     import fsspec
 
     from chimera_ray.generate import Generator
-    from chimera_ray.lora.inject import load_adapter
-    from chimera_ray.runner import ClassPlan, generate_local
+    from chimera_ray.local import ClassPlan, generate_local
+    from chimera_ray.lora.adapter import load_adapter
 
     overrides = list(args.overrides or [])
     if args.num is not None:
@@ -157,8 +196,7 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from chimera_ray.config import load_config
-    from chimera_ray.lora.inject import export_lora, load_adapter
+    from chimera_ray.lora.adapter import export_lora, load_adapter
     from chimera_ray.sampling import mixture_weights
 
     state, meta = load_adapter(args.adapter)
@@ -168,7 +206,7 @@ def _cmd_export(args) -> int:
         except ValueError:
             raise SystemExit(f"error: --weights must be comma-separated numbers (got {args.weights!r})") from None
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = _load(args)
         weights = mixture_weights(meta.mode, meta.num_heads, cfg.generate.dirichlet_concentration, cfg.generate.seed,
                                   meta.class_key, args.sample_index, cfg.generate.imagewise_mix).tolist()
     export_lora(args.out, state, meta, weights)
@@ -177,12 +215,9 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from chimera_ray.config import ConfigError
-    from chimera_ray.data.plan import class_counts, format_plan, plan_classes, summarize
     from chimera_ray.data.validate import format_problems, validate
+    from chimera_ray.plan import class_counts, format_plan, plan_classes, summarize
 
-    if args.config is None and args.overrides and "=" not in args.overrides[0]:
-        args.config, args.overrides = args.overrides[0], args.overrides[1:]  # `chimera-ray validate CONFIG`
     try:
         cfg = _load(args)
     except ConfigError as e:
@@ -209,14 +244,12 @@ def _cmd_validate(args) -> int:
 def _cmd_config(args) -> int:
     import yaml
 
-    from chimera_ray.config import config_to_dict
-
     print(yaml.safe_dump(config_to_dict(_load(args)), sort_keys=False))
     return 0
 
 
 def _cmd_report(args) -> int:
-    from chimera_ray.report import write_report
+    from chimera_ray.eval.report import write_report
 
     out = write_report(args.run_dir, args.out, samples=args.samples, sweep=not args.no_sweep, config=args.config,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -224,13 +257,52 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_toy(args) -> int:
+    import dataclasses
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from chimera_ray.eval.probe import evaluate_base, sample_grid
+    from chimera_ray.models import load_pipeline
+    from chimera_ray.toy.base import DEFAULT_RECIPE, build_toy_base
+
+    if args.toy_command == "build":
+        recipe = DEFAULT_RECIPE
+        for item in args.set:
+            key, _, value = item.partition("=")
+            if not hasattr(recipe, key):
+                raise ValueError(f"--set {item!r}: ToyRecipe has no field {key!r}")
+            current = getattr(recipe, key)
+            parsed = json.loads(value) if not isinstance(current, str) else value
+            recipe = dataclasses.replace(recipe, **{key: tuple(parsed) if isinstance(current, tuple) else parsed})
+        t0 = time.perf_counter()
+        report = build_toy_base(args.out_dir, seed=args.seed, minutes_budget=args.minutes,
+                                progress=not args.no_progress, recipe=recipe)
+        print(json.dumps(report, indent=2))
+        print(f"built {args.out_dir} in {time.perf_counter() - t0:.1f} s "
+              f"({report['weights_bytes'] / 1e6:.1f} MB of safetensors)")
+        return 0
+    torch.set_num_threads(2)
+    pipe = load_pipeline(str(Path(args.model_dir).resolve()))
+    report = evaluate_base(pipe, n_per_class=args.n_per_class, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    if args.grid:
+        report["grid"] = str(sample_grid(pipe, args.grid, seed=args.seed, steps=args.steps, guidance=args.guidance))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    from chimera_ray.config import ConfigError
     from chimera_ray.models import BaseModelError
 
     args = build_parser().parse_args(argv)
+    setup_logging()
     handler = {"train": _cmd_train, "generate": _cmd_generate, "export-lora": _cmd_export, "config": _cmd_config,
-               "validate": _cmd_validate, "report": _cmd_report}[args.command]
+               "validate": _cmd_validate, "report": _cmd_report, "toy": _cmd_toy}[args.command]
     try:
         return handler(args)
     except (ConfigError, BaseModelError, ValueError, FileNotFoundError) as e:

@@ -6,12 +6,14 @@ once (torchtune's ``ConfigError`` idea) so a user fixes a config in one pass.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import fsspec
 import yaml
 
 __all__ = [
@@ -108,6 +110,10 @@ class TrainConfig:
     seed: int = 0
     # Steps between resumable checkpoints (adapters + optimiser + step); 0 disables.
     checkpoint_every: int = 50
+    # Checkpoints kept once a class's adapter is committed: they exist to resume an interrupted
+    # class, so 0 (the default) removes them (a 10^4-class run would otherwise keep 10^4 optimiser
+    # states nobody reads). While a class trains, only its newest checkpoint is kept.
+    keep_checkpoints: int = 0
     # Clip the global gradient norm; guards the first steps of a high learning rate.
     max_grad_norm: float = 1.0
     # The method's prompt; {name} is the human-readable class name.
@@ -215,6 +221,18 @@ class DataConfig:
     # Which images are opened before a run: "tail" (only the classes that may be planned; a
     # long-tailed S3 set keeps most bytes in head classes no run reads) or "all".
     check_images: Literal["tail", "all"] = "tail"
+    # Class names of an ImageFolder tree: "exact" (the folder's name as written: `red_star` and
+    # `red star` are two classes) or "underscores_to_spaces" (`red_star` -> "red star", for
+    # snake_case folders; two folders that become one name are an error, never merged).
+    folder_names: Literal["exact", "underscores_to_spaces"] = "exact"
+    # Image sanity rules (a failing image is a bad input row: skipped and counted, or a stop).
+    # Shorter side in pixels below which an image holds too little to learn from (a thumbnail,
+    # a 1x1 tracking pixel); the crops that train the LoRA are resized to the model's size.
+    min_side: int = 16
+    # Longest / shortest side above which an image is a banner or a strip, not a photo of an object.
+    max_aspect: float = 8.0
+    # Fewest distinct colours: 1 is a blank frame, 2-3 a placeholder or a mask.
+    min_colors: int = 4
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
 
@@ -255,8 +273,10 @@ class RayConfig:
     # trainer costs ~10 s of fixed setup (controller, worker group, base model load), more
     # than a few-shot class takes to train on a small model (docs/benchmarks.md).
     classes_per_trainer: int = 4
-    # Trainers running at once; each holds one worker with the resources below.
-    max_concurrent_trainers: int = 2
+    # Trainers running at once; each holds one worker with the resources below. 0 (default):
+    # as many as the cluster holds, i.e. its GPUs // train_gpus (or CPUs // train_cpus on a CPU
+    # cluster), so adding nodes adds trainers without editing the config.
+    max_concurrent_trainers: int = 0
     train_cpus: float = 1.0
     # GPUs per training worker (1 on a GPU cluster; fractional values share a GPU).
     train_gpus: float = 0.0
@@ -304,7 +324,7 @@ class DownstreamConfig:
     # Split names in the dataset.
     train_split: str = "train"
     test_split: str = "test"
-    # Feature extractor for fidelity/diversity metrics (chimera_ray.features): the project's
+    # Feature extractor for fidelity/diversity metrics (chimera_ray.eval.features): the project's
     # own toy feature network at toy scale; "clip:/path" or an Inception path for real data.
     features: str = "builtin:toy-features"
     # k of the k-NN radii in precision/recall/density/coverage.
@@ -349,6 +369,7 @@ class Config:
         check(t.batch_size >= 1, f"train.batch_size must be >= 1 (got {t.batch_size})")
         check(t.grad_accum >= 1, f"train.grad_accum must be >= 1 (got {t.grad_accum})")
         check(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, 0 disables (got {t.checkpoint_every})")
+        check(t.keep_checkpoints >= 0, f"train.keep_checkpoints must be >= 0 (got {t.keep_checkpoints})")
         check(t.max_shots >= 1, f"train.max_shots must be >= 1 (got {t.max_shots})")
         check("{name}" in t.prompt_template, f"train.prompt_template must contain '{{name}}' (got {t.prompt_template!r})")
         c = t.crop
@@ -371,6 +392,11 @@ class Config:
         check(self.data.tail_max_images >= 1, f"data.tail_max_images must be >= 1 (got {self.data.tail_max_images})")
         check(self.data.max_classes >= 0, f"data.max_classes must be >= 0, 0 means all (got {self.data.max_classes})")
         d = self.data
+        check(bool(d.source.strip()), "data.source is empty; name an ImageFolder root, a .csv/.jsonl/.parquet manifest "
+                                      "(local or s3://...) or builtin:toyworld")
+        check(d.min_side >= 1, f"data.min_side must be >= 1 pixel (got {d.min_side})")
+        check(d.max_aspect >= 1, f"data.max_aspect must be >= 1 (got {d.max_aspect}); it is longest / shortest side")
+        check(d.min_colors >= 1, f"data.min_colors must be >= 1 (got {d.min_colors})")
         check(0 <= d.tail_bottom_percent <= 100, f"data.tail_bottom_percent must be in [0, 100], 0 turns it off (got {d.tail_bottom_percent})")
         check(bool(d.image_column) and bool(d.label_column), "data.image_column and data.label_column must name manifest columns")
         if d.budget in ("fixed", "top_up") and d.budget_value is not None:
@@ -393,7 +419,8 @@ class Config:
         check(bool(sh.prefix) and all(c.isalnum() or c in "-_" for c in sh.prefix),
               f"shards.prefix must be letters, digits, - or _ (got {sh.prefix!r})")
         check(ry.classes_per_trainer >= 1, f"ray.classes_per_trainer must be >= 1 (got {ry.classes_per_trainer})")
-        check(ry.max_concurrent_trainers >= 1, f"ray.max_concurrent_trainers must be >= 1 (got {ry.max_concurrent_trainers})")
+        check(ry.max_concurrent_trainers >= 0,
+              f"ray.max_concurrent_trainers must be >= 0, 0 means the cluster's size (got {ry.max_concurrent_trainers})")
         check(ry.train_cpus >= 0 and ry.train_gpus >= 0 and ry.gen_cpus >= 0 and ry.gen_gpus >= 0,
               "ray.train_cpus/train_gpus/gen_cpus/gen_gpus must be >= 0")
         check(1 <= ry.gen_actors_min <= ry.gen_actors_max,
@@ -514,8 +541,6 @@ def config_from_dict(data: dict, validate: bool = True) -> Config:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Applies ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict copy."""
-    import copy
-
     data = copy.deepcopy(data or {})
     errors = []
     for item in overrides:
@@ -550,8 +575,6 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, val
     """
     data: dict = {}
     if path is not None:
-        import fsspec
-
         try:
             with fsspec.open(path, "r") as f:
                 data = yaml.safe_load(f) or {}

@@ -12,19 +12,28 @@ same image whatever batch, actor or retry it lands in.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
 from chimera_ray.config import GenerateConfig, ModelConfig
-from chimera_ray.lora.inject import inject_lora, load_adapter, lora_layers, set_disabled, split_layers
-from chimera_ray.sampling import check_weights, derive_seed, mixture_weights
+from chimera_ray.lora.adapter import load_adapter, split_layers
+from chimera_ray.lora.inject import inject_lora, lora_layers, routing, set_disabled
+from chimera_ray.models import (
+    load_pipeline,
+    native_resolution,
+    resolve_device,
+    resolve_dtype,
+)
+from chimera_ray.sampling import derive_seed, row_weights
 
-__all__ = ["Generator", "encode_image", "sample_key"]
+__all__ = ["Generator", "Rendered", "encode_image", "sample_key"]
 
 _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
@@ -49,6 +58,14 @@ def encode_image(pixels: np.ndarray, fmt: str = "png", quality: int = 95) -> byt
     return buf.getvalue()
 
 
+@dataclass
+class Rendered:
+    """A rendered batch before encoding: ``pixels`` ``(n, H, W, 3)`` uint8 and one metadata dict per row."""
+
+    pixels: np.ndarray
+    rows: list[dict]
+
+
 class Generator:
     """Loads a base pipeline once; turns rows ``(class_key, sample_index)`` into images.
 
@@ -59,7 +76,6 @@ class Generator:
         adapter_root: folder/URL holding ``<class_key>/adapter.json`` per class (not used in
             base mode).
         pipe: an already-loaded pipeline (tests, or sharing one in a process); overrides ``model``.
-        fail_hook: test hook ``f(batch) -> None`` called before generating (fault injection).
     """
 
     def __init__(
@@ -69,10 +85,7 @@ class Generator:
         mode: str = "chimera",
         adapter_root: str | None = None,
         pipe=None,
-        fail_hook=None,
     ):
-        from chimera_ray.models import load_pipeline, native_resolution, resolve_device, resolve_dtype
-
         if mode not in ("chimera", "classwise", "imagewise", "base"):
             raise ValueError(f"mode must be chimera, classwise, imagewise or base (got {mode!r})")
         if mode != "base" and not adapter_root:
@@ -86,7 +99,6 @@ class Generator:
         self.pipe = pipe
         self.base_id = getattr(pipe, "chimera_base_id", model.base)
         self.resolution = model.resolution or native_resolution(pipe)
-        self.fail_hook = fail_hook
         self._cache: OrderedDict[str, tuple[dict, object]] = OrderedDict()
         self._bank_keys: tuple[str, ...] | None = None
         self._injected = None  # (rank, lora_alpha, targets, shared_a) of the injected layers
@@ -143,7 +155,7 @@ class Generator:
     # ---- the batch -------------------------------------------------------------------------
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Generates one image per row.
+        """Generates one image per row and encodes it (``render`` then ``encode``).
 
         Args:
             batch: columns ``class_key`` (n,), ``sample_index`` (n,), optional ``class_name``,
@@ -154,15 +166,21 @@ class Generator:
             ``image`` (encoded bytes), ``ext``, ``weights`` (JSON list), ``seed`` and
             ``metadata`` (a JSON string with everything needed to regenerate the image).
         """
-        if self.fail_hook is not None:
-            self.fail_hook(batch)
+        return self.encode(self.render(batch))
+
+    def render(self, batch: dict[str, np.ndarray]) -> Rendered:
+        """Denoises one image per row: ``(n, H, W, 3)`` uint8 pixels and each row's metadata.
+
+        The accelerator's part of the work; ``encode`` (CPU) may run on another thread while
+        the next batch renders.
+        """
         keys = [str(k) for k in batch["class_key"]]
         index = [int(i) for i in batch["sample_index"]]
         n = len(keys)
-        if n == 0:
-            return {c: np.array([], dtype=object) for c in ("key", "class_key", "image", "metadata")}
         if len(index) != n:
             raise ValueError(f"class_key has {n} rows but sample_index has {len(index)}")
+        if n == 0:
+            return Rendered(np.zeros((0, self.resolution, self.resolution, 3), np.uint8), [])
         g = self.cfg
         metas = {}
         if self.mode != "base":
@@ -171,52 +189,15 @@ class Generator:
             metas = {k: self._adapter(k)[1] for k in uniq}
         names = [str(x) for x in batch["class_name"]] if "class_name" in batch else [metas[k].class_name for k in keys]
         labels = [int(x) for x in batch["label"]] if "label" in batch else [metas[k].label if metas else -1 for k in keys]
-
-        # Mixture weights per row: user-supplied or drawn from the row's key.
-        rows_w = []
-        for r in range(n):
-            k_heads = metas[keys[r]].num_heads if metas else 0
-            if "weights" in batch and batch["weights"][r] is not None and len(batch["weights"][r]):
-                rows_w.append(check_weights(batch["weights"][r], k_heads))
-            else:
-                rows_w.append(mixture_weights(self.mode, k_heads, g.dirichlet_concentration, g.seed, keys[r], index[r],
-                                              g.imagewise_mix))
+        given = batch["weights"] if "weights" in batch else [None] * n
+        rows_w = [row_weights(given[r], self.mode, metas[keys[r]].num_heads if metas else 0, g.dirichlet_concentration,
+                              g.seed, keys[r], index[r], g.imagewise_mix) for r in range(n)]
         seeds = [derive_seed(g.seed, keys[r], index[r], "noise") for r in range(n)]
         prompts = [g.prompt_template.format(name=names[r]) for r in range(n)]
-
-        do_cfg = g.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
-        if self.mode == "base":
-            if self._injected is not None:
-                set_disabled(self.pipe.unet)
-        else:
-            slot = {k: i for i, k in enumerate(self._bank_keys)}
-            k_max = max(m.num_heads for m in metas.values())
-            W = torch.zeros(n, k_max)
-            for r, w in enumerate(rows_w):
-                W[r, : len(w)] = torch.from_numpy(w)
-            cls_idx = torch.tensor([slot[k] for k in keys])
-            for layer in lora_layers(self.pipe.unet).values():
-                layer.set_mixture(W, cls_idx, cfg=do_cfg)
-
-        pos = torch.stack([self._embed(p) for p in prompts])
-        neg = torch.stack([self._embed(g.negative_prompt)] * n)
-        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        try:
-            with torch.no_grad():
-                out = self.pipe(
-                    prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=g.num_inference_steps,
-                    guidance_scale=g.guidance_scale, generator=gens, height=self.resolution, width=self.resolution,
-                    output_type="np",
-                ).images
-        finally:
-            for layer in lora_layers(self.pipe.unet).values():
-                layer.clear_state()
-        pixels = (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
-
-        result = {c: [] for c in ("key", "class_key", "class_name", "label", "sample_index", "image", "ext",
-                                  "weights", "seed", "metadata")}
+        pixels = self._denoise(keys, rows_w, seeds, prompts)
+        rows = []
         for r in range(n):
-            meta = {
+            rows.append({
                 "key": sample_key(keys[r], index[r]), "class_key": keys[r], "class_name": names[r], "label": labels[r],
                 "sample_index": index[r], "mode": self.mode, "weights": [round(float(x), 8) for x in rows_w[r]],
                 "dirichlet_concentration": g.dirichlet_concentration, "seed": seeds[r], "run_seed": g.seed,
@@ -224,19 +205,48 @@ class Generator:
                 "num_inference_steps": g.num_inference_steps, "resolution": self.resolution,
                 "scheduler": type(self.pipe.scheduler).__name__, "base_model": self.base_id,
                 "adapter_digest": metas[keys[r]].digest if metas else "",
-            }
-            result["key"].append(meta["key"])
-            result["class_key"].append(keys[r])
-            result["class_name"].append(names[r])
-            result["label"].append(labels[r])
-            result["sample_index"].append(index[r])
-            result["image"].append(encode_image(pixels[r], g.image_format, g.quality))
-            result["ext"].append(g.image_format)
-            result["weights"].append(json.dumps(meta["weights"]))
-            result["seed"].append(seeds[r])
-            result["metadata"].append(json.dumps(meta, sort_keys=True))
-        cols = {c: np.array(v, dtype=object) for c, v in result.items()}
-        cols["label"] = np.array(result["label"], dtype=np.int64)
-        cols["sample_index"] = np.array(result["sample_index"], dtype=np.int64)
-        cols["seed"] = np.array(result["seed"], dtype=np.int64)
-        return cols
+            })
+        return Rendered(pixels, rows)
+
+    def _denoise(self, keys: list[str], rows_w: list[np.ndarray], seeds: list[int], prompts: list[str]) -> np.ndarray:
+        """Runs the pipeline with each row's mixture routed to its class's adapter slot."""
+        g, n, unet = self.cfg, len(keys), self.pipe.unet
+        do_cfg = g.guidance_scale > 1 and unet.config.time_cond_proj_dim is None
+        if self.mode == "base":
+            if self._injected is not None:
+                set_disabled(unet)
+            route = contextlib.nullcontext()
+        else:
+            slot = {k: i for i, k in enumerate(self._bank_keys)}
+            W = torch.zeros(n, max(len(w) for w in rows_w))
+            for r, w in enumerate(rows_w):
+                W[r, : len(w)] = torch.from_numpy(w)
+            route = routing(unet, weights=W, class_index=torch.tensor([slot[k] for k in keys]), cfg=do_cfg)
+        pos = torch.stack([self._embed(p) for p in prompts])
+        neg = torch.stack([self._embed(g.negative_prompt)] * n)
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        with route, torch.no_grad():
+            out = self.pipe(
+                prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=g.num_inference_steps,
+                guidance_scale=g.guidance_scale, generator=gens, height=self.resolution, width=self.resolution,
+                output_type="np",
+            ).images
+        return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+    def encode(self, rendered: Rendered) -> dict[str, np.ndarray]:
+        """Encodes rendered images (``generate.image_format``) into the output columns."""
+        g, rows = self.cfg, rendered.rows
+        if not rows:
+            return {c: np.array([], dtype=object) for c in ("key", "class_key", "image", "metadata")}
+        cols = {
+            "key": [m["key"] for m in rows], "class_key": [m["class_key"] for m in rows],
+            "class_name": [m["class_name"] for m in rows],
+            "image": [encode_image(px, g.image_format, g.quality) for px in rendered.pixels],
+            "ext": [g.image_format] * len(rows), "weights": [json.dumps(m["weights"]) for m in rows],
+            "metadata": [json.dumps(m, sort_keys=True) for m in rows],
+        }
+        out = {c: np.array(v, dtype=object) for c, v in cols.items()}
+        out["label"] = np.array([m["label"] for m in rows], dtype=np.int64)
+        out["sample_index"] = np.array([m["sample_index"] for m in rows], dtype=np.int64)
+        out["seed"] = np.array([m["seed"] for m in rows], dtype=np.int64)
+        return out

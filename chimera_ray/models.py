@@ -5,8 +5,8 @@ layout). ``resolve_base`` turns any source into such a folder:
 
 * a local folder: used in place;
 * an fsspec URL (``s3://bucket/sd``, ``gs://...``): copied once into the cache;
-* ``builtin:<name>``: a model this package builds itself, cached (``builtin:tiny-random``
-  for tests; the embedded demo model registers ``builtin:toy``);
+* ``builtin:<name>``: a model this package builds itself, cached (the table ``_BUILTINS``:
+  ``tiny-random`` for tests, the embedded ``toy`` and ``toy-head`` bases of ``chimera_ray.toy``);
 * anything else is a Hugging Face hub id, loaded by diffusers (offline: a clear error).
 
 Weights load with ``use_safetensors=True``; no remote code is ever executed.
@@ -14,28 +14,37 @@ Weights load with ``use_safetensors=True``; no remote code is ever executed.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import fsspec
 import torch
+
+from chimera_ray.cache import (
+    build_folder,
+    cache_root,
+    fetch_folder,
+    is_complete,
+    remote_folder,
+)
+from chimera_ray.toy import base as toy_base
+from chimera_ray.toy.arch import build_tiny_random
 
 __all__ = [
     "BaseModelError",
     "resolve_device",
     "resolve_dtype",
-    "cache_root",
     "resolve_base",
     "load_pipeline",
-    "build_tiny_pipeline",
-    "build_tokenizer",
     "native_resolution",
     "register_builtin",
+    "check_base",
+    "SUPPORTED_PIPELINES",
 ]
+
+
+_INDEX = "model_index.json"
 
 
 class BaseModelError(RuntimeError):
@@ -59,108 +68,45 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def cache_root(cache_dir: str | None = None) -> Path:
-    root = Path(cache_dir or os.environ.get("CHIMERA_RAY_CACHE") or Path.home() / ".cache" / "chimera_ray")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise BaseModelError(
-            f"cache directory {str(root)!r} is not writable ({e.strerror}); set model.cache_dir or "
-            "the CHIMERA_RAY_CACHE environment variable to a writable folder"
-        ) from None
-    return root
-
-
 # ---- builtin models ------------------------------------------------------------------------
 
-_BUILTINS: dict[str, tuple[Callable[[Path], None], str]] = {}
+# name -> (build(folder), version). The version is stored with the cached copy; bump it when
+# a recipe changes so caches built by an older recipe are rebuilt instead of silently reused.
+_BUILTINS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "tiny-random": (build_tiny_random, "2"),
+    "toy": (toy_base.build_builtin_toy, toy_base.VERSION),
+    "toy-head": (toy_base.build_builtin_toy_head, toy_base.HEAD_VERSION),
+}
 
 
 def register_builtin(name: str, build: Callable[[Path], None], version: str = "1") -> None:
-    """Registers ``builtin:<name>``: ``build(folder)`` writes a pipeline with ``save_pretrained``.
-
-    ``version`` is stored with the cached copy; bump it when the recipe changes so caches
-    built by an older recipe are rebuilt instead of silently reused.
-    """
+    """Adds ``builtin:<name>``: ``build(folder)`` writes a pipeline with ``save_pretrained``."""
     _BUILTINS[name] = (build, version)
-
-
-def _builtin_names() -> list[str]:
-    _load_builtin_registry()
-    return sorted(_BUILTINS)
-
-
-def _load_builtin_registry() -> None:
-    # The embedded model lives in its own module; importing it registers it.
-    try:
-        import chimera_ray.embedded  # noqa: F401
-    except ImportError:
-        pass
-
-
-def _complete(folder: Path, version: str = "1") -> bool:
-    marker = folder / ".chimera_complete"
-    return (folder / "model_index.json").is_file() and marker.is_file() and marker.read_text().strip() == version
-
-
-def _build_into(folder: Path, build: Callable[[Path], None], version: str = "1") -> None:
-    """Builds into a temporary sibling, then renames: a crash never leaves half a model."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
-        build(tmp)
-        (tmp / ".chimera_complete").write_text(version + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _tiny_random(folder: Path) -> None:
-    build_tiny_pipeline(seed=0, max_length=32).save_pretrained(folder, safe_serialization=True)
-
-
-register_builtin("tiny-random", _tiny_random, version="2")
 
 
 def resolve_base(source: str, cache_dir: str | None = None, rebuild: bool = False) -> str:
     """Local folder (or hub id, returned unchanged) holding the base pipeline ``source``."""
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
-        _load_builtin_registry()
         if name not in _BUILTINS:
-            raise BaseModelError(f"unknown builtin model {source!r}; available: {', '.join('builtin:' + n for n in _builtin_names())}")
+            raise BaseModelError(f"unknown builtin model {source!r}; available: {', '.join('builtin:' + n for n in sorted(_BUILTINS))}")
         build, version = _BUILTINS[name]
         # Weights shipped inside the package (built by the same recipe, same version) spare a
         # first-time user the build; a stale or missing copy falls through to the build.
         shipped = Path(__file__).parent / "assets" / name
-        if not rebuild and _complete(shipped, version):
+        if not rebuild and is_complete(shipped, version, _INDEX):
             return str(shipped)
         folder = cache_root(cache_dir) / "builtin" / name
-        if rebuild or not _complete(folder, version):
-            _build_into(folder, build, version)
+        if rebuild or not is_complete(folder, version, _INDEX):
+            build_folder(folder, build, version, _INDEX)
         return str(folder)
     if "://" in source:
-        import fsspec
-
-        folder = cache_root(cache_dir) / "remote" / hashlib.sha256(source.encode()).hexdigest()[:16]
-        if rebuild or not _complete(folder):
-            fs, path = fsspec.core.url_to_fs(source)
-            if not fs.exists(f"{path.rstrip('/')}/model_index.json"):
-                raise BaseModelError(f"{source!r} holds no diffusers pipeline (model_index.json missing); "
+        fs, path = fsspec.core.url_to_fs(source)
+        if not is_complete(remote_folder(source, "remote", cache_dir), "1", _INDEX) or rebuild:
+            if not fs.exists(f"{path.rstrip('/')}/{_INDEX}"):
+                raise BaseModelError(f"{source!r} holds no diffusers pipeline ({_INDEX} missing); "
                                      "point model.base at a folder written by save_pretrained")
-
-            def copy(tmp: Path) -> None:
-                fs.get(path.rstrip("/") + "/", str(tmp) + "/", recursive=True)
-                (tmp / "SOURCE").write_text(source + "\n")
-
-            _build_into(folder, copy)
-        return str(folder)
+        return str(fetch_folder(source, "remote", cache_dir, required=_INDEX, refresh=rebuild))
     if Path(source).expanduser().exists():
         folder = Path(source).expanduser()
         if not (folder / "model_index.json").is_file():
@@ -187,7 +133,6 @@ def load_pipeline(
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
-
     from transformers.utils import logging as transformers_logging
 
     # "Loading pipeline components/weights" bars would print on every Ray actor.
@@ -236,107 +181,6 @@ def base_resolution(source: str, cache_dir: str | None = None) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-# ---- tiny models for tests -------------------------------------------------------------------
-
-_SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
-
-
-def build_tokenizer(words: list[str] = (), model_max_length: int = 77):
-    """A CLIP BPE tokenizer from a hand-made vocabulary: every byte, plus whole-word
-    tokens for ``words`` (so prompts built from them are a few tokens, not characters).
-    No download: CLIP's real vocabulary needs the hub."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    symbols = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for s in symbols + [s + "</w>" for s in symbols]:
-        vocab.setdefault(s, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in sorted({w.lower() for w in words if w}):
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        cur = parts[0]
-        for nxt in parts[1:]:
-            merged = cur + nxt
-            if merged not in vocab:
-                vocab[merged] = len(vocab)
-                merges.append((cur, nxt))
-            cur = merged
-    for s in _SPECIAL:
-        vocab[s] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=merges)
-    tok.model_max_length = model_max_length
-    return tok
-
-
-def build_tiny_pipeline(
-    seed: int = 0,
-    *,
-    sample_size: int = 8,
-    block_out_channels: tuple[int, ...] = (32, 64),
-    cross_attention_dim: int = 32,
-    words: list[str] = ("a", "photo", "of"),
-    max_length: int = 16,
-    prediction_type: str = "epsilon",
-):
-    """A randomly initialised Stable-Diffusion-architecture pipeline, built with no download.
-
-    UNet2DConditionModel (cross-attention), AutoencoderKL (4 latent channels, x2 down),
-    CLIPTextModel + tokenizer, DDIM scheduler with SD's beta schedule. Images are
-    ``sample_size * 2`` pixels square.
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=block_out_channels,
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        norm_num_groups=8,
-        attention_head_dim=4,
-    )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=sample_size * 2,
-    )
-    tokenizer = build_tokenizer(list(words), model_max_length=max_length)
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cross_attention_dim,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
-    )
-    return StableDiffusionPipeline(
-        unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-
-
 def describe(pipe) -> dict:
     """Small JSON-able summary of a pipeline (for run reports)."""
     return {
@@ -348,3 +192,129 @@ def describe(pipe) -> dict:
     }
 
 
+
+
+# ---- checking a base model without loading it ------------------------------------------------
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+_WEIGHTED = ("unet", "vae", "text_encoder")
+
+
+def _read_json_at(fs, path: str, what: str) -> dict:
+    try:
+        with fs.open(path, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise BaseModelError(f"{what} is missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BaseModelError(f"{what} is not valid JSON ({e})") from None
+
+
+def _safetensors_shapes(fs, path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header (the first bytes only: cheap on S3); a file shorter
+    than its header says is truncated."""
+    with fs.open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise BaseModelError(f"{path}: not a safetensors file (only {len(head)} bytes)")
+        n = int.from_bytes(head, "little")
+        if n > 100_000_000:
+            raise BaseModelError(f"{path}: not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise BaseModelError(f"{path}: damaged safetensors header ({e})") from None
+    size = fs.size(path)
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + n + end:
+        raise BaseModelError(f"{path}: truncated ({size} bytes, the header describes {8 + n + end})")
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def _expected_shapes(component: str, config: dict) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes a component's config implies (built on the meta device: no memory, no weights)."""
+    from diffusers import (  # heavy import (seconds): only when checking
+        AutoencoderKL,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        if component == "unet":
+            model = UNet2DConditionModel.from_config(config)
+        elif component == "vae":
+            model = AutoencoderKL.from_config(config)
+        else:
+            model = CLIPTextModel(CLIPTextConfig.from_dict(config))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_base(source: str, cache_dir: str | None = None) -> list[str]:
+    """Problems that would stop ``load_pipeline(source)``, found without loading any weights.
+
+    Checks a local folder or fsspec URL: ``model_index.json`` and every component's config parse,
+    the pipeline family is supported, the UNet, VAE and text encoder have safetensors weights whose
+    tensors have the shapes their configs imply (headers only), and no file is truncated. A hub id
+    is not checked here (it needs the network); a builtin is this package's own.
+
+    Returns:
+        One line per problem, each naming the file and what to fix; empty when the model looks loadable.
+    """
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        return [] if name in _BUILTINS else [f"unknown builtin model {source!r}; available: "
+                                            f"{', '.join('builtin:' + n for n in sorted(_BUILTINS))}"]
+    local = Path(source).expanduser()
+    if "://" not in source and not local.exists():
+        if source.startswith((".", "/", "~")) or source.count("/") > 1:
+            return [f"base model folder {source!r} does not exist"]
+        return []  # a hub id: loaded (or refused offline) by diffusers
+    root = source.rstrip("/") if "://" in source else str(local)
+    fs, path = fsspec.core.url_to_fs(root)
+    try:
+        index = _read_json_at(fs, f"{path}/{_INDEX}", f"{root}/{_INDEX}")
+    except BaseModelError as e:
+        return [f"model.base {source!r}: {e}; it must be a diffusers pipeline saved with save_pretrained"]
+    problems = []
+    family = index.get("_class_name")
+    if family not in SUPPORTED_PIPELINES:
+        problems.append(f"model.base {source!r} is a {family!r}; supported: {', '.join(SUPPORTED_PIPELINES)}")
+    for component in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if component not in index:
+            problems.append(f"{root}/{_INDEX} names no {component}")
+            continue
+        config_name = "scheduler_config.json" if component == "scheduler" else (
+            "tokenizer_config.json" if component == "tokenizer" else "config.json")
+        try:
+            config = _read_json_at(fs, f"{path}/{component}/{config_name}", f"{root}/{component}/{config_name}")
+        except BaseModelError as e:
+            problems.append(str(e))
+            continue
+        if component not in _WEIGHTED:
+            continue
+        files = sorted(p for p in fs.ls(f"{path}/{component}", detail=False) if p.endswith(".safetensors"))
+        if not files:
+            problems.append(f"{root}/{component}/ has no .safetensors weights (only safetensors are loaded; "
+                            "re-save with save_pretrained(safe_serialization=True))")
+            continue
+        try:
+            found: dict[str, tuple[int, ...]] = {}
+            for f in files:
+                found.update(_safetensors_shapes(fs, f))
+            expected = _expected_shapes(component, config)
+        except BaseModelError as e:
+            problems.append(str(e))
+            continue
+        except Exception as e:  # noqa: BLE001 - a config diffusers cannot build is a model problem
+            problems.append(f"{root}/{component}/{config_name} does not describe a loadable model "
+                            f"({type(e).__name__}: {str(e)[:200]})")
+            continue
+        missing = sorted(set(expected) - set(found))
+        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        if missing:
+            problems.append(f"{root}/{component}: {len(missing)} weight(s) missing, e.g. {missing[0]!r}")
+        if wrong:
+            k = wrong[0]
+            problems.append(f"{root}/{component}: {len(wrong)} weight(s) of the wrong shape, e.g. {k!r} is "
+                            f"{list(found[k])}, the config implies {list(expected[k])}")
+    return problems

@@ -10,7 +10,7 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["derive_seed", "mixture_weights", "check_weights"]
+__all__ = ["derive_seed", "mixture_weights", "check_weights", "row_weights"]
 
 
 def derive_seed(run_seed: int, class_key: str, index: int, purpose: str) -> int:
@@ -80,3 +80,13 @@ def check_weights(weights, num_heads: int, atol: float = 1e-4) -> np.ndarray:
     if not np.isfinite(w).all() or (w < -atol).any() or abs(w.sum() - 1.0) > atol:
         raise ValueError(f"mixture weights must be non-negative and sum to 1 (got {np.round(w, 4).tolist()}, sum {w.sum():.4f})")
     return np.clip(w, 0.0, None) / np.clip(w, 0.0, None).sum()
+
+
+def row_weights(given, mode: str, num_heads: int, concentration: float, run_seed: int, class_key: str, index: int,
+                imagewise_mix: int = 2) -> np.ndarray:
+    """The one rule for a row's mixture: the user's weights (validated) when the row carries
+    any, else the draw ``mixture_weights`` derives from the row's key."""
+    if given is not None and len(given):
+        return check_weights(given, num_heads)
+    return mixture_weights(mode, num_heads, concentration, run_seed, class_key, index, imagewise_mix)
+

@@ -21,27 +21,27 @@ import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from PIL import Image
+from tqdm.auto import tqdm
 
 from chimera_ray.config import LoRAConfig, TrainConfig
 from chimera_ray.data.boxes import Box, BoxError, sanitize_box, union_box
 from chimera_ray.data.crops import boosted_view
-from chimera_ray.data.plan import subsample_shots  # noqa: F401  (re-exported: the few-shot cap)
+from chimera_ray.lora.adapter import AdapterMeta, load_adapter, save_adapter
 from chimera_ray.lora.inject import (
-    AdapterMeta,
     adapter_state_dict,
     inject_lora,
-    load_adapter,
     load_adapter_state_dict,
     remove_lora,
-    save_adapter,
     set_heads,
     trainable_parameters,
 )
+from chimera_ray.models import native_resolution
 from chimera_ray.sampling import derive_seed
 
-__all__ = ["Shot", "TrainResult", "heads_for_mode", "subsample_shots", "prepare_shots", "train_class",
-           "denoising_loss", "latest_checkpoint"]
+__all__ = ["Shot", "TrainResult", "heads_for_mode", "prepare_shots", "encode_prompt", "train_step", "train_class",
+           "denoising_loss", "latest_checkpoint", "save_checkpoint", "load_checkpoint", "prune_checkpoints"]
 
 
 @dataclass
@@ -142,7 +142,14 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
     return f"{checkpoint_dir.rstrip('/')}/{name}"
 
 
-def _save_checkpoint(checkpoint_dir: str, step: int, state, meta: AdapterMeta, optimizer, losses) -> str:
+def save_checkpoint(checkpoint_dir: str, step: int, state: dict[str, torch.Tensor], meta: AdapterMeta,
+                    optimizer: torch.optim.Optimizer, losses: list[float]) -> str:
+    """Writes ``<checkpoint_dir>/step-<step>/`` (adapter, optimiser, step and losses), then the
+    ``latest.json`` pointer last: a checkpoint is only used once it is complete.
+
+    Returns:
+        The checkpoint folder's URL. ``load_checkpoint`` reads it back.
+    """
     name = f"step-{step:08d}"
     folder = f"{checkpoint_dir.rstrip('/')}/{name}"
     save_adapter(folder, state, meta)
@@ -153,11 +160,119 @@ def _save_checkpoint(checkpoint_dir: str, step: int, state, meta: AdapterMeta, o
         f.write(buf.getvalue())
     with fs.open(f"{path}/trainer_state.json", "w") as f:
         json.dump({"step": step, "losses": losses}, f)
-    # The pointer is written last: a checkpoint is only used once it is complete.
     cfs, cpath = fsspec.core.url_to_fs(checkpoint_dir)
     with cfs.open(f"{cpath.rstrip('/')}/latest.json", "w") as f:
         json.dump({"checkpoint": name, "step": step}, f)
+    prune_checkpoints(checkpoint_dir, keep=1)  # resume reads only the newest (the pointer is written)
     return folder
+
+
+def prune_checkpoints(checkpoint_dir: str, keep: int) -> list[str]:
+    """Removes all but the ``keep`` newest ``step-*`` folders (``keep=0``: the whole folder).
+
+    Returns:
+        The removed folder names.
+    """
+    fs, path = fsspec.core.url_to_fs(checkpoint_dir)
+    path = path.rstrip("/")
+    if not fs.exists(path):
+        return []
+    if keep == 0:
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        fs.rm(path, recursive=True)
+        return names
+    steps = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith("step-"))
+    old = steps[:-keep]
+    for name in old:
+        fs.rm(f"{path}/{name}", recursive=True)
+    return old
+
+
+def load_checkpoint(checkpoint_dir: str, unet: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+    """Restores the newest checkpoint written by ``save_checkpoint`` into ``unet``'s adapters and
+    ``optimizer``; returns ``(step, losses)``, ``(0, [])`` when there is none."""
+    ckpt = latest_checkpoint(checkpoint_dir)
+    if ckpt is None:
+        return 0, []
+    state, _ = load_adapter(ckpt)
+    load_adapter_state_dict(unet, state)
+    fs, path = fsspec.core.url_to_fs(ckpt)
+    with fs.open(f"{path}/optimizer.pt", "rb") as f:
+        optimizer.load_state_dict(torch.load(io.BytesIO(f.read()), weights_only=True))
+    with fs.open(f"{path}/trainer_state.json", "r") as f:
+        ts = json.load(f)
+    return ts["step"], ts["losses"]
+
+
+@torch.no_grad()
+def encode_prompt(pipe, prompt: str) -> torch.Tensor:
+    """The text encoder's hidden states ``(1, tokens, dim)`` for ``prompt``."""
+    device = pipe.unet.device
+    tokens = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+    return pipe.text_encoder(tokens)[0]
+
+
+@dataclass
+class _StepContext:
+    """What one optimisation step needs (built once per class)."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: object
+    text: torch.Tensor  # (1, tokens, dim)
+    views: list
+    num_heads: int
+    resolution: int
+    class_key: str
+    train: TrainConfig
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype
+    use_amp: bool
+    report: dict
+
+
+def train_step(ctx: _StepContext, step: int) -> float:
+    """One optimisation step (``train.grad_accum`` micro-batches of boosted views); returns its loss.
+
+    Every random draw derives from ``(train.seed, class_key, step, micro)``, so a resumed run
+    takes exactly the steps an uninterrupted one would.
+    """
+    train, device = ctx.train, ctx.unet.device
+    prediction_type = ctx.scheduler.config.prediction_type
+    step_loss = 0.0
+    for micro in range(train.grad_accum):
+        rng = np.random.default_rng(derive_seed(train.seed, ctx.class_key, step * 1000 + micro, "views"))
+        shot_idx = rng.integers(0, len(ctx.views), size=train.batch_size)
+        pixels = []
+        for i in shot_idx:
+            img, box, _ = ctx.views[i]
+            arr, crop = boosted_view(img, box, rng, ctx.resolution, enabled=train.crop.enabled,
+                                     scale=train.crop.scale, ratio=train.crop.ratio, flip_p=train.crop.flip_p)
+            ctx.report["crop_fallbacks"] += crop.fallback
+            pixels.append(arr)
+        gen = torch.Generator().manual_seed(derive_seed(train.seed, ctx.class_key, step * 1000 + micro, "noise"))
+        px = torch.from_numpy(np.stack(pixels)).to(device, ctx.vae.dtype)
+        heads = torch.as_tensor(shot_idx if ctx.num_heads > 1 else np.zeros_like(shot_idx), dtype=torch.long)
+        with torch.no_grad():
+            dist = ctx.vae.encode(px).latent_dist
+            eps = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
+            latents = (dist.mean + dist.std * eps) * ctx.vae.config.scaling_factor
+        with torch.autocast(device.type, dtype=ctx.amp_dtype, enabled=ctx.use_amp):
+            loss = denoising_loss(ctx.unet, ctx.scheduler, latents, ctx.text.expand(len(shot_idx), -1, -1),
+                                  heads.to(device), gen, prediction_type)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower train.lr")
+        ctx.scaler.scale(loss / train.grad_accum).backward()
+        step_loss += loss.item() / train.grad_accum
+    ctx.scaler.unscale_(ctx.optimizer)
+    torch.nn.utils.clip_grad_norm_(ctx.params, train.max_grad_norm)
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return step_loss
 
 
 def train_class(
@@ -175,7 +290,7 @@ def train_class(
     resume: bool = True,
     on_checkpoint: Callable[[int, str, dict], None] | None = None,
     progress: bool = False,
-    fail_at_step: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Fine-tunes one class's adapters.
 
@@ -192,7 +307,8 @@ def train_class(
         resume: continue from the newest checkpoint in ``checkpoint_dir`` if there is one.
         on_checkpoint: called with ``(step, folder, metrics)`` after each checkpoint.
         progress: show a tqdm bar.
-        fail_at_step: raise at this step (fault-injection hook for tests).
+        on_step: called with ``(steps done, loss)`` after every step (progress reporting; an
+            exception it raises ends the run like any other error).
 
     Returns:
         Trained adapters (CPU float32), their metadata, per-step losses and a report
@@ -200,106 +316,53 @@ def train_class(
     """
     if lora.mode == "base":
         raise ValueError("lora.mode=base trains nothing; generate with the base model directly")
-    from diffusers import DDPMScheduler
-
-    from chimera_ray.models import native_resolution
-
     t_start = time.time()
     class_key = class_key or class_name
     views, report = prepare_shots(shots, train.crop.out_of_image)
     num_heads, shared_a = heads_for_mode(lora.mode, len(views))
     resolution = resolution or native_resolution(pipe)
-    unet, vae = pipe.unet, pipe.vae
+    unet = pipe.unet
     device = unet.device
     use_amp = device.type == "cuda" and precision in ("fp16", "bf16")
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = scheduler.config.prediction_type
-
     prompt = train.prompt_template.format(name=class_name)
-    with torch.no_grad():
-        tokens = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids.to(device)
-        text = pipe.text_encoder(tokens)[0]  # (1, T, D)
+    text = encode_prompt(pipe, prompt)
 
-    layers = inject_lora(unet, lora.targets, lora.rank, lora.lora_alpha, num_heads, shared_a,
-                         seed=derive_seed(train.seed, class_key, 0, "lora-init") % (2**31))
+    inject_lora(unet, lora.targets, lora.rank, lora.lora_alpha, num_heads, shared_a,
+                seed=derive_seed(train.seed, class_key, 0, "lora-init") % (2**31))
     meta = AdapterMeta(
         mode=lora.mode, rank=lora.rank, lora_alpha=lora.lora_alpha, targets=list(lora.targets), num_heads=num_heads,
         shared_a=shared_a, class_name=class_name, class_key=class_key, label=label,
         shot_ids=[sid for _, _, sid in views], base_model=getattr(pipe, "chimera_base_id", ""),
-        extra={"resolution": resolution, "prompt": prompt, "prediction_type": prediction_type, "seed": train.seed},
+        extra={"resolution": resolution, "prompt": prompt, "prediction_type": scheduler.config.prediction_type,
+               "seed": train.seed},
     )
     try:
         params = [p for _, p in trainable_parameters(unet)]
         optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-        start, losses = 0, []
-        if checkpoint_dir and resume:
-            ckpt = latest_checkpoint(checkpoint_dir)
-            if ckpt is not None:
-                state, _ = load_adapter(ckpt)
-                load_adapter_state_dict(unet, state)
-                fs, path = fsspec.core.url_to_fs(ckpt)
-                with fs.open(f"{path}/optimizer.pt", "rb") as f:
-                    optimizer.load_state_dict(torch.load(io.BytesIO(f.read()), weights_only=True))
-                with fs.open(f"{path}/trainer_state.json", "r") as f:
-                    ts = json.load(f)
-                start, losses = ts["step"], ts["losses"]
+        start, losses = load_checkpoint(checkpoint_dir, unet, optimizer) if checkpoint_dir and resume else (0, [])
         report.update(resumed_from_step=start, crop_fallbacks=0, num_heads=num_heads,
                       trainable_params=sum(p.numel() for p in params))
-
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=train.steps, initial=start, desc=f"train {class_key}", unit="step")
+        ctx = _StepContext(unet, pipe.vae, scheduler, text, views, num_heads, resolution, class_key, train, params,
+                           optimizer, scaler, amp_dtype, use_amp, report)
+        bar = tqdm(total=train.steps, initial=start, desc=f"train {class_key}", unit="step", disable=not progress)
         unet.train()
         for step in range(start, train.steps):
-            if fail_at_step is not None and step == fail_at_step:
-                raise RuntimeError(f"injected training failure at step {step} (fail_at_step)")
-            step_loss = 0.0
-            for micro in range(train.grad_accum):
-                rng = np.random.default_rng(derive_seed(train.seed, class_key, step * 1000 + micro, "views"))
-                shot_idx = rng.integers(0, len(views), size=train.batch_size)
-                pixels = []
-                for i in shot_idx:
-                    img, box, _ = views[i]
-                    arr, crop = boosted_view(img, box, rng, resolution, enabled=train.crop.enabled,
-                                             scale=train.crop.scale, ratio=train.crop.ratio, flip_p=train.crop.flip_p)
-                    report["crop_fallbacks"] += crop.fallback
-                    pixels.append(arr)
-                gen = torch.Generator().manual_seed(derive_seed(train.seed, class_key, step * 1000 + micro, "noise"))
-                px = torch.from_numpy(np.stack(pixels)).to(device, vae.dtype)
-                heads = torch.as_tensor(shot_idx if num_heads > 1 else np.zeros_like(shot_idx), dtype=torch.long)
-                with torch.no_grad():
-                    dist = vae.encode(px).latent_dist
-                    eps = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
-                    latents = (dist.mean + dist.std * eps) * vae.config.scaling_factor
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss = denoising_loss(unet, scheduler, latents, text.expand(len(shot_idx), -1, -1), heads.to(device),
-                                          gen, prediction_type)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower train.lr")
-                scaler.scale(loss / train.grad_accum).backward()
-                step_loss += loss.item() / train.grad_accum
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss = train_step(ctx, step)
             losses.append(step_loss)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
             done = step + 1
             if checkpoint_dir and train.checkpoint_every and (done % train.checkpoint_every == 0 or done == train.steps):
                 meta.steps = done
-                folder = _save_checkpoint(checkpoint_dir, done, adapter_state_dict(unet), meta, optimizer, losses)
+                folder = save_checkpoint(checkpoint_dir, done, adapter_state_dict(unet), meta, optimizer, losses)
                 if on_checkpoint is not None:
                     on_checkpoint(done, folder, {"step": done, "loss": step_loss})
-        if bar is not None:
-            bar.close()
+            if on_step is not None:
+                on_step(done, step_loss)
+        bar.close()
         meta.steps = train.steps
         state = adapter_state_dict(unet)
     finally:
@@ -307,7 +370,6 @@ def train_class(
         remove_lora(unet)
         for p in unet.parameters():
             p.requires_grad_(False)
-    del layers
     tail = losses[-max(1, len(losses) // 10):] if losses else [math.nan]
     report.update(seconds=round(time.time() - t_start, 3), final_loss=float(np.mean(tail)), steps=train.steps)
     return TrainResult(state=state, meta=meta, losses=losses, report=report)

@@ -14,7 +14,8 @@ import argparse
 import json
 
 from chimera_ray.config import load_config
-from chimera_ray.data.validate import ingest_for_run
+from chimera_ray.console import setup_logging
+from chimera_ray.inputs import ingest_for_run
 from chimera_ray.io import write_json
 from chimera_ray.pipelines import evaluate_run, init_ray
 
@@ -22,6 +23,7 @@ SMOKE = ["downstream.steps=20", "downstream.batch_size=16"]
 
 
 def main() -> None:
+    setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="the run's YAML config (the file given to jobs/full.py)")
     ap.add_argument("--smoke-test", action="store_true", help="tiny run: 20 classifier steps")

@@ -24,10 +24,12 @@ import numpy as np
 import yaml
 
 from chimera_ray.config import config_to_dict, load_config
-from chimera_ray.data.validate import ingest_for_run
-from chimera_ray.features import load_feature_extractor
+from chimera_ray.console import setup_logging
+from chimera_ray.eval.features import load_feature_extractor
+from chimera_ray.inputs import ingest_for_run
 from chimera_ray.io import atomic_write, write_json
 from chimera_ray.pipelines import evaluate_run, generate_shards, init_ray, train_classes
+from chimera_ray.shards import iter_samples
 
 METHODS = ("real_only", "base", "classwise", "imagewise", "chimera")
 KEYS = ("tail_acc", "all_acc", "head_acc", "overall_acc")
@@ -49,15 +51,11 @@ def ablations(seed: int, root: str) -> dict[str, tuple[str, list[str]]]:
 
 
 def _images(shards_dir: str) -> dict[str, np.ndarray]:
-    import glob
-    import io
-
-    import webdataset as wds
-    from PIL import Image
-
-    urls = sorted(glob.glob(f"{shards_dir}/*.tar"))
-    return {s["__key__"]: np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB"), dtype=np.float32)
-            for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)} if urls else {}
+    """Every sample's image (float32 RGB) by key, local or s3:// (the one shard reader)."""
+    try:
+        return {s["key"]: np.asarray(s["image"].convert("RGB"), dtype=np.float32) for s in iter_samples(shards_dir)}
+    except FileNotFoundError:
+        return {}
 
 
 def pixel_change(root: str, seed: int, name: str) -> float | None:
@@ -106,6 +104,7 @@ def markdown(summary: dict) -> str:
 
 
 def main() -> None:
+    setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="jobs/configs/demo.yaml", help="base config (default: the embedded demo)")
     ap.add_argument("--out", default="outputs/reproduce", help="root folder of all runs")
@@ -122,7 +121,7 @@ def main() -> None:
     print(inputs.plan_table(), flush=True)
     rows = inputs.dataset.by_class(base_cfg.data.split)
     init_ray(base_cfg)
-    extractor = load_feature_extractor(base_cfg.downstream.features)
+    extractor = load_feature_extractor(base_cfg.downstream.features, cache_dir=base_cfg.model.cache_dir)
 
     def run(name: str, seed: int, mode: str, extra: list[str]) -> dict:
         out = f"{root}/seed{seed}/{name}"

@@ -11,10 +11,21 @@ torch.set_num_threads(int(os.environ.get("CHIMERA_TEST_THREADS", "2")))
 WORDS = ["a", "photo", "of", "red", "star", "blue", "square"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need CUDA: skipped without it, unless ``CHIMERA_GPU_TESTS_DEVICE=cpu`` asks to run
+    their assertions on CPU (``benchmarks/gpu_suite.py --tiny`` rehearses them that way)."""
+    if torch.cuda.is_available() or os.environ.get("CHIMERA_GPU_TESTS_DEVICE") == "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory):
     """A tiny random SD pipeline saved once per session (loaded back by tests that need a copy)."""
-    from chimera_ray.models import build_tiny_pipeline
+    from chimera_ray.toy.arch import build_tiny_pipeline
 
     d = tmp_path_factory.mktemp("tiny_pipe")
     build_tiny_pipeline(seed=0, words=WORDS).save_pretrained(d, safe_serialization=True)

@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from chimera_ray.config import Config, ConfigError, apply_overrides, config_to_dict, load_config
+from chimera_ray.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_to_dict,
+    load_config,
+)
 
 CONFIGS = sorted((Path(__file__).parent.parent / "jobs" / "configs").glob("*.yaml"))
 

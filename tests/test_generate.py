@@ -10,7 +10,7 @@ from PIL import Image
 
 from chimera_ray.config import GenerateConfig, TrainConfig
 from chimera_ray.generate import Generator
-from chimera_ray.lora.inject import load_adapter, save_adapter
+from chimera_ray.lora.adapter import load_adapter, save_adapter
 from chimera_ray.sampling import mixture_weights
 from chimera_ray.train import train_class
 

@@ -12,11 +12,15 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
 ROOT = Path(__file__).parent.parent
 VENV_BIN = str(Path(sys.executable).parent)
+
+pytestmark = pytest.mark.slow  # end to end: Ray, subprocesses (still in the default run)
+
 
 
 def _env(**extra):
@@ -66,14 +70,16 @@ def test_full_job_on_local_s3(s3_bucket, tmp_path, tiny_pipe_dir):
     out = f"{s3_bucket}/runs/r1"
     cmd = [sys.executable, "jobs/full.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test",
            f"data.source={manifest}", f"model.base={s3_bucket}/models/tiny", f"model.cache_dir={tmp_path / 'cache'}",
-           f"output={out}", "data.max_classes=0", "ray.num_cpus=2"]
+           f"output={out}", "data.max_classes=0", "ray.num_cpus=2", "train.keep_checkpoints=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     index, keys = _shard_keys(out)
     expected = sorted(f"class_{c}__{i:08d}" for c in range(3) for i in range(3))
     assert sorted(keys) == expected
     assert fs.exists(f"{bucket}/runs/r1/adapters/class_0/adapter.json")
-    assert fs.exists(f"{bucket}/runs/r1/checkpoints/class_0/latest.json")
+    assert fs.exists(f"{bucket}/runs/r1/checkpoints/class_0/latest.json")  # on S3, one kept (keep_checkpoints=1)
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/runs/r1/checkpoints/class_0")
+            if "step-" in p] == ["step-00000004"]
     assert fs.ls(f"{bucket}/runs/r1/ray")  # Ray Train's run storage
     report = json.loads(fs.cat(f"{bucket}/runs/r1/report.json"))
     assert report["written"] == {"class_0": 3, "class_1": 3, "class_2": 3} and not report["failed_classes"]
@@ -164,3 +170,59 @@ def _stop_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # children can outlive the `ray start` process
     except ProcessLookupError:
         pass
+
+
+# ---- user errors and failed runs: a message, an exit code, a report --------------------------
+
+
+def _run_job(*overrides, timeout=600):
+    cmd = [sys.executable, "jobs/full.py", "--config", "jobs/configs/tiny.yaml", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("lora.rank=0", "lora.rank must be >= 1"),
+    ("no_such_section.key=1", "no_such_section"),
+    ("data.source=", "data.source is empty"),
+])
+def test_bad_config_is_one_message_and_exit_2(tmp_path, override, fragment):
+    proc = _run_job(f"output={tmp_path / 'run'}", override)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert fragment in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_broken_base_model_stops_before_ray(tmp_path, tiny_pipe_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipe_dir, model)
+    (model / "model_index.json").write_text("{broken")
+    t0 = time.perf_counter()
+    proc = _run_job(f"output={tmp_path / 'run'}", f"model.base={model}", f"model.cache_dir={tmp_path / 'cache'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model_index.json is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+    assert "model_invalid" in proc.stderr
+    assert not (tmp_path / "run" / "ray").exists() and not (tmp_path / "run" / "adapters").exists()
+    assert time.perf_counter() - t0 < 120  # no Ray start, no training (the old run took 39 s to die)
+
+
+def test_a_run_where_every_class_fails_explains_itself(tmp_path):
+    out = tmp_path / "run"
+    # The smoke run's single class, found the way the job finds it.
+    from chimera_ray.config import load_config
+    from chimera_ray.inputs import ingest_for_run
+
+    cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"), ["data.max_classes=1", f"output={out}",
+                                                             f"model.cache_dir={tmp_path / 'cache'}"])
+    (plan,) = ingest_for_run(cfg, log=None).plans
+    proc = _run_job("--smoke-test", "data.max_classes=1", f"output={out}", f"model.cache_dir={tmp_path / 'cache'}",
+                    "ray.num_cpus=2", f"ray.faults.fail_train_always={plan.key}", "ray.class_attempts=1")
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "no class is left to generate" in proc.stderr and "Traceback" not in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "failed" and report["stage"] == "train" and report["failed_classes"] == [plan.key]
+    assert "no class is left to generate" in report["error"]
+    run_failure = json.loads((out / "failures" / "run.json").read_text())
+    assert run_failure["stage"] == "train" and "Traceback" in run_failure["traceback"]
+    assert "injected permanent training failure" in json.loads((out / "failures" / f"{plan.key}.json").read_text())["error"]

@@ -6,7 +6,14 @@ import fsspec
 import pytest
 import torch
 
-from chimera_ray.models import BaseModelError, cache_root, load_pipeline, native_resolution, resolve_base
+from chimera_ray.cache import CacheError, cache_root
+from chimera_ray.models import (
+    BaseModelError,
+    load_pipeline,
+    native_resolution,
+    resolve_base,
+)
+from chimera_ray.toy.arch import build_tiny_pipeline
 
 
 def test_local_folder_round_trip(tiny_pipe_dir):
@@ -63,7 +70,7 @@ def test_missing_folder_and_non_pipeline_folder(tmp_path):
 def test_cache_dir_that_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    with pytest.raises(BaseModelError, match="not writable"):
+    with pytest.raises(CacheError, match="not writable"):
         cache_root(str(f))
 
 
@@ -77,6 +84,6 @@ def test_shipped_builtin_weights_are_used_only_when_their_version_matches(tmp_pa
     assert resolve_base("builtin:toy", cache_dir=str(tmp_path)) == str(shipped)
     built = []
     monkeypatch.setitem(models._BUILTINS, "toy", (lambda f: built.append(f) or
-                                                  models.build_tiny_pipeline().save_pretrained(f), "a-newer-recipe"))
+                                                  build_tiny_pipeline().save_pretrained(f), "a-newer-recipe"))
     folder = resolve_base("builtin:toy", cache_dir=str(tmp_path))
     assert folder != str(shipped) and built and (Path(folder) / "model_index.json").exists()

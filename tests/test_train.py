@@ -6,8 +6,10 @@ import torch
 
 from chimera_ray.config import LoRAConfig, TrainConfig
 from chimera_ray.data.boxes import Box, BoxError
-from chimera_ray.lora.inject import inject_lora, load_adapter, load_adapter_state_dict, remove_lora
-from chimera_ray.train import denoising_loss, heads_for_mode, subsample_shots, train_class
+from chimera_ray.lora.adapter import load_adapter
+from chimera_ray.lora.inject import inject_lora, load_adapter_state_dict, remove_lora
+from chimera_ray.plan import subsample_shots
+from chimera_ray.train import denoising_loss, heads_for_mode, train_class
 
 FAST = TrainConfig(steps=12, batch_size=4, lr=5e-3, checkpoint_every=0)
 
@@ -63,8 +65,13 @@ def test_trainable_parameter_counts_per_mode(tiny_pipe, shots):
 def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_pipe, shots, tmp_path):
     cfg = TrainConfig(steps=8, batch_size=2, lr=1e-2, checkpoint_every=3)
     full = train_class(tiny_pipe, shots, class_name="red star", train=cfg, checkpoint_dir=str(tmp_path / "a"))
+    def fail_after_5(done, loss):  # a fault from outside the loop: the progress callback raises
+        if done == 5:
+            raise RuntimeError("injected failure after step 5")
+
     with pytest.raises(RuntimeError, match="injected"):
-        train_class(tiny_pipe, shots, class_name="red star", train=cfg, checkpoint_dir=str(tmp_path / "b"), fail_at_step=5)
+        train_class(tiny_pipe, shots, class_name="red star", train=cfg, checkpoint_dir=str(tmp_path / "b"),
+                    on_step=fail_after_5)
     resumed = train_class(tiny_pipe, shots, class_name="red star", train=cfg, checkpoint_dir=str(tmp_path / "b"))
     assert resumed.report["resumed_from_step"] == 3
     assert resumed.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
@@ -102,3 +109,16 @@ def test_subsample_shots_is_deterministic_and_order_free():
     assert a == subsample_shots(list(reversed(ids)), 16, 0, "cls") and len(a) == 16
     assert a != subsample_shots(ids, 16, 1, "cls")
     assert subsample_shots(ids[:5], 16, 0, "cls") == sorted(ids[:5])
+
+
+def test_only_the_newest_checkpoint_is_kept_and_commit_removes_them(tiny_pipe, shots, tmp_path):
+    from chimera_ray.train import prune_checkpoints
+
+    cfg = TrainConfig(steps=6, batch_size=1, checkpoint_every=2)
+    ckpt = tmp_path / "ckpt"
+    train_class(tiny_pipe, shots, class_name="x", train=cfg, checkpoint_dir=str(ckpt))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest.json", "step-00000006"]
+    assert prune_checkpoints(str(ckpt), keep=1) == []
+    assert prune_checkpoints(str(ckpt), keep=0) == ["latest.json", "step-00000006"] and not ckpt.exists()
+    assert prune_checkpoints(str(ckpt), keep=0) == []  # nothing there: nothing to do
+

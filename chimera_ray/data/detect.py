@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import fsspec
 from PIL import Image
 
+from chimera_ray.cache import fetch_folder
 from chimera_ray.config import DetectorConfig
 from chimera_ray.data.boxes import Box
 from chimera_ray.data.ingest import ImageInfo, ImageRow, inspect_image
@@ -91,7 +91,10 @@ def check_detector_source(model: str) -> str | None:
         if not (folder / "config.json").is_file():
             return f"data.detector.model folder {model!r} has no config.json; save the model there with save_pretrained"
         return None
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import (  # only for hub ids: the detector's own dependency
+        constants,
+        try_to_load_from_cache,
+    )
 
     cached = try_to_load_from_cache(model, "config.json")
     if isinstance(cached, str):
@@ -104,23 +107,10 @@ def check_detector_source(model: str) -> str | None:
 def resolve_detector(model: str, cache_dir: str | None = None) -> str:
     """A local folder (or hub id) holding ``model``; fsspec URLs are copied to the cache once."""
     if "://" in model:
-        from chimera_ray.models import cache_root
-
         problem = check_detector_source(model)
         if problem:
             raise DetectorError(problem)
-        folder = cache_root(cache_dir) / "detectors" / hashlib.sha256(model.encode()).hexdigest()[:16]
-        if not (folder / ".chimera_complete").is_file():
-            fs, path = fsspec.core.url_to_fs(model)
-            tmp = folder.with_name(folder.name + f".tmp-{time.time_ns()}")
-            fs.get(path.rstrip("/") + "/", str(tmp) + "/", recursive=True)
-            (tmp / ".chimera_complete").write_text(model + "\n")
-            if folder.exists():
-                import shutil
-
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        return str(folder)
+        return str(fetch_folder(model, "detectors", cache_dir))
     if _looks_local(model):
         problem = check_detector_source(model)
         if problem:
@@ -181,7 +171,7 @@ class ZeroShotDetector:
         Returns:
             One ``Detection`` per image, boxes in that image's pixel coordinates.
         """
-        import torch
+        import torch  # a detector runs torch; box files need no torch
 
         if len(images) != len(names):
             raise ValueError(f"got {len(images)} images but {len(names)} class names; pass one name per image")
@@ -310,7 +300,7 @@ def provide_boxes(
     if todo:
         misses = [t for t in todo if cache is None or cache.get(t[3]) is None]
         if misses and detector is None:
-            import torch
+            import torch  # the detector path only: boxes from files need no torch
 
             device = det.device
             if device == "auto":

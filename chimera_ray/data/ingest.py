@@ -18,17 +18,21 @@ import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from chimera_ray.cache import cache_root
+from chimera_ray.config import DataConfig
 from chimera_ray.data.boxes import Box, BoxError, parse_box
 from chimera_ray.data.keys import safe_key
-
-if TYPE_CHECKING:
-    from chimera_ray.config import DataConfig
+from chimera_ray.toy.digits import build_digits
+from chimera_ray.toy.world import build_toyworld
 
 __all__ = [
     "ImageRow",
@@ -400,14 +404,10 @@ def _open_source(url: str):
 
 def _read_records(url: str, fmt: str, columns: tuple[str, ...], skipped: list[dict]) -> list[tuple[int, dict]]:
     """``(row number, record)`` pairs; rows the parser rejects go to ``skipped``."""
-    import pyarrow as pa
-
     fs, path = _open_source(url)
     name = url.rsplit("/", 1)[-1]
     try:
         if fmt == "csv":
-            import pyarrow.csv as pacsv
-
             rejected: set[int] = set()  # data-row numbers (1-based, header excluded)
 
             def bad_row(row) -> str:
@@ -436,8 +436,6 @@ def _read_records(url: str, fmt: str, columns: tuple[str, ...], skipped: list[di
                 n += 1
             return out
         if fmt == "parquet":
-            import pyarrow.parquet as pq
-
             return list(enumerate(pq.read_table(path, filesystem=fs).to_pylist()))
         if fmt == "jsonl":
             with fs.open(path, "rb") as f:
@@ -469,7 +467,7 @@ def _read_records(url: str, fmt: str, columns: tuple[str, ...], skipped: list[di
     raise SourceError("source_unreadable", url, f"unknown data.format {fmt!r}; use imagefolder, csv, jsonl or parquet")
 
 
-def _read_manifest(source: str, data: "DataConfig", skipped: list[dict]) -> list[ImageRow]:
+def _read_manifest(source: str, data: DataConfig, skipped: list[dict]) -> list[ImageRow]:
     fmt = source_format(source, data.format)
     image_col, label_col, boxes_col, split_col = data.image_column, data.label_column, data.boxes_column, data.split_column
     records = _read_records(source, fmt, (image_col, label_col, boxes_col, split_col), skipped)
@@ -509,8 +507,18 @@ def _read_manifest(source: str, data: "DataConfig", skipped: list[dict]) -> list
     return rows
 
 
-def _read_imagefolder(source: str, notes: list[dict]) -> tuple[list[ImageRow], list[str]]:
-    """``<root>/<split>/<class>/**`` or ``<root>/<class>/**``; one listing call (cheap on S3)."""
+def folder_class_name(folder: str, rule: str = "exact") -> str:
+    """The class a folder holds: its name as written, or with ``_`` read as spaces when the
+    config asks for it (``data.folder_names``)."""
+    return folder.replace("_", " ") if rule == "underscores_to_spaces" else folder
+
+
+def _read_imagefolder(source: str, notes: list[dict], names: str = "exact") -> tuple[list[ImageRow], list[str]]:
+    """``<root>/<split>/<class>/**`` or ``<root>/<class>/**``; one listing call (cheap on S3).
+
+    A class is its folder's name (``names``: see ``folder_class_name``); two folders that give
+    the same name are a ``SourceError`` naming both.
+    """
     fs, root = _open_source(source)
     if not fs.isdir(root):
         raise SourceError("source_unreadable", source, f"data.source {source!r} is neither a folder nor a "
@@ -545,8 +553,15 @@ def _read_imagefolder(source: str, notes: list[dict]) -> tuple[list[ImageRow], l
         cls_dir = parts[depth - 1]
         folders.add(cls_dir)
         split = parts[0] if split_layout else "train"
-        rows.append(ImageRow(f"{proto}{root}/{rel}", cls_dir.replace("_", " "), split, row=i))
-    return rows, sorted(f.replace("_", " ") for f in folders)
+        rows.append(ImageRow(f"{proto}{root}/{rel}", folder_class_name(cls_dir, names), split, row=i))
+    by_name: dict[str, str] = {}
+    for f in sorted(folders):
+        other = by_name.setdefault(folder_class_name(f, names), f)
+        if other != f:
+            raise SourceError("class_name_collision", f"{proto}{root}", f"the class folders {other!r} and {f!r} both "
+                              f"mean the class {folder_class_name(f, names)!r} with data.folder_names={names}; rename one "
+                              "or set data.folder_names=exact")
+    return rows, sorted(by_name)
 
 
 def _read_class_list(url: str) -> list[str]:
@@ -565,7 +580,7 @@ def _read_class_list(url: str) -> list[str]:
     return listed
 
 
-def read_dataset(source: str, data: "DataConfig | None" = None) -> Dataset:
+def read_dataset(source: str, data: DataConfig | None = None) -> Dataset:
     """Reads an ImageFolder root or a CSV/JSONL/Parquet manifest into image rows.
 
     Args:
@@ -579,14 +594,12 @@ def read_dataset(source: str, data: "DataConfig | None" = None) -> Dataset:
     Raises:
         SourceError: the source, COCO file or class list is missing or unreadable as a whole.
     """
-    from chimera_ray.config import DataConfig
-
     data = data or DataConfig()
     skipped: list[dict] = []
     notes: list[dict] = []
     fmt = source_format(source, data.format)
     if fmt == "imagefolder":
-        rows, folders = _read_imagefolder(source, notes)
+        rows, folders = _read_imagefolder(source, notes, data.folder_names)
         base = source.rstrip("/")
     else:
         rows, folders = _read_manifest(source, data, skipped), []
@@ -613,17 +626,11 @@ def resolve_dataset(source: str, cache_dir: str | None = None) -> str:
     """``builtin:toyworld`` / ``builtin:digits`` -> the manifest of the cached build; else unchanged."""
     if not source.startswith("builtin:"):
         return source
-    from chimera_ray.models import cache_root
-
     name = source.split(":", 1)[1]
     root = cache_root(cache_dir) / "datasets" / name
     if name == "toyworld":
-        from chimera_ray.data.toyworld import build_toyworld
-
         build_toyworld(root, seed=0)
     elif name == "digits":
-        from chimera_ray.data.digits import build_digits
-
         build_digits(root, seed=0)
     else:
         raise ValueError(f"unknown builtin dataset {source!r}; available: builtin:toyworld, builtin:digits")

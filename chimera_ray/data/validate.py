@@ -26,6 +26,7 @@ import fsspec
 
 from chimera_ray.config import Config
 from chimera_ray.data.boxes import Box, BoxError, sanitize_box
+from chimera_ray.data.detect import check_detector_source
 from chimera_ray.data.ingest import (
     Dataset,
     ImageError,
@@ -37,22 +38,24 @@ from chimera_ray.data.ingest import (
     resolve_dataset,
     source_format,
 )
-from chimera_ray.data.keys import safe_key
-from chimera_ray.data.plan import (
-    ClassPlan,
+from chimera_ray.data.keys import MAX_KEY_LEN, safe_key
+from chimera_ray.models import check_base
+from chimera_ray.plan import (
     class_counts,
-    format_plan,
-    plan_classes,
-    plan_json,
     select_tail,
-    summarize,
     tail_rule,
 )
 
-__all__ = ["Problem", "DataError", "Validation", "RunInputs", "validate", "check_storage", "ingest_for_run",
+__all__ = ["Problem", "DataError", "Validation", "validate", "check_storage",
            "format_problems", "has_fatal", "SEVERITIES"]
 
 SEVERITIES = ("fatal", "skip", "warn")
+# Problems of the run as a whole (storage, model, config, classes): skipping rows cannot help.
+RUN_LEVEL_CODES = frozenset({
+    "source_missing", "source_unreadable", "path_missing", "path_unreadable", "model_missing", "model_invalid", "model_unreadable",
+    "output_unwritable", "detector_missing", "no_tail_classes", "split_empty", "unknown_class", "key_collision",
+    "bad_class_name", "class_name_collision", "class_list_missing",
+})
 _MODE_NAMES = {"P": "palette", "PA": "palette with alpha", "CMYK": "CMYK", "I;16": "16-bit grey", "I;16B": "16-bit grey",
                "I;16L": "16-bit grey", "I": "32-bit integer (often 16-bit PNG)", "F": "32-bit float", "RGBA": "RGB with alpha",
                "LA": "grey with alpha", "L": "greyscale", "1": "1-bit", "YCbCr": "YCbCr", "LAB": "Lab", "HSV": "HSV"}
@@ -72,8 +75,10 @@ class DataError(ValueError):
     def __init__(self, problems: Sequence[Problem]):
         self.problems = list(problems)
         fatal = [p for p in self.problems if p.severity == "fatal"]
-        super().__init__(f"{len(fatal)} fatal input problem(s); fix them or set data.on_bad_input=skip for bad rows:\n"
-                         + format_problems(fatal))
+        # Skipping helps only with bad rows; a missing source or model needs fixing.
+        rows = any(p.code not in RUN_LEVEL_CODES for p in fatal)
+        hint = "fix them or set data.on_bad_input=skip for bad rows" if rows else "fix them"
+        super().__init__(f"{len(fatal)} fatal input problem(s); {hint}:\n" + format_problems(fatal))
 
 
 def has_fatal(problems: Sequence[Problem]) -> bool:
@@ -138,13 +143,23 @@ class Validation:
 # Storage
 
 
+def storage_error(url: str, err: BaseException) -> str:
+    """One line for a storage failure (fsspec, s3fs/botocore, gcsfs...): the URL, what failed, what to check."""
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    hint = ""
+    if "://" in url and not url.startswith("file://"):
+        hint = ("; check the endpoint (AWS_ENDPOINT_URL or the filesystem's options), the credentials and that "
+                "the bucket is reachable from this machine")
+    return f"{type(err).__name__}: {first}{hint}"
+
+
 def _exists(url: str) -> tuple[bool, str | None]:
     """``(exists, error)``; error names why it could not be looked at (permissions, network)."""
     try:
         fs, path = fsspec.core.url_to_fs(url)
         return bool(fs.exists(path)), None
-    except (PermissionError, OSError, ValueError) as e:
-        return False, f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - object-store clients raise their own types (botocore, aiohttp)
+        return False, storage_error(url, e)
 
 
 def _writable(url: str) -> str | None:
@@ -158,8 +173,8 @@ def _writable(url: str) -> str | None:
             f.write(b"ok")
         fs.rm(probe)
         return None
-    except (PermissionError, OSError, ValueError) as e:
-        return f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - object-store clients raise their own types (botocore, aiohttp)
+        return storage_error(url, e)
 
 
 def check_storage(cfg: Config, source: str | None = None) -> list[Problem]:
@@ -181,18 +196,17 @@ def check_storage(cfg: Config, source: str | None = None) -> list[Problem]:
                 problems.append(Problem("fatal", "path_missing" if not err else "path_unreadable", url,
                                         f"{name} {url!r} " + (f"cannot be read ({err})" if err else "does not exist")))
     base = cfg.model.base
-    if "://" in base or base.startswith((".", "/", "~")):
-        ok, err = _exists(f"{base.rstrip('/')}/model_index.json")
-        if not ok:
-            problems.append(Problem("fatal", "model_missing", base, f"model.base {base!r} holds no diffusers pipeline "
-                                    f"(model_index.json {'unreadable: ' + err if err else 'missing'})"))
+    try:
+        for msg in check_base(base, cfg.model.cache_dir):
+            missing = "model_index.json is missing" in msg or "does not exist" in msg
+            problems.append(Problem("fatal", "model_missing" if missing else "model_invalid", base, msg))
+    except Exception as e:  # noqa: BLE001 - storage errors (network, credentials) become one line
+        problems.append(Problem("fatal", "model_unreadable", base, storage_error(base, e)))
     err = _writable(cfg.output)
     if err:
         problems.append(Problem("fatal", "output_unwritable", cfg.output,
                                 f"output {cfg.output!r} is not writable ({err}); check the bucket/prefix and credentials"))
     if d.detector.enabled:
-        from chimera_ray.data.detect import check_detector_source
-
         why = check_detector_source(d.detector.model)
         if why:
             problems.append(Problem("fatal", "detector_missing", d.detector.model, why))
@@ -227,8 +241,6 @@ def _row_problems(ds: Dataset, cfg: Config, bad: str) -> tuple[Dataset, list[Pro
 
 
 def _unsafe_reasons(name: str) -> str:
-    from chimera_ray.data.keys import MAX_KEY_LEN
-
     checks = [(" " in name, "spaces"), ("/" in name or "\\" in name, "slashes"), (".." in name, "'..'"),
               ("." in name.replace("..", ""), "dots"), (not name.isascii(), "non-ASCII characters"),
               (len(name) > MAX_KEY_LEN, f"more than {MAX_KEY_LEN} characters")]
@@ -268,15 +280,38 @@ def _class_problems(ds: Dataset, cfg: Config) -> list[Problem]:
 # Images
 
 
-def _check_image(row: ImageRow, policy: str) -> tuple[ImageRow | None, ImageInfo | None, list[tuple[str, str, str]]]:
-    """Opens one image and checks its boxes: ``(row or None if bad, info, [(kind, code, message)])``.
+def sanity_problems(info: ImageInfo, image, data) -> list[tuple[str, str]]:
+    """``[(code, message)]`` for an image no fine-tune should learn from (``data`` holds the
+    thresholds: ``min_side``, ``max_aspect``, ``min_colors``)."""
+    out = []
+    w, h = info.width, info.height
+    if min(w, h) < data.min_side:
+        out.append(("image_too_small", f"{w}x{h} pixels: the shorter side is below data.min_side={data.min_side}"))
+    if max(w, h) > data.max_aspect * min(w, h):
+        out.append(("image_aspect", f"{w}x{h} pixels: aspect ratio {max(w, h) / max(1, min(w, h)):.1f} is above "
+                                    f"data.max_aspect={data.max_aspect:g} (a strip or banner, not an object photo)"))
+    # getcolors returns None as soon as there are more than maxcolors colours: cheap on photos.
+    colours = image.getcolors(maxcolors=max(1, data.min_colors - 1))
+    if colours is not None:
+        out.append(("image_flat", f"only {len(colours)} distinct colour(s), below data.min_colors={data.min_colors} "
+                                  "(a blank frame or a placeholder)"))
+    return out
 
-    ``kind`` is "bad" (the row is unusable) or "warn".
+
+def _check_image(row: ImageRow, policy: str, data=None) -> tuple[ImageRow | None, ImageInfo | None, list[tuple[str, str, str]]]:
+    """Opens one image and checks it and its boxes: ``(row or None if bad, info, [(kind, code, message)])``.
+
+    ``kind`` is "bad" (the row is unusable) or "warn". ``data`` (a ``DataConfig``) holds the
+    image sanity thresholds; None skips those rules.
     """
     try:
-        info, _ = inspect_image(row.path)
+        info, image = inspect_image(row.path)
     except ImageError as e:
         return None, None, [("bad", e.code, str(e).split(": ", 1)[-1])]
+    if data is not None:
+        insane = sanity_problems(info, image, data)
+        if insane:  # the first rule that fails says why: one line per file
+            return None, info, [("bad", *insane[0])]
     notes = []
     if info.mode != "RGB":
         notes.append(("warn", "mode_converted", f"mode {info.mode} ({_MODE_NAMES.get(info.mode, info.mode)}) converted "
@@ -311,7 +346,7 @@ def _check_images(
     policy = cfg.train.crop.out_of_image
     workers = max(1, min(16 if any("://" in r.path for r in rows) else 4, len(rows)))
     with ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(lambda r: _check_image(r, policy), rows))
+        results = list(pool.map(lambda r: _check_image(r, policy, cfg.data), rows))
     good: dict[str, ImageRow] = {}
     infos: dict[str, ImageInfo] = {}
     problems: list[Problem] = []
@@ -360,6 +395,10 @@ def validate(cfg: Config, images: str | None = None) -> Validation:
         ds = read_dataset(source, cfg.data)
     except SourceError as e:
         return Validation(problems + [Problem("fatal", e.code, e.where, e.message)], None, source=source)
+    except Exception as e:  # noqa: BLE001 - object-store errors mid-listing become one line, not a traceback
+        return Validation(problems + [Problem("fatal", "source_unreadable", source,
+                                              f"data.source {source!r} cannot be read ({storage_error(source, e)})")],
+                          None, source=source)
     ds, row_problems = _row_problems(ds, cfg, bad)
     problems += row_problems + _class_problems(ds, cfg)
     counts = class_counts(ds, cfg.data.split)
@@ -397,63 +436,3 @@ def validate(cfg: Config, images: str | None = None) -> Validation:
                                 f"({kind}={value}); class sizes range {sizes[0]}..{sizes[-1]} over "
                                 f"{len(sizes)} non-empty classes"))
     return Validation(problems, ds, infos, candidates, source)
-
-
-@dataclass
-class RunInputs:
-    """Everything a run needs from its data: cleaned rows, the plan, problems, box provenance."""
-
-    dataset: Dataset
-    plans: list[ClassPlan]
-    problems: list[Problem]
-    counts: dict[str, int]
-    summary: dict
-    boxes: list[dict] = field(default_factory=list)
-
-    def plan_table(self, max_rows: int = 40) -> str:
-        return format_plan(self.plans, self.summary, max_rows)
-
-    def plan_json(self) -> dict:
-        return plan_json(self.plans, self.summary, self.counts)
-
-    def report(self) -> dict:
-        """Run-report entries: every skipped row with its reason, warnings, box sources."""
-        skipped = [{"code": p.code, "where": p.where, "reason": p.message} for p in self.problems if p.severity == "skip"]
-        warnings = [{"code": p.code, "where": p.where, "reason": p.message} for p in self.problems if p.severity == "warn"]
-        return {
-            "skipped_inputs": skipped,
-            "input_problem_counts": dict(Counter(f"{p.severity}:{p.code}" for p in self.problems)),
-            "input_warnings": warnings,
-            "box_sources": dict(Counter(b["source"] for b in self.boxes)),
-        }
-
-
-def ingest_for_run(cfg: Config, *, detector=None, log=print) -> RunInputs:
-    """Validate -> plan -> boxes for the planned shots; what every job calls first.
-
-    Args:
-        cfg: the run config.
-        detector: an already built detector (tests); None builds one if the config enables it.
-        log: where the problem table goes (None: nowhere).
-
-    Raises:
-        DataError: any fatal problem (with ``on_bad_input=stop``, any bad row), all listed.
-    """
-    v = validate(cfg)
-    if log is not None and v.problems:
-        log(format_problems(v.problems, max_per_code=5))  # the report lists them all
-    if not v.ok:
-        raise DataError(v.problems)
-    ds = v.dataset
-    plans = plan_classes(ds, cfg, candidates=v.candidates)
-    counts = class_counts(ds, cfg.data.split)
-    shot_paths = {p for plan in plans for p in plan.shots}
-    shot_rows = [r for r in ds.rows if r.path in shot_paths and r.split == cfg.data.split]
-    from chimera_ray.data.detect import provide_boxes
-
-    boxed, prov = provide_boxes(shot_rows, cfg.data.detector, out_dir=f"{cfg.output.rstrip('/')}/boxes", infos=v.infos,
-                                detector=detector, cache_dir=cfg.model.cache_dir)
-    by_path = {r.path: r for r in boxed}
-    ds = Dataset([by_path.get(r.path, r) if r.split == cfg.data.split else r for r in ds.rows], ds.classes, [], [],
-                 ds.listed, ds.source)
-    return RunInputs(ds, plans, v.problems, counts, summarize(counts, plans, cfg), prov)

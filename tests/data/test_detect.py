@@ -15,7 +15,12 @@ from PIL import Image
 from chimera_ray.config import DetectorConfig, load_config
 from chimera_ray.data import detect
 from chimera_ray.data.boxes import Box
-from chimera_ray.data.detect import DetectorError, ZeroShotDetector, check_detector_source, provide_boxes
+from chimera_ray.data.detect import (
+    DetectorError,
+    ZeroShotDetector,
+    check_detector_source,
+    provide_boxes,
+)
 from chimera_ray.data.ingest import ImageRow
 
 WORDS = ["a", "photo", "of", "red", "star", "blue", "square"]
@@ -25,9 +30,11 @@ WORDS = ["a", "photo", "of", "red", "star", "blue", "square"]
 def owlv2_dir(tmp_path_factory) -> str:
     """A tiny random OWLv2 (one layer, 32 px, 16 patches) with a hand-built CLIP tokenizer."""
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor
-    from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
+    from transformers.models.owlv2.image_processing_pil_owlv2 import (
+        Owlv2ImageProcessorPil,
+    )
 
-    from chimera_ray.models import build_tokenizer
+    from chimera_ray.toy.arch import build_tokenizer
 
     tok = build_tokenizer(WORDS, model_max_length=16)
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -187,7 +194,8 @@ def test_provide_boxes_cache_and_provenance(owlv2_dir, tmp_path, monkeypatch):
 
 
 def test_run_ingest_with_detector_and_validate_checks_it(owlv2_dir, tmp_path):
-    from chimera_ray.data.validate import ingest_for_run, validate
+    from chimera_ray.data.validate import validate
+    from chimera_ray.inputs import ingest_for_run
 
     for cls in ("red_star", "blue_square"):
         os.makedirs(tmp_path / "ds" / cls)

@@ -22,7 +22,8 @@ from chimera_ray.data.ingest import (
     source_format,
     to_rgb,
 )
-from chimera_ray.data.validate import ingest_for_run, validate
+from chimera_ray.data.validate import validate
+from chimera_ray.inputs import ingest_for_run
 
 
 def _png(seed: int, size=(24, 16)) -> bytes:
@@ -71,8 +72,11 @@ def test_imagefolder_layouts_empty_classes_and_ignored_files(tmp_path):
     _write(str(root / "stray.png"), _png(98))
     (root / "manifest.csv").write_text("ignored")
     ds = read_dataset(str(root))
-    assert ds.classes == ["blue box", "empty class", "red star"]
-    assert {c: len(r) for c, r in ds.by_class().items()} == {"blue box": 2, "empty class": 0, "red star": 4}
+    # A class is its folder's name as written (issue #15: no implied normalisation).
+    assert ds.classes == ["blue box", "empty_class", "red_star"]
+    assert {c: len(r) for c, r in ds.by_class().items()} == {"blue box": 2, "empty_class": 0, "red_star": 4}
+    spaced = read_dataset(str(root), load_config(None, ["data.folder_names=underscores_to_spaces"]).data)
+    assert spaced.classes == ["blue box", "empty class", "red star"]
     reasons = {Path(n["where"]).name: n["reason"] for n in ds.notes}
     assert reasons == {"notes.txt": "not an image file (.png, .jpg, .jpeg, .webp, .bmp, .gif, .tif, .tiff); ignored",
                        "stray.png": "image outside any class folder ignored"}
@@ -204,7 +208,7 @@ def test_load_image_messages(tmp_path):
 
 def test_imagefolder_on_s3(s3_bucket, tmp_path):
     root = f"{s3_bucket}/datasets/tail"
-    _imagefolder(root, {"red_star": 4, "rare one": 2, "blue.v2": 1})
+    _imagefolder(root, {"red star": 4, "rare one": 2, "blue.v2": 1})
     _write(f"{root}/classes.json", json.dumps(["red star", "rare one", "blue.v2"]))
     ds = read_dataset(root)
     assert ds.classes == ["red star", "rare one", "blue.v2"]
@@ -229,10 +233,24 @@ def test_parquet_manifest_on_s3(s3_bucket):
                       "boxes": [[[0.1, 0.2, 0.5, 0.9]], None, [[0.0, 0.0, 1.0, 1.0]], None]})
     fs, path = fsspec.core.url_to_fs(f"{base}/manifest.parquet")
     pq.write_table(table, path, filesystem=fs)
-    cfg = load_config(None, [f"data.source={base}/manifest.parquet", "data.box_format=xyxy_norm", f"output={base}/out"])
+    cfg = load_config(None, [f"data.source={base}/manifest.parquet", "data.box_format=xyxy_norm", f"output={base}/out",
+                             "data.min_side=8"])  # 20x10 test images
     v = validate(cfg)
     assert [(p.severity, p.code) for p in v.problems] == [("skip", "image_missing")]
     rows = {Path(r.path).name: r for r in v.dataset.rows}
     assert rows["0.png"].boxes == (Box(2.0, 2.0, 10.0, 9.0),) and not rows["0.png"].boxes_normalized
     assert rows["2.png"].boxes == (Box(0, 0, 20, 10),)
     assert "missing.png" not in rows
+
+
+def test_folder_names_are_kept_and_never_merged(tmp_path):
+    from chimera_ray.data.ingest import SourceError
+
+    root = tmp_path / "hostile"
+    _imagefolder(str(root), {"red_star": 3, "red star": 2, "common_dog": 1}, split=None)
+    ds = read_dataset(str(root))
+    assert ds.classes == ["common_dog", "red star", "red_star"]
+    assert {c: len(r) for c, r in ds.by_class().items()} == {"common_dog": 1, "red star": 2, "red_star": 3}
+    with pytest.raises(SourceError, match="'red star' and 'red_star' both mean the class 'red star'"):
+        read_dataset(str(root), load_config(None, ["data.folder_names=underscores_to_spaces"]).data)
+

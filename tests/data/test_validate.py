@@ -12,7 +12,8 @@ from PIL import Image
 
 from chimera_ray.config import load_config
 from chimera_ray.data.boxes import Box
-from chimera_ray.data.validate import DataError, Problem, format_problems, ingest_for_run, validate
+from chimera_ray.data.validate import DataError, Problem, format_problems, validate
+from chimera_ray.inputs import ingest_for_run
 
 W, H = 32, 24  # every corpus image is 32x24 (landscape) unless its case says otherwise
 UNSAFE = {"a/b": "slashes", "v1.0": "dots", "..": "'..'", "café": "non-ASCII characters",
@@ -30,9 +31,19 @@ def _noise(seed: int) -> Image.Image:
 
 
 def _palette() -> bytes:
-    img = Image.new("P", (W, H), 1)
-    img.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    img = Image.fromarray(np.random.default_rng(60).integers(0, 8, (H, W), dtype=np.uint8), "P")
+    img.putpalette(list(np.random.default_rng(61).integers(0, 255, 8 * 3)) + [0] * (768 - 24))
     return _encode(img)
+
+
+def _textured(mode: str, seed: int) -> Image.Image:
+    """A non-flat image in ``mode`` (a flat one would also be flagged as a blank frame)."""
+    rgb = _noise(seed)
+    if mode == "I;16":
+        return Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))
+    if mode == "RGBA":
+        return Image.fromarray(np.dstack([np.asarray(rgb), np.full((H, W), 100, np.uint8)]), "RGBA")
+    return rgb.convert(mode)
 
 
 def _exif_rotated() -> bytes:
@@ -59,9 +70,9 @@ def _files() -> list[tuple[str, str | None, object, bytes | None]]:
         ("dog/trunc.png", "dog", None, good[7][:-20]),
         ("cat/notimage.png", "cat", None, b"this is not an image, just text\n"),
         ("cat/palette.png", "cat", None, _palette()),
-        ("dog/cmyk.jpg", "dog", None, _encode(Image.new("CMYK", (W, H), (0, 80, 160, 0)), "JPEG")),
-        ("bird/grey16.png", "bird", None, _encode(Image.fromarray(np.full((H, W), 40000, dtype=np.uint16)))),
-        ("bird/alpha.png", "bird", None, _encode(Image.new("RGBA", (W, H), (255, 0, 0, 100)))),
+        ("dog/cmyk.jpg", "dog", None, _encode(_textured("CMYK", 62), "JPEG")),
+        ("bird/grey16.png", "bird", None, _encode(_textured("I;16", 63))),
+        ("bird/alpha.png", "bird", None, _encode(_textured("RGBA", 64))),
         ("cat/exif.jpg", "cat", [[1, 1, 20, 30]], _exif_rotated()),  # box fits the displayed 24x32
         ("dog/outside.png", "dog", [[40, 30, 50, 40]], _encode(_noise(11))),
         ("dog/clipped.png", "dog", [[-5, 2, 10, 30]], _encode(_noise(12))),
@@ -75,8 +86,21 @@ def _files() -> list[tuple[str, str | None, object, bytes | None]]:
     ]
 
 
+def _insane() -> list[tuple[str, str, bytes]]:
+    """Images that decode fine but that no fine-tune should learn from."""
+    return [
+        ("cat/pixel.png", "cat", _encode(Image.new("RGB", (1, 1), (200, 10, 10)))),
+        ("dog/strip.png", "dog", _encode(Image.fromarray(
+            np.random.default_rng(70).integers(0, 255, (20, 2000, 3), dtype=np.uint8)))),
+        ("bird/blank.png", "bird", _encode(Image.new("RGB", (W, H), (255, 255, 255)))),
+    ]
+
+
 # (case id, severity, code, where ends with, message fragment)
 CASES = [
+    ("1x1 image", "skip", "image_too_small", "cat/pixel.png", "1x1 pixels: the shorter side is below data.min_side=16"),
+    ("2000x20 strip", "skip", "image_aspect", "dog/strip.png", "aspect ratio 100.0 is above data.max_aspect=8"),
+    ("blank image", "skip", "image_flat", "bird/blank.png", "only 1 distinct colour(s), below data.min_colors=4"),
     ("missing image", "skip", "image_missing", "cat/missing.png", "file not found"),
     ("zero-byte image", "skip", "image_empty", "cat/zero.png", "empty file (0 bytes)"),
     ("truncated jpeg", "skip", "image_truncated", "dog/trunc.jpg", "truncated image file"),
@@ -119,6 +143,9 @@ def corpus(tmp_path_factory) -> Path:
         lines.append(json.dumps(rec))
     lines.append('{"path": "cat/broken.png", "label": ')  # line 27: not JSON
     lines.append(json.dumps({"path": "cat/good0.png", "label": "cat"}))  # line 28: a duplicate row
+    for rel, label, data in _insane():  # lines 29-: the image sanity rules
+        (root / rel).write_bytes(data)
+        lines.append(json.dumps({"path": rel, "label": label}))
     (root / "m.jsonl").write_text("\n".join(lines) + "\n")
     classes = ["cat", "dog", "bird", "ghost", "empty", *UNSAFE]
     (root / "classes.json").write_text(json.dumps(classes))
@@ -170,7 +197,7 @@ def test_table_is_readable_and_complete(skipped_run):
     assert lines[0] == f"paths below are relative to {skipped_run.source.rsplit('/', 1)[0]}/"
     assert lines[1].split() == ["SEVERITY", "CODE", "WHERE", "MESSAGE"]
     assert any(line.split()[:3] == ["skip", "image_empty", "cat/zero.png"] for line in lines)
-    assert lines[-1] == "0 fatal, 15 bad rows skipped, 19 warnings"
+    assert lines[-1] == "0 fatal, 18 bad rows skipped, 19 warnings"
     assert "... and 3 more" in table  # unsafe_class_name: 6 rows cut to 3
     skip_rows = [line for line in lines if line.startswith("skip")]
     warn_rows = [line for line in lines if line.startswith("warn")]
@@ -184,11 +211,11 @@ def test_stop_mode_makes_every_bad_row_fatal_and_lists_all(corpus, tmp_path):
     cfg = _cfg(corpus, tmp_path, "data.on_bad_input=stop")
     v = validate(cfg)
     assert not v.ok
-    assert sum(p.severity == "fatal" for p in v.problems) == 15
+    assert sum(p.severity == "fatal" for p in v.problems) == 18
     with pytest.raises(DataError) as e:
         ingest_for_run(cfg, log=None)
     msg = str(e.value)
-    assert msg.startswith("15 fatal input problem(s)")
+    assert msg.startswith("18 fatal input problem(s)")
     for code in ("image_missing", "image_truncated", "box_outside", "unknown_label", "duplicate_image", "manifest_bad_row"):
         assert code in msg
     assert not (tmp_path / "out" / "boxes").exists()  # nothing ran
@@ -202,7 +229,7 @@ def test_skip_mode_run_counts_each_bad_row_in_the_report(corpus, tmp_path):
     shots = {s for p in inputs.plans for s in p.shots}
     assert not any(s.endswith(("missing.png", "zero.png", "trunc.jpg", "outside.png", "copy.png")) for s in shots)
     report = json.loads(json.dumps(inputs.report()))
-    assert len(report["skipped_inputs"]) == 15
+    assert len(report["skipped_inputs"]) == 18
     assert {"code": "image_empty", "where": f"{corpus}/cat/zero.png", "reason": "empty file (0 bytes)"} in report["skipped_inputs"]
     assert report["input_problem_counts"]["skip:image_truncated"] == 2
     assert report["box_sources"] == {"manifest": 3, "full_image": 10}
@@ -273,9 +300,9 @@ def test_cli_validate_exit_codes(corpus, tmp_path, capsys):
     assert "image_truncated" in out and "OK: no fatal problems" in out and "4 classes, 13 shots" in out
     assert main(["validate", "--config", str(cfg), "data.on_bad_input=stop", "--json", str(tmp_path / "p.json")]) == 1
     out = capsys.readouterr().out
-    assert "15 fatal" in out and "FAILED" in out
+    assert "18 fatal" in out and "FAILED" in out
     saved = json.loads((tmp_path / "p.json").read_text())
-    assert len(saved) == 34 and set(saved[0]) == {"severity", "code", "where", "message"}
+    assert len(saved) == 37 and set(saved[0]) == {"severity", "code", "where", "message"}
     assert main(["validate", str(cfg), "data.budget=top_up", "train.steps=0"]) == 2
     out = capsys.readouterr().out
     assert "data.budget=top_up needs data.budget_value" in out and "train.steps must be >= 1" in out
@@ -284,3 +311,93 @@ def test_cli_validate_exit_codes(corpus, tmp_path, capsys):
 def test_problem_is_a_plain_value():
     p = Problem("warn", "exif_rotated", "x.jpg", "m")
     assert p == Problem("warn", "exif_rotated", "x.jpg", "m") and p.__dict__["code"] == "exif_rotated"
+
+
+# ---- models, storage and configs: every one a one-line message, before any training ----------
+
+
+def _tiny_model(root: Path) -> Path:
+    from chimera_ray.toy.arch import build_tiny_pipeline
+
+    d = root / "model"
+    build_tiny_pipeline().save_pretrained(d, safe_serialization=True)
+    return d
+
+
+def _break(kind: str, d: Path) -> None:
+    if kind == "broken model_index.json":
+        (d / "model_index.json").write_text("{not json")
+    elif kind == "unsupported pipeline family":
+        idx = json.loads((d / "model_index.json").read_text())
+        (d / "model_index.json").write_text(json.dumps({**idx, "_class_name": "StableDiffusionXLPipeline"}))
+    elif kind == "unet config unparsable":
+        (d / "unet" / "config.json").write_text("[")
+    elif kind == "truncated weights":
+        f = d / "unet" / "diffusion_pytorch_model.safetensors"
+        f.write_bytes(f.read_bytes()[:-1000])
+    elif kind == "weights of another shape":
+        cfg = json.loads((d / "unet" / "config.json").read_text())
+        (d / "unet" / "config.json").write_text(json.dumps({**cfg, "cross_attention_dim": 48}))
+    elif kind == "no safetensors weights":
+        (d / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    else:
+        raise AssertionError(kind)
+
+
+MODEL_CASES = [
+    ("broken model_index.json", "model_index.json is not valid JSON"),
+    ("unsupported pipeline family", "is a 'StableDiffusionXLPipeline'; supported: StableDiffusionPipeline"),
+    ("unet config unparsable", "unet/config.json is not valid JSON"),
+    ("truncated weights", "truncated"),
+    ("weights of another shape", "of the wrong shape"),
+    ("no safetensors weights", "vae/ has no .safetensors weights"),
+]
+
+
+@pytest.mark.parametrize("kind, fragment", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
+def test_bad_base_model_is_fatal_before_training(tmp_path, corpus, kind, fragment):
+    d = _tiny_model(tmp_path)
+    _break(kind, d)
+    v = validate(_cfg(corpus, tmp_path, f"model.base={d}"))
+    bad = [p for p in v.problems if p.code == "model_invalid"]
+    assert len(bad) == 1 and fragment in bad[0].message and "\n" not in bad[0].message, v.problems
+    with pytest.raises(DataError, match="fatal input problem"):
+        ingest_for_run(_cfg(corpus, tmp_path, f"model.base={d}"), log=None)
+
+
+def test_a_good_tiny_model_passes_the_model_check(tmp_path, corpus):
+    d = _tiny_model(tmp_path)
+    v = validate(_cfg(corpus, tmp_path, f"model.base={d}"))
+    assert not [p for p in v.problems if p.code.startswith("model_")]
+
+
+def test_unreachable_object_store_is_one_line(tmp_path, monkeypatch):
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        v = validate(load_config(None, ["data.source=s3://unreachable/data/", f"output={tmp_path}/out"]))
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    (p,) = [p for p in v.problems if p.code == "source_unreadable"]
+    assert "s3://unreachable/data/" in p.message and "check the endpoint" in p.message and "\n" not in p.message
+    assert "Traceback" not in p.message
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("data.source=", "data.source is empty"),
+    ("lora.rank=0", "lora.rank must be >= 1"),
+    ("data.min_side=0", "data.min_side must be >= 1"),
+    ("data.max_aspect=0.5", "data.max_aspect must be >= 1"),
+    ("no.such.key=1", "no"),
+])
+def test_bad_configs_are_refused_with_their_message(override, fragment):
+    from chimera_ray.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert any(fragment in m for m in e.value.errors)

@@ -7,14 +7,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from chimera_ray.lora.inject import (
+from chimera_ray.lora.adapter import (
     AdapterMeta,
-    adapter_state_dict,
     export_lora,
-    inject_lora,
     load_adapter,
-    load_adapter_state_dict,
     save_adapter,
+)
+from chimera_ray.lora.inject import (
+    adapter_state_dict,
+    inject_lora,
+    load_adapter_state_dict,
     set_mixture,
 )
 from chimera_ray.models import load_pipeline

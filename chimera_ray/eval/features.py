@@ -1,4 +1,4 @@
-"""Image feature extractors for the metrics in `chimera_ray.metrics`.
+"""Image feature extractors for the metrics in `chimera_ray.eval.metrics`.
 
 ``load_feature_extractor(spec)`` turns a spec string into a `FeatureExtractor`, a callable
 mapping images ``(n, 3, H, W)`` in ``[-1, 1]`` to features ``(n, dim)``:
@@ -27,20 +27,25 @@ import dataclasses
 import hashlib
 import io
 import json
-import shutil
-import sys
-import tempfile
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file, save_file
 
-from chimera_ray.models import cache_root
+from chimera_ray.cache import build_folder, cache_root
+from chimera_ray.eval import probe
+from chimera_ray.toy import world as toyworld
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "TOY_FEATURES_VERSION",
@@ -239,17 +244,14 @@ _META = "meta.json"
 
 
 def _toy_network() -> torch.nn.Module:
-    """The probe classifier's architecture (`chimera_ray.embedded._SmallCNN`), untrained."""
-    from chimera_ray import embedded
-    from chimera_ray.data import toyworld
-
-    return embedded._SmallCNN(len(toyworld.CLASSES))
+    """The probe classifier's architecture (`chimera_ray.eval.probe.probe_network`), untrained."""
+    return probe.probe_network(len(toyworld.CLASSES))
 
 
 def build_toy_features(folder: str | Path, recipe: ToyFeatureRecipe = ToyFeatureRecipe(), progress: bool = True) -> dict:
     """Train the toy feature network and write ``weights.safetensors`` + ``meta.json`` into ``folder``.
 
-    A toy: the ToyWorld probe classifier (`chimera_ray.embedded.train_probe_classifier`, a
+    A toy: the ToyWorld probe classifier (`chimera_ray.eval.probe.train_probe_classifier`, a
     three-stage CNN) trained on ``recipe.n_train`` fresh real renders. Deterministic from
     ``recipe.seed`` on a given machine and torch version.
 
@@ -261,17 +263,13 @@ def build_toy_features(folder: str | Path, recipe: ToyFeatureRecipe = ToyFeature
     Returns:
         The metadata written to ``meta.json``: version, recipe, dim, held-out accuracy.
     """
-    from safetensors.torch import save_file
-
-    from chimera_ray.embedded import train_probe_classifier
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if progress:
-        print(f"chimera_ray.features: training the toy feature network ({recipe.n_train} ToyWorld renders, "
-              f"{recipe.epochs} epochs, seed {recipe.seed})", file=sys.stderr, flush=True)
+        log.info("training the toy feature network (%d ToyWorld renders, %d epochs, seed %d)", recipe.n_train,
+                 recipe.epochs, recipe.seed)
     t0 = time.perf_counter()
-    model, info = train_probe_classifier(recipe.resolution, seed=recipe.seed, n_train=recipe.n_train,
+    model, info = probe.train_probe_classifier(recipe.resolution, seed=recipe.seed, n_train=recipe.n_train,
                                          epochs=recipe.epochs, render_size=recipe.render_size)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / _WEIGHTS), metadata={"version": TOY_FEATURES_VERSION})
@@ -286,8 +284,8 @@ def build_toy_features(folder: str | Path, recipe: ToyFeatureRecipe = ToyFeature
     # Written last: a folder with a readable meta.json is a finished build.
     (folder / _META).write_text(json.dumps(meta, indent=2) + "\n")
     if progress:
-        print(f"chimera_ray.features: toy feature network done in {meta['seconds']} s "
-              f"(held-out ToyWorld accuracy {info['real_test_acc']:.3f})", file=sys.stderr, flush=True)
+        log.info("toy feature network done in %s s (held-out ToyWorld accuracy %.3f)", meta["seconds"],
+                 info["real_test_acc"])
     return meta
 
 
@@ -304,30 +302,12 @@ def _toy_complete(folder: Path, recipe: ToyFeatureRecipe) -> bool:
 
 
 def _build_toy_into(folder: Path, recipe: ToyFeatureRecipe, progress: bool) -> None:
-    """Builds into a temporary sibling, then renames: a crash never leaves half a cache entry
-    (`chimera_ray.models` caches builtin base models the same way)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
-        build_toy_features(tmp, recipe, progress=progress)
-        if folder.exists():
-            shutil.rmtree(folder)
-        try:
-            tmp.rename(folder)
-        except OSError:
-            # Another process finished the same build first: use its copy.
-            if not _toy_complete(folder, recipe):
-                raise
-        if progress:
-            print(f"chimera_ray.features: cached in {folder}", file=sys.stderr, flush=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    build_folder(folder, lambda tmp: build_toy_features(tmp, recipe, progress=progress), TOY_FEATURES_VERSION, _META)
+    if progress:
+        log.info("toy feature network cached in %s", folder)
 
 
 def _load_toy(folder: Path) -> tuple[torch.nn.Module, dict]:
-    from safetensors.torch import load_file
-
     meta = json.loads((folder / _META).read_text())
     model = _toy_network()
     model.load_state_dict(load_file(str(folder / _WEIGHTS)))  # strict: a stale or torn file fails here
@@ -370,8 +350,6 @@ def _read_state_dict(source: str) -> dict[str, torch.Tensor]:
     if suffix not in (".safetensors", ".pth", ".pt", ".bin"):
         raise ValueError(f"weights {source!r} must end in .safetensors, .pth, .pt or .bin")
     if "://" in source:
-        import fsspec
-
         try:
             with fsspec.open(source, "rb") as fh:
                 data = fh.read()
@@ -383,9 +361,7 @@ def _read_state_dict(source: str) -> dict[str, torch.Tensor]:
             raise FeatureExtractorError(f"weights file {source!r} does not exist")
         data = path.read_bytes()
     if suffix == ".safetensors":
-        from safetensors.torch import load
-
-        return load(data)
+        return load_safetensors(data)
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint rather than a bare state dict

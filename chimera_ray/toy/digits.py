@@ -7,7 +7,7 @@ placed at a random offset on a black canvas, so boxes vary in size and
 position. The box is the extent of the digit's nonzero pixels.
 
 The on-disk layout, determinism and atomic-write rules are those of
-`chimera_ray.data.toyworld` (same writer).
+`chimera_ray.toy.world` (same writer).
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image
 
-from chimera_ray.data.toyworld import SPLITS, Box, LabelledImage, longtail_counts, materialize_dataset
+from chimera_ray.toy.files import (
+    SPLITS,
+    Box,
+    LabelledImage,
+    longtail_counts,
+    longtail_summary,
+    materialize_dataset,
+)
 
 VERSION = "digits-v1"
 
@@ -79,7 +86,7 @@ def build_digits(
     to train, so train and test never share a source image.
 
     Args:
-        out_dir: Target directory (layout as in `chimera_ray.data.toyworld`).
+        out_dir: Target directory (layout as in `chimera_ray.toy.world`).
         seed: Non-negative seed; same arguments give byte-identical files.
         size: Canvas side in pixels (e.g. 32 or 64).
         head_max: Train images of "digit zero", the largest class. At most
@@ -118,23 +125,8 @@ def build_digits(
         chosen["test"].append(idx[:test_per_class])
         chosen["train"].append(idx[test_per_class:need])
 
-    summary = {
-        "dataset": "digits",
-        "version": VERSION,
-        "seed": seed,
-        "size": size,
-        "classes": list(names),
-        "train_counts": counts["train"],
-        "test_counts": counts["test"],
-        "num_train": sum(counts["train"]),
-        "num_test": sum(counts["test"]),
-        "params": {
-            "head_max": head_max,
-            "tail_min": tail_min,
-            "imbalance": imbalance,
-            "test_per_class": test_per_class,
-        },
-    }
+    params = {"head_max": head_max, "tail_min": tail_min, "imbalance": imbalance, "test_per_class": test_per_class}
+    summary = longtail_summary("digits", VERSION, seed, size, names, counts, params)
 
     def samples() -> Iterable[LabelledImage]:
         for split in SPLITS:

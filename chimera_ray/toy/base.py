@@ -25,23 +25,21 @@ given machine and torch version. The training length is a *nominal* budget
 (``minutes_budget`` scales the step counts of the calibrated recipe), never a
 wall-clock deadline, for the same reason.
 
-``evaluate_base`` measures what the model learned: a small CNN trained on real
+``chimera_ray.eval.probe.evaluate_base`` measures what the model learned: a small CNN trained on real
 ToyWorld renders classifies the model's prompted generations.
 
 Command line::
 
-    python -m chimera_ray.embedded build OUT_DIR [--seed 0] [--minutes 9]
-    python -m chimera_ray.embedded evaluate OUT_DIR [--n-per-class 16] [--grid grid.png]
+    chimera-ray toy build OUT_DIR [--seed 0] [--minutes 9]
+    chimera-ray toy evaluate OUT_DIR [--n-per-class 16] [--grid grid.png]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import math
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -52,10 +50,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from chimera_ray.data import toyworld
-from chimera_ray.models import build_tokenizer, register_builtin
+from chimera_ray.toy import world as toyworld
+from chimera_ray.toy.arch import build_sd_pipeline
 
-__all__ = ["ToyRecipe", "DEFAULT_RECIPE", "build_toy_base", "build_toy_pipeline", "evaluate_base", "sample_grid"]
+__all__ = ["ToyRecipe", "DEFAULT_RECIPE", "HEAD_RECIPE", "VERSION", "HEAD_VERSION", "PROMPT_TEMPLATE", "build_toy_base",
+           "build_toy_pipeline", "render_pool", "build_builtin_toy", "build_builtin_toy_head"]
 
 # Bump when the recipe or architecture changes (written into the built folder).
 VERSION = "toy-base-v1"
@@ -171,7 +170,6 @@ def caption_words() -> list[str]:
         words.update(PROMPT_TEMPLATE.format(name=cls.name).split())
     return sorted(words)
 
-
 def build_toy_pipeline(recipe: ToyRecipe = DEFAULT_RECIPE, seed: int = 0):
     """An untrained pipeline with the toy base model's architecture.
 
@@ -180,67 +178,15 @@ def build_toy_pipeline(recipe: ToyRecipe = DEFAULT_RECIPE, seed: int = 0):
         seed: Initialisation seed.
 
     Returns:
-        A `StableDiffusionPipeline` (UNet2DConditionModel, AutoencoderKL,
-        CLIPTextModel + CLIP BPE tokenizer, DDIM scheduler with SD-1's config).
+        A `StableDiffusionPipeline` (see `chimera_ray.toy.arch.build_sd_pipeline`).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    levels = len(recipe.unet_channels)
-    if len(recipe.unet_attention) != levels:
-        raise ValueError("unet_attention needs one flag per entry of unet_channels")
-    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in recipe.unet_attention)
-    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(recipe.unet_attention))
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=recipe.latent_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=recipe.unet_channels,
-        layers_per_block=recipe.layers_per_block,
-        down_block_types=down,
-        up_block_types=up,
-        cross_attention_dim=recipe.text_width,
-        attention_head_dim=recipe.attention_heads,
-        norm_num_groups=32,
-    )
-    torch.manual_seed(seed + 1)
-    n_vae = len(recipe.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n_vae,
-        up_block_types=("UpDecoderBlock2D",) * n_vae,
-        block_out_channels=recipe.vae_channels,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=recipe.resolution,
+    return build_sd_pipeline(
+        seed, latent_size=recipe.latent_size, unet_channels=recipe.unet_channels,
+        unet_attention=recipe.unet_attention, attention_heads=recipe.attention_heads, unet_norm_groups=32,
+        layers_per_block=recipe.layers_per_block, vae_channels=recipe.vae_channels, vae_norm_groups=16,
         # Self-attention in the VAE's mid block costs more than it helps at 16x16.
-        mid_block_add_attention=False,
-    )
-    tokenizer = build_tokenizer(caption_words(), model_max_length=recipe.max_length)
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=recipe.text_width,
-            intermediate_size=4 * recipe.text_width,
-            num_attention_heads=4,
-            num_hidden_layers=recipe.text_layers,
-            max_position_embeddings=recipe.max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
-    )
-    return StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae_mid_attention=False, text_width=recipe.text_width, text_intermediate=4 * recipe.text_width,
+        text_layers=recipe.text_layers, words=caption_words(), max_length=recipe.max_length,
     )
 
 
@@ -534,230 +480,18 @@ def build_toy_base(
     report["weights_bytes"] = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
     return report
 
-
-def _build_builtin(folder: Path) -> None:
-    """`register_builtin` hook: the calibrated recipe, seed 0."""
+def build_builtin_toy(folder: Path) -> None:
+    """``builtin:toy``: the calibrated recipe, seed 0 (see `chimera_ray.models.BUILTINS`)."""
     build_toy_base(folder, seed=0)
 
-
-register_builtin("toy", _build_builtin, version=VERSION)
 
 # The same recipe pretrained on the 8 head classes only: the tail classes' shapes/colour
 # schemes are partly or wholly new to it (an experiment base for jobs/reproduce.py; built on
 # first use into the cache, not shipped).
 HEAD_RECIPE = dataclasses.replace(DEFAULT_RECIPE, pretrain_classes=8)
+HEAD_VERSION = VERSION + "-head8"
 
 
-def _build_head_builtin(folder: Path) -> None:
+def build_builtin_toy_head(folder: Path) -> None:
+    """``builtin:toy-head``: `HEAD_RECIPE`, seed 0."""
     build_toy_base(folder, seed=0, recipe=HEAD_RECIPE)
-
-
-register_builtin("toy-head", _build_head_builtin, version=VERSION + "-head8")
-
-
-# ---------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------
-
-
-def _SmallCNN(num_classes: int, width: int = 24) -> torch.nn.Module:
-    """The probe classifier: `chimera_ray.downstream.SmallCNN` (3 conv stages and a linear
-    head) at width 24, ample for 16 ToyWorld classes at 32 px."""
-    from chimera_ray.downstream import SmallCNN
-
-    return SmallCNN(num_classes, width)
-
-
-def train_probe_classifier(
-    resolution: int, seed: int = 1234, n_train: int = 2400, epochs: int = 6, render_size: int = 64
-) -> tuple[torch.nn.Module, dict]:
-    """A small CNN trained on real ToyWorld renders (resized like the pretraining pool).
-
-    Args:
-        resolution: Image side the classifier sees (the base model's resolution).
-        seed: Data and initialisation seed; keep it apart from the pretraining seed.
-        n_train: Training images (classes drawn uniformly).
-        epochs: Passes over them.
-        render_size: Render size before the bicubic resize.
-
-    Returns:
-        ``(model, info)`` with held-out accuracy on ``n_train // 4`` fresh renders.
-    """
-    names = [c.name for c in toyworld.CLASSES]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _SmallCNN(len(names))
-    x_train, y_train = render_pool(n_train, seed, resolution, render_size)
-    x_test, y_test = render_pool(n_train // 4, seed + 1, resolution, render_size)
-    y_train_t = torch.tensor([names.index(y) for y in y_train])
-    y_test_t = torch.tensor([names.index(y) for y in y_test])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    gen = torch.Generator().manual_seed(seed)
-    batch = 64
-    steps = epochs * (n_train // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n_train, generator=gen)
-        for i in range(n_train // batch):
-            idx = perm[i * batch : (i + 1) * batch]
-            x = x_train[idx]
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            loss = F.cross_entropy(model(x), y_train_t[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    with torch.no_grad():
-        acc = float((model(x_test).argmax(1) == y_test_t).float().mean())
-    return model, {"real_test_acc": acc, "n_train": n_train, "n_test": len(y_test)}
-
-
-@torch.no_grad()
-def generate_class_images(pipe, name: str, n: int, seed: int, steps: int = 25, guidance: float = 5.0,
-                          batch: int = 8) -> torch.Tensor:
-    """`n` prompted generations of class `name` as a float tensor (n, 3, R, R) in [-1, 1]."""
-    out = []
-    for i in range(0, n, batch):
-        k = min(batch, n - i)
-        g = torch.Generator().manual_seed(seed * 100_003 + i)
-        images = pipe([PROMPT_TEMPLATE.format(name=name)] * k, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=g, output_type="np").images
-        out.append(torch.from_numpy(images).permute(0, 3, 1, 2) * 2.0 - 1.0)
-    return torch.cat(out).float()
-
-
-def evaluate_base(
-    pipe,
-    n_per_class: int = 16,
-    seed: int = 0,
-    steps: int = 25,
-    guidance: float = 5.0,
-    head_classes: int = 8,
-    classifier_seed: int = 1234,
-) -> dict:
-    """How recognisable are the base model's generations? A real-image classifier decides.
-
-    A small CNN is trained on real ToyWorld renders (seed `classifier_seed`, apart
-    from any pretraining seed) and then classifies ``n_per_class`` generations of
-    "a photo of a {class}" for every class. Chance is 1 / 16.
-
-    Args:
-        pipe: A pipeline whose native resolution the classifier is trained at.
-        n_per_class: Generations per class.
-        seed: Generation seed.
-        steps: DDIM steps.
-        guidance: Classifier-free guidance scale.
-        head_classes: How many of the first (largest) classes count as "head".
-        classifier_seed: Seed of the classifier's data and initialisation.
-
-    Returns:
-        ``real_test_acc`` (classifier on held-out real images), ``gen_acc_all``,
-        ``gen_acc_head``, ``gen_acc_tail``, ``per_class`` accuracies, ``chance``,
-        the settings and the seconds taken.
-    """
-    from chimera_ray.models import native_resolution
-
-    t0 = time.perf_counter()
-    resolution = native_resolution(pipe)
-    clf, info = train_probe_classifier(resolution, seed=classifier_seed)
-    t_clf = time.perf_counter() - t0
-    pipe.set_progress_bar_config(disable=True)
-    per_class: dict[str, float] = {}
-    confusions: dict[str, str] = {}
-    names = [c.name for c in toyworld.CLASSES]
-    for label, name in enumerate(names):
-        x = generate_class_images(pipe, name, n_per_class, seed * 1000 + label, steps, guidance)
-        pred = clf(x).argmax(1)
-        per_class[name] = float((pred == label).float().mean())
-        confusions[name] = names[int(torch.bincount(pred, minlength=len(names)).argmax())]
-    accs = list(per_class.values())
-    return {
-        "real_test_acc": info["real_test_acc"],
-        "gen_acc_all": float(np.mean(accs)),
-        "gen_acc_head": float(np.mean(accs[:head_classes])),
-        "gen_acc_tail": float(np.mean(accs[head_classes:])) if len(accs) > head_classes else float("nan"),
-        "per_class": per_class,
-        "most_predicted": confusions,
-        "chance": 1.0 / len(names),
-        "settings": {"n_per_class": n_per_class, "seed": seed, "steps": steps, "guidance": guidance,
-                     "head_classes": head_classes, "classifier_seed": classifier_seed, "resolution": resolution},
-        "seconds": {"classifier": t_clf, "total": time.perf_counter() - t0},
-    }
-
-
-def sample_grid(pipe, path: str | Path, classes: Sequence[str] | None = None, n: int = 8, seed: int = 0,
-                steps: int = 25, guidance: float = 5.0, upscale: int = 2) -> Path:
-    """Save a grid of generations: one row per class, `n` samples each (nearest-upscaled)."""
-    names = list(classes) if classes is not None else [c.name for c in toyworld.CLASSES[:8]]
-    rows = []
-    for i, name in enumerate(names):
-        x = generate_class_images(pipe, name, n, seed * 1000 + i, steps, guidance)
-        rows.append(torch.cat(list(x), dim=2))  # (3, R, n * R)
-    grid = ((torch.cat(rows, dim=1).clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    image = Image.fromarray(grid)
-    image = image.resize((image.width * upscale, image.height * upscale), Image.Resampling.NEAREST)
-    path = Path(path)
-    image.save(path)
-    return path
-
-
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chimera_ray.embedded", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="pretrain the toy base model into OUT_DIR")
-    b.add_argument("out_dir")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--minutes", type=float, default=None, help="nominal budget (scales step counts)")
-    b.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a ToyRecipe field (experiments), e.g. --set unet_steps=3000")
-    b.add_argument("--no-progress", action="store_true")
-    e = sub.add_parser("evaluate", help="classifier accuracy on generations of a built model")
-    e.add_argument("model_dir")
-    e.add_argument("--n-per-class", type=int, default=16)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--steps", type=int, default=25)
-    e.add_argument("--guidance", type=float, default=5.0)
-    e.add_argument("--grid", default=None, help="also save a sample grid PNG here")
-    e.add_argument("--json", default=None, help="also write the report here")
-    args = parser.parse_args(argv)
-
-    if args.cmd == "build":
-        recipe = DEFAULT_RECIPE
-        for item in args.set:
-            key, value = item.split("=", 1)
-            current = getattr(recipe, key)
-            parsed = json.loads(value) if not isinstance(current, str) else value
-            recipe = dataclasses.replace(recipe, **{key: tuple(parsed) if isinstance(current, tuple) else parsed})
-        t0 = time.perf_counter()
-        report = build_toy_base(args.out_dir, seed=args.seed, minutes_budget=args.minutes,
-                                progress=not args.no_progress, recipe=recipe)
-        print(json.dumps(report, indent=2))
-        print(f"built {args.out_dir} in {time.perf_counter() - t0:.1f} s "
-              f"({report['weights_bytes'] / 1e6:.1f} MB of safetensors)")
-        return 0
-
-    from chimera_ray.models import load_pipeline
-
-    torch.set_num_threads(2)
-    pipe = load_pipeline(str(Path(args.model_dir).resolve()))
-    report = evaluate_base(pipe, n_per_class=args.n_per_class, seed=args.seed, steps=args.steps,
-                           guidance=args.guidance)
-    if args.grid:
-        report["grid"] = str(sample_grid(pipe, args.grid, seed=args.seed, steps=args.steps, guidance=args.guidance))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

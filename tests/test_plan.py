@@ -8,7 +8,7 @@ import pytest
 
 from chimera_ray.config import load_config
 from chimera_ray.data.ingest import Dataset, ImageRow
-from chimera_ray.data.plan import (
+from chimera_ray.plan import (
     class_budget,
     class_counts,
     format_plan,
@@ -102,11 +102,9 @@ def test_plan_default_budget_is_samples_per_class_and_shots_are_capped():
     assert all(p.budget == 8 for p in plans.values())
     c4 = plans["c4"]
     assert c4.num_real == 40 and len(c4.shots) == 16 and c4.label == 4 and c4.key == "c4"
-    # Deterministic, order-free subsample, identical to the trainer's own draw.
+    # Deterministic, order-free subsample (the one implementation: the CLI's train uses it too).
     paths = [r.path for r in ds.rows if r.label == "c4"]
-    from chimera_ray.train import subsample_shots as train_subsample
-
-    assert list(c4.shots) == subsample_shots(paths[::-1], 16, 0, "c4") == train_subsample(paths, 16, 0, "c4")
+    assert list(c4.shots) == subsample_shots(paths[::-1], 16, 0, "c4") == subsample_shots(paths, 16, 0, "c4")
     assert plans["c9"].shots == ("/data/c9/0000.png",)
     other_seed = plan_classes(ds, _cfg("data.tail_max_images=45", "train.seed=1"))
     assert {p.name: p.shots for p in other_seed}["c4"] != c4.shots

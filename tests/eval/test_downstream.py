@@ -10,9 +10,19 @@ from PIL import Image
 
 from chimera_ray.config import DownstreamConfig
 from chimera_ray.data.ingest import ImageRow
-from chimera_ray.downstream import (ImageSet, build_classifier, evaluate_classifier, load_real, load_synthetic,
-                                    sampling_weights, shard_urls, train_classifier)
-from chimera_ray.shards import Sample, finalize_shards, write_staging
+from chimera_ray.eval.classifier import (
+    build_classifier,
+    evaluate_classifier,
+    train_classifier,
+)
+from chimera_ray.eval.downstream import (
+    ImageSet,
+    load_real,
+    load_synthetic,
+    sampling_weights,
+    shard_urls,
+)
+from chimera_ray.shards import Sample, UnitWriter, write_index
 
 NAMES = ["red thing", "blue thing", "green thing"]
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30)]
@@ -33,8 +43,13 @@ def _write_shards(out: str, per_class: dict[str, int], rng, extra: list[Sample] 
             meta = {"class_name": name, "class_key": key, "label": NAMES.index(name) if name in NAMES else 99}
             samples.append(Sample(key=f"{key}__{i:08d}", class_key=key, label=meta["label"], image=_png(COLOURS[NAMES.index(name)]
                                   if name in NAMES else (0, 0, 0), rng), ext="png", metadata=json.dumps(meta)))
-    staged = write_staging(f"{out}/_staging", samples)
-    finalize_shards(out, staged, prefix="shard", max_bytes=20_000, max_samples=4)
+    entries = []
+    for unit, start in enumerate(range(0, len(samples), 8)):  # units of 8 samples, shards of at most 4
+        with UnitWriter(out, unit, prefix="shard", max_bytes=20_000, max_samples=4) as w:
+            for s in samples[start:start + 8]:
+                w.add(s)
+        entries += w.entries
+    write_index(out, entries, complete=True, max_bytes=20_000, max_samples=4)
 
 
 @pytest.mark.parametrize("n_real,n_syn,balanced,frac,expect_class,expect_syn", [
@@ -166,7 +181,7 @@ def test_accuracy_table_matches_hand_computation():
 @pytest.mark.parametrize("use_synthetic,share", [(False, 0.0), (True, 0.5)])
 def test_run_downstream_real_only_and_mixed(use_synthetic, share):
     from chimera_ray.config import Config
-    from chimera_ray.downstream import run_downstream
+    from chimera_ray.eval.downstream import run_downstream
 
     torch.set_num_threads(1)
     real, test = _colour_set(4, 0), _colour_set(4, 1)

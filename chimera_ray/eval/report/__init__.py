@@ -18,62 +18,63 @@ canvas directly (no pyplot, no global backend switch).
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime as _dt
 import heapq
-import html
 import io
 import json
-import math
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
 import numpy as np
 from PIL import Image
 
+from chimera_ray.data.ingest import load_image
+from chimera_ray.eval.report.common import _join, _read_json
+from chimera_ray.eval.report.html import (
+    _CSS,
+    _bytes,
+    _card,
+    _cell,
+    _fmt,
+    _img_tag,
+    _kv_table,
+    _note,
+    _pct,
+    _stat,
+    _table,
+    _weights_caption,
+    e,
+)
+from chimera_ray.eval.report.plots import (
+    _acc_bar_plot,
+    _comparison_plot,
+    _history_plot,
+    _plot,
+    _weights_plot,
+)
+from chimera_ray.eval.report.sweep import (
+    SWEEP_ALPHAS,
+    _Sweep,
+    _sweep_config,
+    sweep_weights,
+)
 from chimera_ray.io import atomic_write
+from chimera_ray.shards import iter_samples
 
 __all__ = ["SWEEP_ALPHAS", "METRIC_COLUMNS", "build_report", "write_report", "read_synthetic", "sweep_weights"]
 
-# Dirichlet concentrations of the sweep row: near one shot ... near the class average, then
-# the exact average. The run's own alpha is added when it is not among them.
-SWEEP_ALPHAS: tuple[float | str, ...] = (0.05, 0.2, 1.0, 5.0, 50.0, "uniform")
 # Columns of eval/metrics.json's per-class table, in display order (others found are appended).
 METRIC_COLUMNS = ("fd", "kid", "kid_std", "precision", "recall", "density", "coverage", "diversity_real",
                   "diversity_synthetic", "n_real", "n_synthetic")
-# A resolved config saved in the run directory, if a job writes one (jobs/full.py does not yet).
-_SAVED_CONFIGS = ("config.yaml", "resolved_config.yaml")
-_THUMB = 128  # displayed thumbnail size in px: small images are upscaled (nearest) to about this
 _ACC_KEYS = ("overall_acc", "all_acc", "head_acc", "tail_acc")
-_TAIL_COLOUR, _HEAD_COLOUR = "#d9480f", "#8da0b6"
-
-e = html.escape
 
 
 # ---------------------------------------------------------------------------------------
 # Reading the run
-
-
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
-
-
-def _exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
-
-
-def _read_json(url: str) -> Any | None:
-    """The parsed file, or None when it does not exist (bad JSON raises ValueError)."""
-    try:
-        with fsspec.open(url, "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
 
 
 @dataclasses.dataclass
@@ -85,23 +86,6 @@ class _Synthetic:
     total: int = 0
     shards: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
-
-
-def _iter_samples(urls: list[str]) -> Iterator[dict]:
-    """WebDataset samples (``__key__``, ``png``/``jpg``/``webp``, ``cls``, ``json`` bytes) of the shards, in order."""
-    import webdataset as wds
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    if all("://" not in u or u.startswith("file://") for u in urls):
-        yield from wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-        return
-
-    def streams():  # gopen knows no s3:// etc.; hand webdataset fsspec streams instead
-        for u in urls:
-            with fsspec.open(u, "rb") as f:
-                yield {"url": u, "stream": f}
-
-    yield from group_by_keys(tar_file_expander(streams()))
 
 
 def read_synthetic(shards_dir: str, per_class: int) -> _Synthetic:
@@ -123,17 +107,15 @@ def read_synthetic(shards_dir: str, per_class: int) -> _Synthetic:
     out.shards = len(urls)
     heaps: dict[str, list[tuple[int, str, bytes, dict]]] = {}
     try:
-        for s in _iter_samples(urls) if urls else ():
-            meta = json.loads(s["json"])
-            ck = str(meta.get("class_key", ""))
+        for s in iter_samples(urls, decode=False) if urls else ():
+            meta, ck = s["metadata"], s["class_key"]
             out.total += 1
             out.weights.setdefault(ck, []).append([float(w) for w in meta.get("weights", [])])
-            ext = next((k for k in ("png", "jpg", "jpeg", "webp") if k in s), None)
-            if ext is None or per_class <= 0:
+            if per_class <= 0:
                 continue
             idx = int(meta.get("sample_index", 0))
             h = heaps.setdefault(ck, [])
-            item = (-idx, s["__key__"], s[ext], meta)  # a max-heap on the index keeps the lowest ones
+            item = (-idx, s["key"], s["image"], meta)  # a max-heap on the index keeps the lowest ones
             if len(h) < per_class:
                 heapq.heappush(h, item)
             elif -idx > h[0][0]:
@@ -146,386 +128,6 @@ def read_synthetic(shards_dir: str, per_class: int) -> _Synthetic:
 
 # ---------------------------------------------------------------------------------------
 # Images and plots
-
-
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
-
-
-def _thumbnail(img: Image.Image, size: int = _THUMB) -> Image.Image:
-    """Small images scaled up by a whole factor (nearest: pixels stay crisp), large ones down."""
-    img = img.convert("RGB")
-    w, h = img.size
-    longest = max(w, h)
-    if longest < size:
-        f = max(1, size // longest)
-        return img.resize((w * f, h * f), Image.NEAREST)
-    if longest > 2 * size:
-        img = img.copy()
-        img.thumbnail((2 * size, 2 * size), Image.LANCZOS)  # 2x: sharp on high-DPI screens
-    return img
-
-
-def _img_tag(img: Image.Image, alt: str) -> str:
-    return f'<img src="{_data_uri(_png(_thumbnail(img)))}" alt="{e(alt)}">'
-
-
-def _figure(width: float, height: float):
-    """A matplotlib figure on an explicit Agg canvas (no pyplot state, safe in threads)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _fig_tag(fig, alt: str) -> str:
-    import matplotlib
-
-    buf = io.BytesIO()
-    with matplotlib.rc_context({"text.parse_math": False}):  # a "$" in a class name is text, not TeX
-        fig.savefig(buf, format="png", bbox_inches="tight")
-    return f'<img class="plot" src="{_data_uri(buf.getvalue())}" alt="{e(alt)}">'
-
-
-def _plot(build: Callable[[], str]) -> str:
-    """Runs a plot builder; a missing matplotlib or a plotting error becomes a note."""
-    try:
-        import matplotlib
-    except ImportError:
-        return _note("plots need matplotlib, which is not installed (pip install matplotlib)")
-    try:
-        with matplotlib.rc_context({"text.parse_math": False, "font.size": 9}):
-            return build()
-    except Exception as err:  # noqa: BLE001 - a note on the page, not a crash
-        return _note(f"plot failed: {type(err).__name__}: {err}")
-
-
-def _weights_plot(W: np.ndarray) -> str:
-    """Per-head box plot and max-weight histogram of a class's mixture weights ``(n, K)``."""
-    n, k = W.shape
-    fig = _figure(9.5, 2.6)
-    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.2, 1]})
-    ax1.boxplot(W, showfliers=True, widths=0.6, flierprops={"markersize": 2})
-    ax1.axhline(1.0 / k, color=_TAIL_COLOUR, lw=1, ls="--", label=f"1/K = {1 / k:.3f}")
-    ax1.set_xticks(range(1, k + 1), [str(i) for i in range(k)])
-    ax1.set_xlabel("head (shot index)")
-    ax1.set_ylabel("weight")
-    ax1.set_ylim(-0.02, 1.02)
-    ax1.legend(loc="upper right", frameon=False)
-    ax1.set_title(f"weight per head ({n} samples)")
-    ax2.hist(W.max(axis=1), bins=np.linspace(1.0 / k, 1.0, 11), color=_HEAD_COLOUR, edgecolor="white")
-    ax2.set_xlabel("largest weight of a sample")
-    ax2.set_ylabel("samples")
-    ax2.set_title("how dominant is one shot")
-    return _fig_tag(fig, "mixture weight distribution")
-
-
-def _acc_bar_plot(classes: list[dict], per_class: dict[str, float], head: float | None, tail: float | None) -> str:
-    names = [c["name"] for c in classes if c.get("name") in per_class]
-    names += [n for n in per_class if n not in names]
-    group = {c.get("name"): c.get("group") for c in classes}
-    acc = [float(per_class[n]) if per_class[n] is not None else np.nan for n in names]
-    fig = _figure(min(11.5, max(6.0, 0.42 * len(names) + 1.5)), 3.4)
-    ax = fig.subplots()
-    colours = [_TAIL_COLOUR if group.get(n) == "tail" else _HEAD_COLOUR for n in names]
-    ax.bar(range(len(names)), acc, color=colours)
-    for value, colour, label in ((head, "#4a5a70", "head mean"), (tail, _TAIL_COLOUR, "tail mean")):
-        if value is not None:
-            ax.axhline(value, color=colour, lw=1, ls="--", label=f"{label} {100 * value:.1f} %")
-    from matplotlib.patches import Patch
-
-    handles, _ = ax.get_legend_handles_labels()
-    handles += [Patch(color=_TAIL_COLOUR, label="tail class (synthetic data)"), Patch(color=_HEAD_COLOUR, label="head class")]
-    if len(names) <= 60:
-        ax.set_xticks(range(len(names)), [n if len(n) <= 24 else n[:23] + "…" for n in names], rotation=45, ha="right")
-    else:
-        ax.set_xticks([])
-        ax.set_xlabel(f"{len(names)} classes (labels hidden)")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("test accuracy")
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    return _fig_tag(fig, "per-class test accuracy")
-
-
-def _history_plot(history: list[dict]) -> str:
-    ep = [h.get("epoch", i) for i, h in enumerate(history)]
-    fig = _figure(6.0, 2.4)
-    ax = fig.subplots()
-    ax.plot(ep, [h.get("loss", np.nan) for h in history], color="#4a5a70", label="loss")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax2 = ax.twinx()
-    ax2.plot(ep, [h.get("train_acc", np.nan) for h in history], color=_TAIL_COLOUR, label="train acc")
-    ax2.set_ylabel("train accuracy")
-    ax2.set_ylim(0, 1.05)
-    fig.legend(loc="upper center", ncol=2, frameon=False)
-    return _fig_tag(fig, "classifier training history")
-
-
-def _comparison_plot(methods: dict[str, dict], metrics: list[str]) -> str:
-    names = list(methods)
-    fig = _figure(min(11.5, max(5.0, 1.1 * len(names) * len(metrics) ** 0.5 + 2)), 3.0)
-    ax = fig.subplots()
-    width = 0.8 / len(metrics)
-    palette = (_TAIL_COLOUR, "#4a5a70", "#5c940d", "#862e9c", "#1971c2")
-    for j, m in enumerate(metrics):
-        mean = [_stat(methods[n].get(m), "mean") for n in names]
-        std = [_stat(methods[n].get(m), "std") or 0.0 for n in names]
-        x = np.arange(len(names)) + (j - (len(metrics) - 1) / 2) * width
-        ax.bar(x, [np.nan if v is None else v for v in mean], width, yerr=std, capsize=3,
-               color=palette[j % len(palette)], label=m)
-    ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
-    ax.set_ylabel("accuracy (mean ± std)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    return _fig_tag(fig, "method comparison")
-
-
-def _stat(entry: Any, field: str) -> float | None:
-    if isinstance(entry, dict):
-        v = entry.get(field)
-    elif field == "mean" and isinstance(entry, (int, float)):
-        v = entry
-    else:
-        v = None
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
-
-
-# ---------------------------------------------------------------------------------------
-# The concentration sweep
-
-
-def _sweep_config(run_dir: str, report: dict | None, index: dict | None, config: str | None):
-    """The config the sweep generates with, and a sentence saying where it came from.
-
-    Model settings (cache, precision, device, resolution) come from the first of: ``config``,
-    a config saved in the run directory, the file named in ``report.json["config"]``,
-    defaults. The generation settings, mode and base model the shards were made with
-    (``shards/index.json``) always win, so the sweep reproduces the run's noise and prompts.
-    """
-    from chimera_ray.config import config_from_dict, config_to_dict, load_config
-
-    saved = [_join(run_dir, n) for n in _SAVED_CONFIGS]
-    candidates = ([config] if config else []) + saved + ([str(report["config"])] if report and report.get("config") else [])
-    cfg, source = None, "defaults"
-    for c in candidates:
-        if c and _exists(c):
-            cfg, source = load_config(c), c
-            break
-    if cfg is None:
-        cfg = load_config(None)
-    data = config_to_dict(cfg)
-    if index is not None:
-        if isinstance(index.get("generate"), dict):
-            known = data["generate"]  # keys a newer/older version dropped are ignored
-            data["generate"] = {**known, **{k: v for k, v in index["generate"].items() if k in known}}
-        if index.get("mode"):
-            data["lora"]["mode"] = index["mode"]
-        if index.get("base_model"):
-            data["model"]["base"] = index["base_model"]
-        source += " + the shards' generation settings (shards/index.json)"
-    return config_from_dict(data), source
-
-
-def sweep_weights(num_heads: int, alphas: Sequence[float | str], run_seed: int, class_key: str,
-                  index: int) -> list[tuple[float | str, np.ndarray]]:
-    """The mixture of each sweep image: ``w ~ Dirichlet(alpha)`` from the sample's own stream, or uniform.
-
-    Returns:
-        ``[(alpha, (K,) float64)]`` in the order of ``alphas``.
-    """
-    from chimera_ray.sampling import mixture_weights
-
-    out = []
-    for a in alphas:
-        if a == "uniform":
-            out.append((a, np.full(num_heads, 1.0 / num_heads)))
-        else:
-            out.append((a, mixture_weights("chimera", num_heads, float(a), run_seed, class_key, index)))
-    return out
-
-
-class _Sweep:
-    """Loads the base model once (lazily) and generates one sweep row per class."""
-
-    def __init__(self, run_dir: str, cfg, source: str, index: int = 0):
-        self.run_dir, self.cfg, self.source, self.index = run_dir, cfg, source, index
-        self._gen, self._error = None, None
-
-    def _generator(self):
-        if self._gen is None and self._error is None:
-            from chimera_ray.generate import Generator
-
-            try:
-                self._gen = Generator(self.cfg.model, self.cfg.generate, mode="chimera",
-                                      adapter_root=_join(self.run_dir, "adapters"))
-            except Exception as err:  # noqa: BLE001 - a note on the page, not a crash
-                self._error = f"could not load the base model {self.cfg.model.base!r}: {type(err).__name__}: {err}"
-        return self._gen
-
-    def row(self, plan: dict) -> str:
-        from chimera_ray.lora.inject import load_adapter
-
-        key = str(plan.get("key"))
-        try:
-            _, meta = load_adapter(_join(self.run_dir, "adapters", key))
-        except Exception as err:  # noqa: BLE001 - a note on the page, not a crash
-            return _note(f"no sweep: the adapter adapters/{key} does not load ({type(err).__name__}: {err})")
-        gen = self._generator()
-        if gen is None:
-            return _note(f"no sweep: {self._error}")
-        g = self.cfg.generate
-        alphas = list(SWEEP_ALPHAS)
-        if g.dirichlet_concentration not in alphas:
-            alphas = sorted((a for a in alphas if a != "uniform"), key=float)
-            alphas = sorted(alphas + [g.dirichlet_concentration], key=float) + ["uniform"]
-        rows = sweep_weights(meta.num_heads, alphas, g.seed, key, self.index)
-        n = len(rows)
-        weights = np.empty(n, dtype=object)  # one list per row, as Ray Data hands the column over
-        for r, (_, w) in enumerate(rows):
-            weights[r] = w.tolist()
-        try:
-            out = gen({"class_key": np.array([key] * n, dtype=object),
-                       "class_name": np.array([str(plan.get("name", key))] * n, dtype=object),
-                       "label": np.array([int(plan.get("label", -1))] * n), "sample_index": np.array([self.index] * n),
-                       "weights": weights})
-        except Exception as err:  # noqa: BLE001 - a note on the page, not a crash
-            return _note(f"sweep generation failed: {type(err).__name__}: {err}")
-        cells = []
-        for (a, w), img in zip(rows, out["image"]):
-            label = "uniform" if a == "uniform" else f"α = {a:g}"
-            run = " (run)" if a == g.dirichlet_concentration else ""
-            top = int(np.argmax(w))
-            cells.append(_cell(_img_tag(Image.open(io.BytesIO(img)), label),
-                               f"<b>{e(label)}{run}</b><br>max w {w[top]:.2f} (head {top})"))
-        extra = " With one head every mixture is the same." if meta.num_heads == 1 else ""
-        return (f'<p class="hint">Sample #{self.index}: the same noise seed for every image; only the mixture changes. '
-                f"Small α stays close to one shot, large α approaches the class average.{extra} "
-                f"Settings: {e(self.source)}.</p>"
-                f'<div class="grid">{"".join(cells)}</div>')
-
-
-# ---------------------------------------------------------------------------------------
-# HTML pieces
-
-_CSS = """
-*{box-sizing:border-box}
-body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Helvetica,Arial,sans-serif;margin:0;
-     background:#f4f5f7;color:#1d2330;font-size:14px;line-height:1.4}
-main{max-width:1160px;margin:0 auto;padding:18px 20px 40px}
-header{background:#1d2330;color:#fff;padding:18px 20px}
-header .inner{max-width:1160px;margin:0 auto}
-header h1{margin:0;font-size:22px}
-header .sub{color:#b8c0cc;font-size:13px;margin-top:4px;word-break:break-all}
-h2{font-size:19px;margin:0 0 8px}
-h3{font-size:14px;margin:16px 0 6px;color:#3b4658;text-transform:uppercase;letter-spacing:.04em}
-section{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:16px 18px;margin:14px 0}
-nav{font-size:13px;margin:8px 0 0}
-nav a{margin-right:12px;color:#1971c2;text-decoration:none}
-.meta{color:#5b6577;font-size:13px}
-.cards{display:flex;flex-wrap:wrap;gap:10px}
-.card{border:1px solid #dde1e7;border-radius:6px;padding:8px 12px;min-width:130px;background:#fafbfc}
-.card .v{font-size:20px;font-weight:600}
-.card .k{color:#5b6577;font-size:12px}
-.card.bad .v{color:#c92a2a}
-.grid{display:flex;flex-wrap:wrap;gap:8px}
-figure{margin:0;width:138px;background:#fafbfc;border:1px solid #e6e9ee;border-radius:4px;padding:4px}
-figure img{display:block;width:128px;height:128px;object-fit:contain;image-rendering:pixelated;
-           image-rendering:crisp-edges;background:#eee}
-figcaption{font-size:11px;color:#3b4658;margin-top:3px;overflow-wrap:anywhere}
-figcaption .w{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:10px;color:#5b6577}
-img.plot{max-width:100%;height:auto;display:block}
-table{border-collapse:collapse;font-size:12.5px}
-th,td{border-bottom:1px solid #e6e9ee;padding:3px 8px;text-align:right;white-space:nowrap}
-th:first-child,td:first-child{text-align:left}
-th{background:#f4f5f7;white-space:normal;vertical-align:bottom;max-width:90px}
-table.kv td{text-align:left;white-space:normal;max-width:560px;overflow-wrap:anywhere}
-table.kv td:first-child{color:#5b6577;white-space:nowrap}
-tr.mean td{font-weight:600;border-top:2px solid #c5ccd6}
-.scroll{overflow-x:auto}
-.note{background:#fff8e6;border-left:4px solid #f08c00;padding:6px 10px;margin:6px 0;font-size:13px}
-.hint{color:#5b6577;font-size:12.5px;margin:2px 0 6px}
-.tag{display:inline-block;padding:0 6px;border-radius:3px;font-size:11px;background:#e7f5ff;color:#1864ab}
-.tag.tail{background:#fff0e6;color:#d9480f}
-.tag.bad{background:#ffe3e3;color:#c92a2a}
-details{margin:6px 0}
-summary{cursor:pointer;color:#3b4658}
-code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;background:#f1f3f5;padding:0 3px;border-radius:3px}
-"""
-
-
-def _note(text: str) -> str:
-    return f'<div class="note">{e(text)}</div>'
-
-
-def _cell(img_html: str, caption_html: str) -> str:
-    return f"<figure>{img_html}<figcaption>{caption_html}</figcaption></figure>"
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
-    return str(v)
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
-
-
-def _pct(v: Any) -> str:
-    return f"{100 * float(v):.1f} %" if isinstance(v, (int, float)) else "–"
-
-
-def _card(value: str, key: str, bad: bool = False) -> str:
-    return f'<div class="card{" bad" if bad else ""}"><div class="v">{e(value)}</div><div class="k">{e(key)}</div></div>'
-
-
-def _kv_table(items: Sequence[tuple[str, Any]]) -> str:
-    rows = "".join(f"<tr><td>{e(str(k))}</td><td>{e(_fmt(v))}</td></tr>" for k, v in items)
-    return f'<div class="scroll"><table class="kv">{rows}</table></div>'
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], mean_last: bool = False) -> str:
-    head = "".join(f"<th>{e(h.replace('_', ' '))}</th>" for h in header)
-    body = []
-    for i, r in enumerate(rows):
-        cls = ' class="mean"' if mean_last and i == len(rows) - 1 else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{e(_fmt(v))}</td>" for v in r) + "</tr>")
-    return f'<div class="scroll"><table><tr>{head}</tr>{"".join(body)}</table></div>'
-
-
-def _weights_caption(w: Sequence[float]) -> str:
-    if not len(w):
-        return ""
-    top = int(np.argmax(w))
-    parts = [f"<b>{x:.2f}</b>" if i == top else f"{x:.2f}" for i, x in enumerate(w)]
-    return f'<span class="w">w=[{", ".join(parts)}]</span>'
-
-
-# ---------------------------------------------------------------------------------------
-# Sections
 
 
 def _summary_section(run_dir: str, plan: dict, report: dict | None, index: dict | None, synth: _Synthetic) -> str:
@@ -592,8 +194,6 @@ def _summary_section(run_dir: str, plan: dict, report: dict | None, index: dict 
 
 def _class_section(i: int, plan: dict, report: dict | None, synth: _Synthetic, sweep: _Sweep | None,
                    sweep_note: str | None, samples: int) -> str:
-    from chimera_ray.data.ingest import load_image
-
     key, name = str(plan.get("key", "")), str(plan.get("name", plan.get("key", "")))
     shots = list(plan.get("shots", []))
     status = ((report or {}).get("train", {}).get(key) or {}).get("status", "")

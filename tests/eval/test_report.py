@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NASTY = "<script>alert('x')</script> & \"co\""
 NAMES = [NASTY, "white crescent"]
 SHOTS, BUDGET = 3, 4
@@ -41,12 +41,12 @@ def _dataset(root: Path) -> str:
 def _build_run(out: str, source: str) -> None:
     """jobs/full.py's layout (plan.json, adapters/, shards/ + index.json, report.json), without Ray."""
     from chimera_ray.config import config_to_dict, load_config
-    from chimera_ray.data.validate import ingest_for_run
     from chimera_ray.generate import Generator
+    from chimera_ray.inputs import ingest_for_run
     from chimera_ray.io import write_json
+    from chimera_ray.local import train_one
     from chimera_ray.models import load_pipeline
-    from chimera_ray.runner import train_one
-    from chimera_ray.shards import Sample, finalize_shards, write_staging
+    from chimera_ray.shards import Sample, UnitWriter, write_index
 
     config = str(ROOT / "jobs/configs/tiny.yaml")
     cfg = load_config(config, ["train.steps=2", "train.checkpoint_every=0", f"generate.samples_per_class={BUDGET}",
@@ -64,11 +64,12 @@ def _build_run(out: str, source: str) -> None:
                "label": np.array([p.label for p, _ in todo]), "sample_index": np.array([i for _, i in todo])})
     samples = [Sample(res["key"][r], res["ext"][r], res["image"][r], int(res["label"][r]), res["metadata"][r],
                       res["class_key"][r]) for r in range(len(todo))]
-    staged = write_staging(f"{out}/shards/_staging", samples)
-    index = finalize_shards(f"{out}/shards", staged, max_samples=5, shuffle_seed=0,  # 2 shards
-                            extra={"plan_signature": "test", "generate": config_to_dict(cfg.generate),
-                                   "mode": cfg.lora.mode, "base_model": cfg.model.base})
-    shutil.rmtree(f"{out}/shards/_staging")
+    with UnitWriter(f"{out}/shards", 0, max_samples=5) as w:  # one unit, 2 shards
+        for sample in samples:
+            w.add(sample)
+    index = write_index(f"{out}/shards", w.entries, complete=True, max_samples=5,
+                        extra={"plan_signature": "test", "generate": config_to_dict(cfg.generate),
+                               "mode": cfg.lora.mode, "base_model": cfg.model.base})
     written = index["totals"]["class_counts"]
     write_json(f"{out}/report.json", {
         "config": config, "output": out, "classes": len(inputs.plans),
@@ -171,7 +172,7 @@ def test_summary_and_eval(page):
 
 
 def test_no_sweep_missing_adapters_and_eval(run_dir, tmp_path):
-    from chimera_ray.report import build_report
+    from chimera_ray.eval.report import build_report
 
     page = build_report(str(run_dir), samples=2, sweep=False)
     assert page.count("skipped (--no-sweep)") == 2 and 'alt="α = ' not in page
@@ -201,7 +202,7 @@ def test_no_sweep_missing_adapters_and_eval(run_dir, tmp_path):
 
 def test_comparison_of_a_reproduce_run(run_dir, tmp_path):
     """jobs/reproduce.py layout: <out>/seed<S>/<method>/ runs, <out>/results.json beside them."""
-    from chimera_ray.report import build_report
+    from chimera_ray.eval.report import build_report
 
     run = tmp_path / "seed0" / "chimera"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("adapters", "results.json", "report.html"))
@@ -226,7 +227,7 @@ def test_cli_out_and_errors(run_dir, tmp_path, capsys):
 
 
 def test_sweep_weights_follow_alpha():
-    from chimera_ray.report import sweep_weights
+    from chimera_ray.eval.report import sweep_weights
 
     rows = dict(sweep_weights(8, (0.05, 50.0, "uniform"), 0, "cls", 3))
     assert all(abs(w.sum() - 1) < 1e-9 for w in rows.values())

@@ -1,7 +1,7 @@
 """Fidelity and diversity of a synthetic image set against the real one, in feature space.
 
 Every metric takes two feature matrices, ``real`` ``(n, d)`` and ``fake`` ``(m, d)``
-(one row per image, from any `chimera_ray.features` extractor), and is pure numpy/scipy
+(one row per image, from any `chimera_ray.eval.features` extractor), and is pure numpy/scipy
 in float64, so it runs anywhere and is tested against closed forms:
 
 * `frechet_distance`: FD between Gaussians fitted to the two sets (FID when the features

@@ -11,10 +11,10 @@ import numpy as np
 
 from chimera_ray.config import Config
 from chimera_ray.data.ingest import ImageRow, load_image
-from chimera_ray.data.plan import ClassPlan, plan_classes
 from chimera_ray.io import write_json
-from chimera_ray.lora.inject import load_adapter, save_adapter
-from chimera_ray.train import Shot, train_class
+from chimera_ray.lora.adapter import load_adapter, save_adapter
+from chimera_ray.plan import ClassPlan, plan_classes
+from chimera_ray.train import Shot, prune_checkpoints, train_class
 
 __all__ = ["ClassPlan", "plan_classes", "load_shots", "train_one", "adapter_done", "generate_local", "write_json"]
 
@@ -45,6 +45,8 @@ def train_one(pipe, plan: ClassPlan, rows: list[ImageRow], cfg: Config, progress
                       checkpoint_dir=f"{out}/checkpoints/{plan.key}", progress=progress,
                       on_checkpoint=on_checkpoint)
     digest = save_adapter(f"{out}/adapters/{plan.key}", res.state, res.meta)
+    # Committed: the checkpoints only served to resume this class.
+    res.report["checkpoints_removed"] = len(prune_checkpoints(f"{out}/checkpoints/{plan.key}", cfg.train.keep_checkpoints))
     return {"class": plan.name, "key": plan.key, "digest": digest, "skipped": skipped, **res.report}
 
 

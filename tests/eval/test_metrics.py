@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from chimera_ray.metrics import (
+from chimera_ray.eval.metrics import (
     class_metrics,
     frechet_distance,
     frechet_distance_from_stats,

@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from chimera_ray import embedded
-from chimera_ray.data import toyworld
-from chimera_ray.embedded import render_pool
-from chimera_ray.features import (
+from chimera_ray.eval import probe
+from chimera_ray.eval.features import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,
@@ -24,6 +22,8 @@ from chimera_ray.features import (
     _read_state_dict,
     load_feature_extractor,
 )
+from chimera_ray.toy import world as toyworld
+from chimera_ray.toy.base import render_pool
 
 # A few seconds of training instead of a minute: enough for every code path.
 SMALL = ToyFeatureRecipe(n_train=192, epochs=2)
@@ -92,8 +92,8 @@ def test_toy_cache_reused_then_rebuilt_when_corrupt(tmp_path, monkeypatch, rende
     original = weights.read_bytes()
 
     calls = []
-    real_train = embedded.train_probe_classifier
-    monkeypatch.setattr(embedded, "train_probe_classifier", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    real_train = probe.train_probe_classifier
+    monkeypatch.setattr(probe, "train_probe_classifier", lambda *a, **k: calls.append(1) or real_train(*a, **k))
     load_feature_extractor(TOY, cache_dir=cache, toy_recipe=TINY, progress=False)
     assert calls == []  # reused
 

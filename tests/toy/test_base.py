@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from chimera_ray import embedded, models
-from chimera_ray.embedded import build_toy_base
+from chimera_ray import models
 from chimera_ray.models import load_pipeline, native_resolution
+from chimera_ray.toy import base as embedded
+from chimera_ray.toy.base import build_toy_base
 
 # ~0.3 % of the calibrated recipe: a few VAE and UNet steps on a small pool.
 TINY_BUDGET = 0.02
@@ -67,7 +68,6 @@ def test_same_seed_gives_identical_weights(tiny_build: tuple[Path, dict], tmp_pa
 
 
 def test_builtin_toy_is_registered_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    models._load_builtin_registry()
     assert "toy" in models._BUILTINS
     # Route builtin:toy through a reduced build so the registry/cache path runs quickly.
     # A version of its own keeps the shipped weights (another version) from answering.

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chimera_ray.data import digits, toyworld
-from chimera_ray.data.toyworld import CLASSES, build_toyworld, load_manifest, longtail_counts, render
+from chimera_ray.toy import digits
+from chimera_ray.toy import world as toyworld
+from chimera_ray.toy.files import load_manifest, longtail_counts
+from chimera_ray.toy.world import CLASSES, build_toyworld, render
 
 # Small builds keep the file fast; 5 classes still give a visible long tail.
 SMALL = dict(seed=3, size=32, head_max=12, tail_min=1, test_per_class=2, num_classes=5)

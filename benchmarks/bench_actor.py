@@ -1,0 +1,102 @@
+"""Does the generation actor keep its accelerator busy? The Ray path with one actor against a
+plain loop over the same ``Generator`` at the same batch size.
+
+    python benchmarks/bench_actor.py [--base builtin:toy] [--images 256] [--batch 32] [--steps 10]
+
+Plain loop: ``Generator.render`` + ``encode`` batch after batch in one process, nothing written
+(the most a GPU-bound loop could do). Ray path: ``generate_shards`` with one actor, which also
+writes every image into committed shards; its encode + write run on a background thread while
+the next batch renders. Reported: images/s of both (the Ray path's over the actor's time inside
+units, and end to end with Ray's start-up), their ratio, and the share of the plain loop's time
+spent outside the UNet (the part a writer thread can hide). On this 2-core CPU machine the
+writer thread competes with the UNet for the same cores, so the ratio is a lower bound of what
+a GPU actor (CPU idle while the GPU denoises) gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _plain(cfg, n: int) -> dict:
+    from chimera_ray.generate import Generator
+
+    gen = Generator(cfg.model, cfg.generate, mode="base")
+    unet_s = [0.0]
+    forward = gen.pipe.unet.forward
+
+    def timed_forward(*a, **k):  # from outside the loop: the UNet's share of the time
+        t = time.perf_counter()
+        try:
+            return forward(*a, **k)
+        finally:
+            unet_s[0] += time.perf_counter() - t
+
+    gen.pipe.unet.forward = timed_forward
+    bs = cfg.generate.batch_size
+    batch = {"class_key": np.array(["class_0"] * bs), "class_name": np.array(["red star"] * bs),
+             "label": np.zeros(bs, np.int64), "sample_index": np.arange(bs)}
+    gen(batch)  # warm-up
+    unet_s[0] = 0.0
+    t0 = time.perf_counter()
+    for s in range(0, n, bs):
+        gen({**batch, "sample_index": np.arange(s, s + bs)})
+    wall = time.perf_counter() - t0
+    return {"images_per_s": round(n / wall, 2), "wall_s": round(wall, 2),
+            "outside_unet_share": round(1 - unet_s[0] / wall, 3)}
+
+
+def _ray(cfg, n: int) -> dict:
+    import ray
+
+    from chimera_ray.pipelines import generate_shards, init_ray
+    from chimera_ray.plan import ClassPlan
+
+    init_ray(cfg)
+    t0 = time.perf_counter()
+    index = generate_shards(cfg, [ClassPlan("red star", "class_0", 0, 1, (), n)])
+    wall = time.perf_counter() - t0
+    ray.shutdown()
+    units_s = index["timing"]["generate_units_sum_s"]
+    return {"images_per_s_in_units": round(n / units_s, 2), "images_per_s_end_to_end": round(n / wall, 2),
+            "units_s": units_s, "wall_s": round(wall, 2)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from chimera_ray.config import load_config
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default="builtin:toy")
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    with tempfile.TemporaryDirectory(prefix="bench-actor-") as tmp:
+        cfg = load_config(None, [f"model.base={args.base}", "lora.mode=base", f"output={tmp}/run",
+                                 f"generate.batch_size={args.batch}", f"generate.num_inference_steps={args.steps}",
+                                 f"shards.max_samples={args.images}", "ray.num_cpus=2", "ray.gen_actors_min=1",
+                                 "ray.gen_actors_max=1", "ray.gen_cpus=2"])
+        plain = _plain(cfg, args.images)
+        ray_path = _ray(cfg, args.images)
+    ratio = ray_path["images_per_s_in_units"] / plain["images_per_s"]
+    result = {"plain_loop": plain, "ray_one_actor": ray_path, "ratio_in_units": round(ratio, 3),
+              "ratio_end_to_end": round(ray_path["images_per_s_end_to_end"] / plain["images_per_s"], 3),
+              "args": vars(args), "machine": {"node": platform.node(), "cpus": os.cpu_count()}}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Image classifiers for the downstream check: the backbones, a plain torch training loop and
+an accuracy table (overall, head, tail and per class). Data comes as uint8 image tensors
+(`chimera_ray.eval.downstream.ImageSet`); Ray lives in `chimera_ray.pipelines.evaluate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from chimera_ray.cache import fetch_folder
+from chimera_ray.config import DownstreamConfig
+
+__all__ = ["SmallCNN", "build_classifier", "train_classifier", "evaluate_classifier"]
+
+
+class SmallCNN(torch.nn.Module):
+    """Three conv-BN-ReLU-pool stages, global pooling and a linear head: a from-scratch classifier for 32-64 px."""
+
+    def __init__(self, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = []
+        c_in = 3
+        for c in (width, 2 * width, 4 * width):
+            layers += [torch.nn.Conv2d(c_in, c, 3, padding=1), torch.nn.BatchNorm2d(c), torch.nn.ReLU(),
+                       torch.nn.MaxPool2d(2)]
+            c_in = c
+        self.features = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``(batch, 3, S, S)`` in [-1, 1] -> logits ``(batch, num_classes)``."""
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class _ClipProbe(torch.nn.Module):
+    """A frozen CLIP vision tower (local folder) with a trained linear head."""
+
+    def __init__(self, folder: str, num_classes: int) -> None:
+        super().__init__()
+        from transformers import (
+            CLIPVisionModelWithProjection,  # optional heavy dependency: only this backbone
+        )
+
+        self.tower = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
+        self.tower.requires_grad_(False).eval()
+        self.size = self.tower.config.image_size
+        self.register_buffer("mean", torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1))
+        self.head = torch.nn.Linear(self.tower.config.projection_dim, num_classes)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.tower.eval()  # frozen: keep its norm/dropout in eval mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate((x + 1) / 2, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        with torch.no_grad():
+            emb = self.tower(pixel_values=(x - self.mean) / self.std).image_embeds
+        return self.head(F.normalize(emb, dim=-1))
+
+
+def build_classifier(cfg: DownstreamConfig, num_classes: int, cache_dir: str | None = None) -> torch.nn.Module:
+    """The configured backbone with a fresh ``num_classes`` head (seeded by ``cfg.seed``); a remote
+    ``cfg.weights`` folder is copied once into the cache (``cache_dir``: ``model.cache_dir``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        if cfg.backbone == "small_cnn":
+            return SmallCNN(num_classes)
+        if cfg.backbone == "clip":
+            return _ClipProbe(_local_folder(cfg.weights, cache_dir), num_classes)
+    raise ValueError(f"downstream.backbone must be small_cnn or clip (got {cfg.backbone!r})")
+
+
+def _local_folder(url: str, cache_dir: str | None = None) -> str:
+    """A local copy of a model folder given as a path or any fsspec URL (copied once into the cache)."""
+    if "://" not in url:
+        if not Path(url).expanduser().is_dir():
+            raise FileNotFoundError(f"downstream.weights folder {url!r} does not exist; point it at a CLIP model "
+                                    "saved with save_pretrained (nothing is downloaded)")
+        return str(Path(url).expanduser())
+    return str(fetch_folder(url, "remote", cache_dir, required="config.json"))
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random flip and a 1/8-side random translation (reflect padding): the usual small-image recipe."""
+    n, _, s, _ = x.shape
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    pad = max(1, s // 8)
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+    return xp[:, :, dy:dy + s, dx:dx + s]
+
+
+def train_classifier(
+    model: torch.nn.Module,
+    data,
+    weights: torch.Tensor,
+    cfg: DownstreamConfig,
+    device: str | torch.device = "cpu",
+    rank: int = 0,
+    on_epoch: Callable[[dict], None] | None = None,
+    log_every: int = 100,
+) -> list[dict]:
+    """Trains ``model`` for ``cfg.steps`` steps of ``cfg.batch_size`` weighted draws.
+
+    Args:
+        model: from ``build_classifier`` (possibly DDP-wrapped by the caller).
+        data: training images (uint8) and labels.
+        weights: ``(n,)`` draw probabilities (``sampling_weights``).
+        cfg: steps, batch size, lr, weight decay, seed.
+        rank: worker rank; each worker draws its own stream (seed + rank).
+        on_epoch: called every ``log_every`` steps with ``{"step", "loss", "train_acc"}``.
+
+    Returns:
+        The logged history.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.15)
+    model.train()
+    history, run_loss, run_acc, seen = [], 0.0, 0.0, 0
+    for step in range(1, cfg.steps + 1):
+        idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=gen)
+        x = data.images[idx].float().div_(127.5).sub_(1.0)
+        x = _augment(x, gen).to(device)
+        y = data.labels[idx].to(device)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        run_loss += float(loss.detach())
+        run_acc += float((logits.argmax(1) == y).float().mean())
+        seen += 1
+        if step % log_every == 0 or step == cfg.steps:
+            entry = {"step": step, "loss": round(run_loss / seen, 4), "train_acc": round(run_acc / seen, 4)}
+            history.append(entry)
+            if on_epoch is not None:
+                on_epoch(entry)
+            run_loss, run_acc, seen = 0.0, 0.0, 0
+    return history
+
+
+@torch.no_grad()
+def evaluate_classifier(model: torch.nn.Module, test, class_names: Sequence[str], tail: set[str],
+                        device: str | torch.device = "cpu", batch: int = 256) -> dict:
+    """Accuracy on real test images: overall (per image), head/tail (mean of per-class) and per class.
+
+    Head and tail accuracies are means over classes so that a big head class does not hide
+    the tail; ``overall_acc`` is the plain per-image accuracy, ``all_acc`` the mean over classes.
+    """
+    model.eval()
+    preds = []
+    for i in range(0, len(test), batch):
+        x = test.images[i:i + batch].float().div_(127.5).sub_(1.0).to(device)
+        preds.append(model(x).argmax(1).cpu())
+    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+    per_class, n_test = {}, {}
+    for c, name in enumerate(class_names):
+        m = test.labels == c
+        n_test[name] = int(m.sum())
+        if n_test[name]:
+            per_class[name] = round(float((pred[m] == c).float().mean()), 4)
+    head = [a for n, a in per_class.items() if n not in tail]
+    tail_accs = [a for n, a in per_class.items() if n in tail]
+
+    def mean(v):
+        return round(float(np.mean(v)), 4) if v else None
+
+    return {"overall_acc": round(float((pred == test.labels).float().mean()), 4) if len(test) else None,
+            "all_acc": mean(list(per_class.values())), "head_acc": mean(head), "tail_acc": mean(tail_accs),
+            "per_class": per_class, "n_test": n_test}

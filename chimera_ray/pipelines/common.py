@@ -1,0 +1,75 @@
+"""What every Ray graph of chimera_ray shares: joining or starting Ray, and paths that mean the
+same thing on every worker."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import fsspec
+import pyarrow.fs
+import ray
+
+from chimera_ray.config import Config
+from chimera_ray.console import setup_logging
+from chimera_ray.pipelines import watchdog
+
+__all__ = ["init_ray", "absolute_url", "absolute_config", "arrow_fs", "worker_logging"]
+
+
+def absolute_url(url: str) -> str:
+    """Local paths become absolute (Ray workers may run in another working directory)."""
+    return url if "://" in url else os.path.abspath(url)
+
+
+def absolute_config(cfg: Config) -> Config:
+    """The config with every local path made absolute: Ray workers run in their own working
+    directory (Ray Train's is the run's artifact folder), where a relative path means
+    something else."""
+    def path(p):  # a place to write: always absolute
+        return absolute_url(p) if p else p
+
+    def existing(p):  # a source that may also be a hub id or builtin name: only if it exists here
+        return os.path.abspath(p) if p and "://" not in p and os.path.exists(p) else p
+
+    m, g, d, r = cfg.model, cfg.generate, cfg.downstream, cfg.ray
+    return replace(
+        cfg, output=path(cfg.output),
+        model=replace(m, base=existing(m.base), cache_dir=path(m.cache_dir)),
+        generate=replace(g, adapters=path(g.adapters), weights_table=existing(g.weights_table)),
+        downstream=replace(d, weights=existing(d.weights), shards=tuple(path(u) for u in d.shards)),
+        ray=replace(r, storage=path(r.storage)),
+    )
+
+
+def init_ray(cfg: Config) -> None:
+    """Joins the cluster (``ray.address`` or RAY_ADDRESS, as under ``ray job submit``) or starts a local Ray."""
+    if ray.is_initialized():
+        return
+    if cfg.ray.address or "RAY_ADDRESS" in os.environ:
+        ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"])
+    else:
+        # A private local cluster on loopback: token auth protects shared clusters, and this
+        # one is reachable only from this process tree.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # address="local": always a new private instance. Plain ray.init() would join whatever
+        # cluster /tmp/ray/ray_current_cluster names (another user's `ray start`, or a dead one
+        # whose head was killed without `ray stop`, where it then hangs).
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False)
+        # The instance is ours alone: it must not outlive this driver, even a SIGKILLed one.
+        # (ray._private: the session folder has no public accessor in Ray 2.60, which is pinned.)
+        watchdog.start(os.getpid(), ray._private.worker._global_node.get_session_dir_path())
+
+
+def arrow_fs(url: str):
+    """``(pyarrow filesystem | None, path)`` for Ray Train storage. Remote URLs go through
+    fsspec, so Ray Train writes with the same credentials and endpoint as everything else."""
+    if "://" not in url:
+        return None, url
+    fs, path = fsspec.core.url_to_fs(url)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
+def worker_logging() -> None:
+    """chimera_ray's INFO messages visible in a Ray worker's log (Ray forwards worker output to the driver)."""
+    setup_logging()

@@ -96,7 +96,7 @@ def run_one(samples: int, classes: int, out: str, actors: int) -> dict:
     budgets[: samples % classes] += 1
     plans = [ClassPlan(f"class {c}", f"class_{c:05d}", c, 1, (), int(b)) for c, b in enumerate(budgets)]
     cfg = load_config(None, [f"output={out}", "lora.mode=base", "model.base=stand-in", "shards.max_samples=256",
-                             "shards.max_bytes=0", "generate.batch_size=64", f"ray.gen_actors_min={actors}",
+                             "generate.batch_size=64", f"ray.gen_actors_min={actors}",
                              f"ray.gen_actors_max={actors}", "ray.gen_cpus=1", "ray.num_cpus=2"])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])

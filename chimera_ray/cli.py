@@ -133,9 +133,10 @@ def _cmd_train(args) -> int:
     from chimera_ray.data.boxes import parse_box
     from chimera_ray.data.ingest import IMAGE_EXTENSIONS, ImageRow
     from chimera_ray.data.keys import safe_key
-    from chimera_ray.local import ClassPlan, train_one, write_json
+    from chimera_ray.io import write_json
+    from chimera_ray.local import train_one
     from chimera_ray.models import load_pipeline, resolve_device, resolve_dtype
-    from chimera_ray.plan import subsample_shots
+    from chimera_ray.plan import ClassPlan, subsample_shots
 
     cfg = _load(args)
     fs, root = fsspec.core.url_to_fs(args.images)
@@ -168,8 +169,9 @@ def _cmd_generate(args) -> int:
     import fsspec
 
     from chimera_ray.generate import Generator
-    from chimera_ray.local import ClassPlan, generate_local
+    from chimera_ray.local import generate_local
     from chimera_ray.lora.adapter import load_adapter
+    from chimera_ray.plan import ClassPlan
 
     overrides = list(args.overrides or [])
     if args.num is not None:

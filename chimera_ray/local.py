@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import fsspec
 import numpy as np
+from tqdm.auto import tqdm
 
 from chimera_ray.config import Config
 from chimera_ray.data.ingest import ImageRow, load_image
-from chimera_ray.io import write_json
 from chimera_ray.lora.adapter import load_adapter, save_adapter
-from chimera_ray.plan import ClassPlan, plan_classes
+from chimera_ray.plan import ClassPlan
 from chimera_ray.train import Shot, prune_checkpoints, train_class
 
-__all__ = ["ClassPlan", "plan_classes", "load_shots", "train_one", "adapter_done", "generate_local", "write_json"]
+__all__ = ["load_shots", "train_one", "adapter_done", "generate_local"]
 
 
 def load_shots(plan: ClassPlan, rows: list[ImageRow]) -> tuple[list[Shot], list[dict]]:
@@ -60,8 +60,6 @@ def adapter_done(cfg: Config, key: str) -> bool:
 
 def generate_local(gen, plans: list[ClassPlan], cfg: Config, progress: bool = True) -> dict:
     """Generates every plan's budget in batches into ``<output>/images/<key>/`` + metadata.jsonl."""
-    from tqdm.auto import tqdm
-
     out = cfg.output.rstrip("/")
     rows = [(p, i) for p in plans for i in range(p.budget)]
     fs, root = fsspec.core.url_to_fs(f"{out}/images")

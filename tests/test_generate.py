@@ -109,3 +109,33 @@ def test_generator_errors(tiny_pipe, adapters):
     with pytest.raises(ValueError, match="sum to 1"):
         gen({"class_key": np.array(["red_star"]), "sample_index": np.array([0]),
              "weights": np.array([[0.9, 0.9, 0.0]], dtype=object)})
+
+
+def test_units_of_a_window_load_each_adapter_once_per_actor(tiny_pipe, shots, tmp_path, monkeypatch):
+    """Issue #14 item 8: units cover windows of at most adapter_cache_size classes, so an actor
+    that renders a window's units (in micro-batches, classes interleaved) loads each adapter once
+    per window, not once per batch. Counted from outside: a wrapper around the adapter loader."""
+    import chimera_ray.generate as gen_mod
+    from chimera_ray.units import plan_units, unit_rows
+
+    root = tmp_path / "adapters"
+    res = train_class(tiny_pipe, shots[:2], class_name="c", class_key="c", train=TrainConfig(steps=1, checkpoint_every=0))
+    keys = [f"class_{i}" for i in range(6)]
+    for k in keys:
+        res.meta.class_key, res.meta.class_name = k, k
+        save_adapter(str(root / k), res.state, res.meta)
+    loads = []
+    real_load = gen_mod.load_adapter
+    monkeypatch.setattr(gen_mod, "load_adapter", lambda d, *a, **kw: loads.append(d) or real_load(d, *a, **kw))
+    classes = [(k, 5) for k in keys]
+    g = GenerateConfig(num_inference_steps=1, guidance_scale=1.0, batch_size=4, seed=0, adapter_cache_size=3)
+    gen = Generator(generate=g, adapter_root=str(root), pipe=tiny_pipe)
+    units = plan_units(classes, unit_samples=4, window_classes=3, seed=0)
+    assert len(units) == 8 and {u.window for u in units} == {0, 1}  # 2 windows of 15 samples, 4 units each
+    images, mixed = 0, 0
+    for u in units:
+        ck, idx = unit_rows(classes, u, window_classes=3, seed=0)
+        mixed += len(set(ck)) > 1  # classes are interleaved inside units
+        images += len(gen({"class_key": ck, "sample_index": idx})["key"])
+    assert images == 30 and mixed >= len(units) // 2
+    assert sorted(loads) == sorted(str(root / k) for k in keys)  # one load per adapter

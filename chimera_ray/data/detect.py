@@ -133,6 +133,7 @@ class ZeroShotDetector:
 
     def __init__(self, model: str, *, threshold: float = 0.1, prompt_template: str = "a photo of a {name}",
                  device: str = "cpu", cache_dir: str | None = None):
+        # torch + transformers' detectors (seconds to import): only when data.detector is enabled.
         import torch
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
         from transformers.utils import logging as transformers_logging

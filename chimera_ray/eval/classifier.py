@@ -42,9 +42,8 @@ class _ClipProbe(torch.nn.Module):
 
     def __init__(self, folder: str, num_classes: int) -> None:
         super().__init__()
-        from transformers import (
-            CLIPVisionModelWithProjection,  # optional heavy dependency: only this backbone
-        )
+        # transformers' CLIP (seconds to import): only for this backbone.
+        from transformers import CLIPVisionModelWithProjection
 
         self.tower = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
         self.tower.requires_grad_(False).eval()

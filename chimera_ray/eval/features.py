@@ -376,7 +376,7 @@ def _torchvision_extractor(spec: str, rest: str, device, batch_size: int) -> Fea
         raise ValueError(f"bad torchvision spec {spec!r}: expected 'torchvision:<arch>=<weights path or URL>' with "
                          f"arch one of {', '.join(_TORCHVISION_ARCHS)}")
     try:
-        import torchvision
+        import torchvision  # optional: not a dependency (its wheels must match the torch build)
     except ImportError as e:
         raise ImportError(
             f"feature extractor {spec!r} needs torchvision, which is not installed; install the build matching "
@@ -413,6 +413,7 @@ def _torchvision_extractor(spec: str, rest: str, device, batch_size: int) -> Fea
 
 
 def _clip_extractor(spec: str, folder: str, device, batch_size: int) -> FeatureExtractor:
+    # transformers' CLIP (seconds to import): only for clip: extractors.
     from transformers import CLIPVisionModelWithProjection
     from transformers.utils import logging as transformers_logging
 

@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = sub.add_parser("run", help="the main job: tail classes -> Ray Train fine-tunes -> Ray Data shards",
+                       description="Validate, plan, fine-tune every tail class on Ray Train and generate WebDataset "
+                                   "shards on Ray Data (what jobs/full.py runs under `ray job submit`). Exit 0 done, "
+                                   "1 the run failed (report.json says why), 2 bad config or input.")
+    p.add_argument("--config", help="YAML config, e.g. jobs/configs/demo.yaml (or give it as the first positional)")
+    p.add_argument("--smoke-test", action="store_true", help="tiny run: 2 classes, 4 steps, 3 images each")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of a failure, not only its cause")
+    p.add_argument("overrides", nargs="*", help="[CONFIG.yaml] " + _OVERRIDES_HELP)
+
     p = sub.add_parser("train", help="fine-tune one class's adapters on this machine",
                        description="Fine-tune one class (a folder of its images, optional boxes) into <output>/adapters/<key>.")
     p.add_argument("--images", required=True, help="folder (or URL) holding the class's real images")
@@ -259,6 +268,14 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_run(args) -> int:
+    from chimera_ray.pipelines.job import (
+        run_from_args,  # Ray and the pipelines: only for `run`
+    )
+
+    return run_from_args(args)
+
+
 def _cmd_toy(args) -> int:
     import dataclasses
     import time
@@ -301,10 +318,17 @@ def _cmd_toy(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from chimera_ray.models import BaseModelError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options (`run CONFIG --smoke-test train.steps=5`): argparse stops a
+    # positional list at the first option, so the rest arrives as "unrecognized".
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides or []) + extra
     setup_logging()
     handler = {"train": _cmd_train, "generate": _cmd_generate, "export-lora": _cmd_export, "config": _cmd_config,
-               "validate": _cmd_validate, "report": _cmd_report, "toy": _cmd_toy}[args.command]
+               "validate": _cmd_validate, "report": _cmd_report, "toy": _cmd_toy, "run": _cmd_run}[args.command]
     try:
         return handler(args)
     except (ConfigError, BaseModelError, ValueError, FileNotFoundError) as e:

@@ -4,116 +4,13 @@ synthetic images (Ray Data actor pool) -> WebDataset shards + index -> run repor
     python jobs/full.py --config jobs/configs/demo.yaml [key=value ...] [--smoke-test] [--verbose]
     ray job submit --working-dir . -- python jobs/full.py --config jobs/configs/demo.yaml
 
-Checks everything `chimera-ray validate` checks (config, data, base model, storage) before Ray
-starts. Starts a local Ray, or joins the cluster under `ray job submit` (RAY_ADDRESS). Rerunning
-the same command resumes: committed classes are skipped, interrupted ones continue from their last
-checkpoint, and committed generation units are kept.
-
-Exit codes: 0 done; 1 the run failed (report.json and failures/ say why); 2 bad config or input
-(one line per problem, before any work).
+The same as `chimera-ray run` (chimera_ray/pipelines/job.py), as a script for `ray job submit`.
+Exit codes: 0 done; 1 the run failed (report.json and failures/ say why); 2 bad config or input.
 """
 
-import argparse
-import json
 import sys
-import time
-import traceback
 
-import yaml
-
-from chimera_ray.cache import CacheError
-from chimera_ray.config import ConfigError, config_to_dict, load_config
-from chimera_ray.console import setup_logging
-from chimera_ray.data.validate import DataError
-from chimera_ray.inputs import ingest_for_run
-from chimera_ray.io import atomic_write, write_json
-from chimera_ray.models import BaseModelError
-from chimera_ray.pipelines import generate_shards, init_ray, train_classes
-
-SMOKE = ["train.steps=4", "train.checkpoint_every=2", "data.max_classes=2", "generate.samples_per_class=3",
-         "generate.num_inference_steps=2", "ray.gen_actors_max=1"]
-USER_ERRORS = (ConfigError, DataError, BaseModelError, CacheError)
-
-
-class RunFailed(RuntimeError):
-    """The run cannot go on; the message is the one-line cause."""
-
-
-def run(cfg, config_path: str, report: dict) -> None:
-    t0, out = time.time(), cfg.output.rstrip("/")
-    report["stage"] = "ingest"
-    # Same checks as `chimera-ray validate`: stops on fatal problems, else skips and counts bad rows.
-    inputs = ingest_for_run(cfg)
-    print(inputs.plan_table(), flush=True)
-    write_json(f"{out}/plan.json", inputs.plan_json())
-    # The resolved config (file + overrides): what `chimera-ray report` and a rerun need.
-    atomic_write(f"{out}/config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
-    report.update(classes=len(inputs.plans), requested={p.key: p.budget for p in inputs.plans}, **inputs.report())
-
-    report["stage"] = "train"
-    init_ray(cfg)
-    trained = train_classes(cfg, inputs.plans, inputs.dataset.by_class(cfg.data.split)) if cfg.lora.mode != "base" else {}
-    failed = sorted(k for k, v in trained.items() if v["status"] == "failed")
-    report.update(train=trained, failed_classes=failed, seconds={"train": round(time.time() - t0, 1)})
-    ready = [p for p in inputs.plans if cfg.lora.mode == "base" or trained[p.key]["status"] != "failed"]
-    if not ready:
-        first = trained[failed[0]]["error"] if failed else "no class was planned"
-        raise RunFailed(f"no class is left to generate: all {len(failed)} planned classes failed training "
-                        f"(first: {failed[0] if failed else '-'}: {first}); see {out}/failures/")
-
-    report["stage"] = "generate"
-    index = generate_shards(cfg, ready)
-    written = index["totals"]["class_counts"]
-    report.update(
-        written={p.key: written.get(p.key, 0) for p in inputs.plans},
-        shards={"count": index["totals"]["shards"], "bytes": index["totals"]["bytes"], "index": f"{out}/shards/index.json"},
-        generation=index["generation"],  # units planned / already committed (skipped) / generated now
-        seconds={**report["seconds"], "total": round(time.time() - t0, 1), **index.get("timing", {})},
-    )
-    report["stage"] = "done"
-
-
-def main() -> int:
-    setup_logging()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="YAML config, e.g. jobs/configs/demo.yaml")
-    ap.add_argument("--smoke-test", action="store_true", help="tiny run: 2 classes, 4 steps, 3 images each")
-    ap.add_argument("--verbose", action="store_true", help="print the traceback of a failure, not only its cause")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 output=s3://bucket/run")
-    args = ap.parse_args()
-    try:
-        cfg = load_config(args.config, (SMOKE if args.smoke_test else []) + args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = cfg.output.rstrip("/")
-    report: dict = {"config": args.config, "output": out, "status": "running"}
-    try:
-        run(cfg, args.config, report)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - any failure still leaves a report that explains it
-        cause = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
-        tb = traceback.format_exc()
-        failure = f"{out}/failures/run.json"
-        report.update(status="failed", error=cause, failure_file=failure)
-        try:
-            write_json(failure, {"stage": report.get("stage"), "error": cause, "traceback": tb})
-            write_json(f"{out}/report.json", report)
-        except Exception as write_error:  # noqa: BLE001 - the output itself may be what failed
-            print(f"error: could not write the failure report to {out}: {write_error}", file=sys.stderr)
-        if args.verbose:
-            print(tb, file=sys.stderr)
-        print(f"error: the run failed while {report.get('stage')}: {cause}\n"
-              f"       details: {failure} (traceback), {out}/report.json" + ("" if args.verbose else
-              "; rerun with --verbose to print the traceback"), file=sys.stderr)
-        return 1
-    report["status"] = "ok"
-    write_json(f"{out}/report.json", report)
-    print(json.dumps({k: report[k] for k in ("output", "shards", "generation", "failed_classes", "seconds")}, indent=2))
-    return 0
-
+from chimera_ray.pipelines.job import main
 
 if __name__ == "__main__":
     sys.exit(main())

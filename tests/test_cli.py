@@ -21,7 +21,7 @@ def run(args, env_extra=None, check=True):
     return proc
 
 
-@pytest.mark.parametrize("sub", [[], ["train"], ["generate"], ["export-lora"], ["validate"], ["config"]])
+@pytest.mark.parametrize("sub", [[], ["run"], ["train"], ["generate"], ["export-lora"], ["validate"], ["config"]])
 def test_help_everywhere(sub):
     out = run(["-m", "chimera_ray.cli", *sub, "--help"]).stdout
     assert "usage: chimera-ray" in out
@@ -85,3 +85,24 @@ def test_full_job_smoke_and_resume(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert all(v["status"].startswith("skipped") for v in report["train"].values())
     assert json.loads((out / "shards" / "index.json").read_text())["shards"] == index["shards"]
+
+
+def test_config_file_positional_or_flag_in_every_subcommand(capsys):
+    from chimera_ray.cli import main
+
+    assert main(["config", "jobs/configs/tiny.yaml", "train.steps=3"]) == 0
+    positional = capsys.readouterr().out
+    assert main(["config", "--config", "jobs/configs/tiny.yaml", "train.steps=3"]) == 0
+    assert capsys.readouterr().out == positional and "steps: 3" in positional
+    assert main(["config", "--config", "jobs/configs/tiny.yaml", "jobs/configs/demo.yaml"]) == 2
+    assert "two config files" in capsys.readouterr().err
+
+
+def test_run_refuses_a_bad_config_before_anything_starts(capsys, tmp_path):
+    from chimera_ray.cli import main
+
+    # Overrides after an option still count (argparse alone would reject them).
+    code = main(["run", "jobs/configs/tiny.yaml", "--smoke-test", "lora.rank=0", f"output={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "lora.rank must be >= 1" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

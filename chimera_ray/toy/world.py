@@ -7,17 +7,8 @@ a cluttered but low-contrast background. Everything is pure numpy + Pillow and
 deterministic from a seed, so a dataset can be rebuilt byte for byte on any
 worker instead of being shipped around.
 
-On disk a built dataset looks like::
-
-    out_dir/
-      train/<class_dir>/<image_id>.png    # ImageFolder layout, long-tailed
-      test/<class_dir>/<image_id>.png     # balanced, test_per_class each
-      manifest.jsonl                      # path, label, split, boxes per image
-      manifest.csv                        # same rows; boxes JSON-encoded
-      classes.json                        # class names in label-id order
-      summary.json                        # build parameters and counts
-
-The writer (`chimera_ray.toy.files.materialize_dataset`) is shared with `chimera_ray.toy.digits`.
+On disk a built dataset is an ImageFolder tree plus manifests and a summary (the layout is in
+`chimera_ray.toy.files`). The writer (`chimera_ray.toy.files.materialize_dataset`) is shared with `chimera_ray.toy.digits`.
 """
 
 from __future__ import annotations

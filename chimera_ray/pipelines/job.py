@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import yaml
 
 from chimera_ray.cache import CacheError
-from chimera_ray.config import ConfigError, config_to_dict, load_config
+from chimera_ray.config import Config, ConfigError, config_to_dict, load_config
 from chimera_ray.console import setup_logging
 from chimera_ray.data.validate import DataError
 from chimera_ray.inputs import ingest_for_run
@@ -43,7 +43,8 @@ class RunFailed(RuntimeError):
     """The run cannot go on; the message is the one-line cause."""
 
 
-def run(cfg, config_path: str, report: dict) -> None:
+def run(cfg: Config, report: dict) -> None:
+    """Runs the job on a validated config, filling ``report`` stage by stage (it is written even on failure)."""
     t0, out = time.time(), cfg.output.rstrip("/")
     report["stage"] = "ingest"
     # Same checks as `chimera-ray validate`: stops on fatal problems, else skips and counts bad rows.
@@ -108,7 +109,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     out = cfg.output.rstrip("/")
     report: dict = {"config": args.config, "output": out, "status": "running"}
     try:
-        run(cfg, args.config, report)
+        run(cfg, report)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -219,7 +219,8 @@ def _cmd_export(args) -> int:
     else:
         cfg = _load(args)
         weights = mixture_weights(meta.mode, meta.num_heads, cfg.generate.dirichlet_concentration, cfg.generate.seed,
-                                  meta.class_key, args.sample_index, cfg.generate.imagewise_mix).tolist()
+                                  meta.class_key, args.sample_index, cfg.generate.imagewise_mix,
+                                  cfg.generate.imagewise_weight).tolist()
     export_lora(args.out, state, meta, weights)
     print(json.dumps({"lora": args.out, "class": meta.class_name, "weights": weights}, indent=2))
     return 0

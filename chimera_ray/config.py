@@ -30,6 +30,8 @@ __all__ = [
     "FaultConfig",
     "DownstreamConfig",
     "Config",
+    "RECIPES",
+    "resolve_recipe",
     "load_config",
     "apply_overrides",
     "config_to_dict",
@@ -68,43 +70,79 @@ class ModelConfig:
 @dataclass(frozen=True)
 class LoRAConfig:
     # chimera: shared A + one B head per shot (the method); classwise: one head for all
-    # shots (DataDream-style); imagewise: independent (A_i, B_i) per shot (LoFT-style);
-    # base: no fine-tuning (prompt only).
+    # shots (DataDream); imagewise: an independent (A_i, B_i) per shot, each trained alone
+    # (LoFT); base: no fine-tuning (prompt only). Each mode runs its own paper's recipe
+    # (RECIPES below): a field left null takes the mode's value, a field set wins.
     mode: Literal["chimera", "classwise", "imagewise", "base"] = "chimera"
-    # Rank 8 is the usual few-shot LoRA size (DataDream uses 16 on SD 2.1; a smaller base needs less).
-    rank: int = 8
-    # LoRA scale numerator: y = W0 x + (lora_alpha / rank) * B A x. Equal to rank -> scale 1.
-    lora_alpha: float = 8.0
+    # LoRA rank r. Recipe: chimera 8 (the paper does not give it; ours), classwise 16
+    # (DataDream), imagewise 2 (LoFT).
+    rank: int | None = None
+    # LoRA scale numerator: y = W0 x + (lora_alpha / rank) * B A x. null: equal to rank (scale 1).
+    lora_alpha: float | None = None
+    # A's initialisation (B starts at zero, so step 0 is the base model either way):
+    # "gaussian" N(0, 1/r^2) as the paper does (peft's init_lora_weights="gaussian"), or
+    # "kaiming" (peft's default Kaiming-uniform, ~5x smaller updates through B).
+    # Recipe: chimera gaussian, classwise/imagewise kaiming (their code uses peft's default).
+    init_a: Literal["gaussian", "kaiming"] | None = None
     # Attention projections are what the paper adapts; names match diffusers' Attention.
     # A pattern matches a module whose dotted name equals it or ends with "." + pattern;
     # "re:<regex>" matches the full name with a regular expression.
     targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # Also a LoRA on the text encoder's attention projections (DataDream trains one; classwise
+    # mode only: its prompt embedding is then the class's own). Saved with the UNet adapter,
+    # exported with it, applied to the prompt and the negative prompt at generation.
+    text_encoder: bool = False
+    text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @dataclass(frozen=True)
 class CropConfig:
-    # Semantic boosting: random resized crops that always keep the object box inside.
-    enabled: bool = True
-    # Fraction of the image area a crop covers (torchvision's RandomResizedCrop uses 0.08-1;
-    # few-shot fine-tuning wants the object to stay a large part of the frame).
+    # How a training view is cut from a shot (chimera_ray/data/crops.py):
+    #   boost         semantic boosting as the paper describes it: a crop that always contains the
+    #                 object's box, with slight scale (`jitter`) and translation jitter, zero-padded
+    #                 to a square instead of squashed (aspect ratio kept);
+    #   boost_strong  random resized crops (area `scale`, aspect `ratio`) that keep the box inside,
+    #                 squashed to a square (this project's first recipe);
+    #   random_resized  ordinary random resized crops that may cut the object away (the ablation);
+    #   resize_crop   resize the shorter side, random square crop (DataDream);
+    #   center        resize the shorter side, centre square crop (LoFT).
+    # null: the mode's recipe (chimera boost, classwise resize_crop, imagewise center).
+    method: Literal["boost", "boost_strong", "random_resized", "resize_crop", "center"] | None = None
+    # boost: the crop's side as a fraction of the image's (same fraction for width and height,
+    # so the image's aspect ratio is kept), grown to the box when the box is larger.
+    jitter: tuple[float, float] = (0.8, 1.0)
+    # boost_strong / random_resized: fraction of the image area a crop covers (torchvision's
+    # RandomResizedCrop uses 0.08-1; few-shot fine-tuning wants the object large in the frame).
     scale: tuple[float, float] = (0.35, 1.0)
-    # Aspect ratio range of the crop before it is resized to a square.
+    # Aspect ratio range of those crops before they are resized to a square.
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    # Horizontal flip probability: objects keep their identity when mirrored.
-    flip_p: float = 0.5
+    # Horizontal flip probability. null: the recipe's (chimera 0: a head should keep its shot as
+    # it is, the paper's boosting names only scale and translation jitter; classwise 0.5 as
+    # diffusers' LoRA scripts DataDream builds on; imagewise 0, LoFT's centre crop).
+    flip_p: float | None = None
     # Boxes partly outside the image: "clip" them (counted in the report) or "error".
     out_of_image: Literal["clip", "error"] = "clip"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    # Optimiser steps per class (imagewise: per image, each image's LoRA trained on its own).
     # A few hundred steps is DataDream/LoFT's few-shot regime for SD; the toy base needs fewer.
     steps: int = 200
-    # LoRA tolerates a high learning rate (1e-4 is the SD LoRA default; toy models like 1e-3).
-    lr: float = 1e-3
+    # Learning rate of the B heads. Recipe: chimera 1e-3 (the paper's head rate), classwise 1e-4
+    # (DataDream), imagewise 1e-3 (LoFT).
+    lr: float | None = None
+    # A's learning rate is lr * lr_a_scale. Recipe: chimera 0.1 (the paper: A 1e-4, heads 1e-3;
+    # a slow shared A holds the class while the heads specialise), 1.0 for the baselines.
+    lr_a_scale: float | None = None
+    # "constant", or "cosine" decay to 0 after a linear warm-up over warmup_fraction of the steps.
+    # Recipe: classwise cosine with 1/4 warm-up (DataDream: 100 warm-up steps of ~400), else constant.
+    schedule: Literal["constant", "cosine"] | None = None
+    warmup_fraction: float | None = None
     weight_decay: float = 1e-2
     # Samples per optimiser micro-batch; every sample routes through its own shot's head.
-    batch_size: int = 4
+    # Recipe: chimera 4, classwise 8 (DataDream), imagewise 1 (LoFT).
+    batch_size: int | None = None
     # Micro-batches per optimiser step (effective batch = batch_size * grad_accum).
     grad_accum: int = 1
     seed: int = 0
@@ -130,6 +168,9 @@ class GenerateConfig:
     dirichlet_concentration: float = 1.0
     # imagewise mode only: 1 picks one shot's adapter per sample, 2 interpolates two (LoFT).
     imagewise_mix: int = 2
+    # imagewise with mix 2: the first image's weight in the pair, t / 1 - t. 0.5 is LoFT's fixed
+    # midpoint; null draws t ~ U(0, 1) per image.
+    imagewise_weight: float | None = 0.5
     num_inference_steps: int = 25
     # Classifier-free guidance scale; > 1 doubles the UNet batch (uncond + cond).
     guidance_scale: float = 5.0
@@ -334,6 +375,43 @@ class DownstreamConfig:
     use_gpu: bool = False
 
 
+# Each mode's recipe: the values a null field of `lora` / `train` / `train.crop` takes. chimera is
+# the paper's (A 10x slower than the heads, Gaussian A, boosting crops); classwise is DataDream's
+# (rank 16, lr 1e-4 cosine with warm-up, resize + random crop, batch 8); imagewise is LoFT's (rank
+# 2, lr 1e-3, batch 1, centre crop, each image's LoRA trained alone). base trains nothing.
+RECIPES: dict[str, dict[str, Any]] = {
+    "chimera": {"lora.rank": 8, "lora.init_a": "gaussian", "train.lr": 1e-3, "train.lr_a_scale": 0.1,
+                "train.schedule": "constant", "train.warmup_fraction": 0.0, "train.batch_size": 4,
+                "train.crop.method": "boost", "train.crop.flip_p": 0.0},
+    "classwise": {"lora.rank": 16, "lora.init_a": "kaiming", "train.lr": 1e-4, "train.lr_a_scale": 1.0,
+                  "train.schedule": "cosine", "train.warmup_fraction": 0.25, "train.batch_size": 8,
+                  "train.crop.method": "resize_crop", "train.crop.flip_p": 0.5},
+    "imagewise": {"lora.rank": 2, "lora.init_a": "kaiming", "train.lr": 1e-3, "train.lr_a_scale": 1.0,
+                  "train.schedule": "constant", "train.warmup_fraction": 0.0, "train.batch_size": 1,
+                  "train.crop.method": "center", "train.crop.flip_p": 0.0},
+}
+RECIPES["base"] = RECIPES["chimera"]
+
+
+def resolve_recipe(lora: LoRAConfig, train: TrainConfig) -> tuple[LoRAConfig, TrainConfig]:
+    """Fills the null fields of ``lora`` / ``train`` from ``RECIPES[lora.mode]``; set fields win.
+
+    Idempotent; ``lora_alpha`` null becomes the rank (LoRA scale 1).
+    """
+    recipe = RECIPES.get(lora.mode, RECIPES["chimera"])
+
+    def fill(obj, section):
+        vals = {k.rsplit(".", 1)[1]: v for k, v in recipe.items() if k.rsplit(".", 1)[0] == section}
+        return dataclasses.replace(obj, **{k: v for k, v in vals.items() if getattr(obj, k) is None})
+
+    lora = fill(lora, "lora")
+    if lora.lora_alpha is None:  # (a bad rank is reported as such, not again through lora_alpha)
+        rank_ok = isinstance(lora.rank, int) and lora.rank >= 1
+        lora = dataclasses.replace(lora, lora_alpha=float(lora.rank) if rank_ok else 1.0)
+    train = dataclasses.replace(fill(train, "train"), crop=fill(train.crop, "train.crop"))
+    return lora, train
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -346,6 +424,14 @@ class Config:
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     # Where adapters, images, shards and reports go (local path or fsspec URL).
     output: str = "outputs/demo"
+
+    def __post_init__(self):
+        # The mode's recipe fills what the config leaves null; the resolved values are what
+        # `<output>/config.yaml` records and every stage reads.
+        if isinstance(self.lora, LoRAConfig) and isinstance(self.train, TrainConfig):
+            lora, train = resolve_recipe(self.lora, self.train)
+            object.__setattr__(self, "lora", lora)
+            object.__setattr__(self, "train", train)
 
     def validate(self) -> "Config":
         """Checks every field and raises one ``ConfigError`` listing all problems."""
@@ -366,6 +452,11 @@ class Config:
         check(len(lo.targets) > 0, "lora.targets must list at least one module-name pattern, e.g. [to_q, to_v]")
         check(t.steps >= 1, f"train.steps must be >= 1 (got {t.steps})")
         check(t.lr > 0, f"train.lr must be > 0 (got {t.lr})")
+        check(t.lr_a_scale >= 0, f"train.lr_a_scale must be >= 0, A's rate is train.lr * lr_a_scale (got {t.lr_a_scale})")
+        check(0 <= t.warmup_fraction < 1, f"train.warmup_fraction must be in [0, 1) (got {t.warmup_fraction})")
+        check(lo.mode == "classwise" or not lo.text_encoder,
+              f"lora.text_encoder=true is DataDream's classwise recipe; lora.mode={lo.mode} shares one prompt "
+              "embedding across heads, set lora.text_encoder=false or lora.mode=classwise")
         check(t.batch_size >= 1, f"train.batch_size must be >= 1 (got {t.batch_size})")
         check(t.grad_accum >= 1, f"train.grad_accum must be >= 1 (got {t.grad_accum})")
         check(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, 0 disables (got {t.checkpoint_every})")
@@ -373,6 +464,7 @@ class Config:
         check(t.max_shots >= 1, f"train.max_shots must be >= 1 (got {t.max_shots})")
         check("{name}" in t.prompt_template, f"train.prompt_template must contain '{{name}}' (got {t.prompt_template!r})")
         c = t.crop
+        check(0 < c.jitter[0] <= c.jitter[1] <= 1, f"train.crop.jitter must satisfy 0 < min <= max <= 1 (got {list(c.jitter)})")
         check(0 < c.scale[0] <= c.scale[1] <= 1, f"train.crop.scale must satisfy 0 < min <= max <= 1 (got {list(c.scale)})")
         check(0 < c.ratio[0] <= c.ratio[1], f"train.crop.ratio must satisfy 0 < min <= max (got {list(c.ratio)})")
         check(0 <= c.flip_p <= 1, f"train.crop.flip_p must be in [0, 1] (got {c.flip_p})")
@@ -381,6 +473,8 @@ class Config:
               f"generate.dirichlet_concentration must be > 0 (got {g.dirichlet_concentration}); "
               "small values stay close to one shot, large values approach the class average")
         check(g.imagewise_mix in (1, 2), f"generate.imagewise_mix must be 1 or 2 (got {g.imagewise_mix})")
+        check(g.imagewise_weight is None or 0 <= g.imagewise_weight <= 1,
+              f"generate.imagewise_weight must be in [0, 1] or null for a uniform draw (got {g.imagewise_weight})")
         check(g.num_inference_steps >= 1, f"generate.num_inference_steps must be >= 1 (got {g.num_inference_steps})")
         check(g.guidance_scale >= 0, f"generate.guidance_scale must be >= 0 (got {g.guidance_scale})")
         check(g.batch_size >= 1, f"generate.batch_size must be >= 1 (got {g.batch_size})")

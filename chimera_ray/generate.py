@@ -23,8 +23,14 @@ import torch
 from PIL import Image
 
 from chimera_ray.config import GenerateConfig, ModelConfig
-from chimera_ray.lora.adapter import load_adapter, split_layers
-from chimera_ray.lora.inject import inject_lora, lora_layers, routing, set_disabled
+from chimera_ray.lora.adapter import load_adapter, split_layers, text_encoder_state
+from chimera_ray.lora.inject import (
+    inject_lora,
+    load_adapter_state_dict,
+    lora_layers,
+    routing,
+    set_disabled,
+)
 from chimera_ray.models import (
     load_pipeline,
     native_resolution,
@@ -114,7 +120,7 @@ class Generator:
         if meta.mode != self.mode:
             raise ValueError(f"adapter {class_key!r} was trained in mode {meta.mode!r} but generation runs mode "
                              f"{self.mode!r}; retrain or set lora.mode={meta.mode}")
-        entry = ({n: (A, B) for n, (A, B) in split_layers(state).items()}, meta)
+        entry = ({n: (A, B) for n, (A, B) in split_layers(state).items()}, meta, text_encoder_state(state))
         self._cache[class_key] = entry
         while len(self._cache) > self.cfg.adapter_cache_size:
             self._cache.popitem(last=False)
@@ -125,7 +131,7 @@ class Generator:
         if keys == self._bank_keys:
             return
         entries = [self._adapter(k) for k in keys]
-        sig = {(m.rank, m.lora_alpha, tuple(m.targets), m.shared_a) for _, m in entries}
+        sig = {(m.rank, m.lora_alpha, tuple(m.targets), m.shared_a) for _, m, _ in entries}
         if len(sig) != 1:
             raise ValueError(f"classes {list(keys)} have adapters of different rank/targets/mode; "
                              "one generation run needs adapters trained with one lora config")
@@ -138,19 +144,35 @@ class Generator:
         elif sig != self._injected:
             raise ValueError("adapters in this run differ in rank/targets/mode from the first one loaded")
         for name, layer in lora_layers(unet).items():
-            layer.load_bank([layers[name] for layers, _ in entries])
+            layer.load_bank([layers[name] for layers, _, _ in entries])
         self._bank_keys = keys
 
     # ---- prompts ---------------------------------------------------------------------------
 
-    def _embed(self, prompt: str) -> torch.Tensor:
-        if prompt not in self._prompt_cache:
-            with torch.no_grad():
-                emb, _ = self.pipe.encode_prompt(prompt, self.pipe.device, 1, False)
-            self._prompt_cache[prompt] = emb[0]
+    def _embed(self, prompt: str, class_key: str | None = None) -> torch.Tensor:
+        """The prompt's embedding; through the class's text-encoder LoRA when its adapter has one
+        (DataDream's classwise recipe: the prompt and the negative prompt both go through it)."""
+        te_state, meta = {}, None
+        if class_key is not None and self.mode != "base":
+            _, meta, te_state = self._adapter(class_key)
+        key = (class_key if te_state else None, prompt)
+        if key not in self._prompt_cache:
+            text_encoder = self.pipe.text_encoder
+            if te_state:
+                if not lora_layers(text_encoder):
+                    inject_lora(text_encoder, meta.extra["text_encoder_targets"], meta.rank, meta.lora_alpha, 1)
+                load_adapter_state_dict(text_encoder, te_state)
+            elif lora_layers(text_encoder):
+                set_disabled(text_encoder)
+            try:
+                with torch.no_grad():
+                    emb, _ = self.pipe.encode_prompt(prompt, self.pipe.device, 1, False)
+            finally:
+                set_disabled(text_encoder, False)
+            self._prompt_cache[key] = emb[0]
             if len(self._prompt_cache) > 4096:
                 self._prompt_cache.pop(next(iter(self._prompt_cache)))
-        return self._prompt_cache[prompt]
+        return self._prompt_cache[key]
 
     # ---- the batch -------------------------------------------------------------------------
 
@@ -191,7 +213,8 @@ class Generator:
         labels = [int(x) for x in batch["label"]] if "label" in batch else [metas[k].label if metas else -1 for k in keys]
         given = batch["weights"] if "weights" in batch else [None] * n
         rows_w = [row_weights(given[r], self.mode, metas[keys[r]].num_heads if metas else 0, g.dirichlet_concentration,
-                              g.seed, keys[r], index[r], g.imagewise_mix) for r in range(n)]
+                              g.seed, keys[r], index[r], g.imagewise_mix, g.imagewise_weight)
+                  for r in range(n)]
         seeds = [derive_seed(g.seed, keys[r], index[r], "noise") for r in range(n)]
         prompts = [g.prompt_template.format(name=names[r]) for r in range(n)]
         pixels = self._denoise(keys, rows_w, seeds, prompts)
@@ -222,8 +245,8 @@ class Generator:
             for r, w in enumerate(rows_w):
                 W[r, : len(w)] = torch.from_numpy(w)
             route = routing(unet, weights=W, class_index=torch.tensor([slot[k] for k in keys]), cfg=do_cfg)
-        pos = torch.stack([self._embed(p) for p in prompts])
-        neg = torch.stack([self._embed(g.negative_prompt)] * n)
+        pos = torch.stack([self._embed(p, k) for p, k in zip(prompts, keys)])
+        neg = torch.stack([self._embed(g.negative_prompt, k) for k in keys])
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         with route, torch.no_grad():
             out = self.pipe(

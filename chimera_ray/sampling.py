@@ -30,13 +30,15 @@ def mixture_weights(
     class_key: str,
     index: int,
     imagewise_mix: int = 2,
+    imagewise_weight: float | None = None,
 ) -> np.ndarray:
     """The mixture weights ``w`` of one synthetic image.
 
     Args:
         mode: chimera -> ``w ~ Dirichlet(concentration * 1_K)``; classwise -> ``[1]``;
-            imagewise -> one shot picked uniformly (mix 1) or two shots interpolated with
-            ``t ~ U(0, 1)`` (mix 2, as LoFT does); base -> empty.
+            imagewise -> one shot picked uniformly (mix 1) or a pair of distinct shots picked
+            uniformly and weighted ``t / 1 - t`` (mix 2), with ``t = imagewise_weight`` (LoFT's
+            fixed 0.5) or ``t ~ U(0, 1)`` when it is None; base -> empty.
         num_heads: K, heads of the class adapter.
         concentration: Dirichlet alpha (> 0).
 
@@ -66,7 +68,7 @@ def mixture_weights(
             w[rng.integers(num_heads)] = 1.0
         else:
             i, j = rng.choice(num_heads, size=2, replace=False)
-            t = rng.uniform()
+            t = rng.uniform() if imagewise_weight is None else float(imagewise_weight)
             w[i], w[j] = t, 1.0 - t
         return w
     raise ValueError(f"unknown mode {mode!r}; expected chimera, classwise, imagewise or base")
@@ -83,10 +85,10 @@ def check_weights(weights, num_heads: int, atol: float = 1e-4) -> np.ndarray:
 
 
 def row_weights(given, mode: str, num_heads: int, concentration: float, run_seed: int, class_key: str, index: int,
-                imagewise_mix: int = 2) -> np.ndarray:
+                imagewise_mix: int = 2, imagewise_weight: float | None = None) -> np.ndarray:
     """The one rule for a row's mixture: the user's weights (validated) when the row carries
     any, else the draw ``mixture_weights`` derives from the row's key."""
     if given is not None and len(given):
         return check_weights(given, num_heads)
-    return mixture_weights(mode, num_heads, concentration, run_seed, class_key, index, imagewise_mix)
+    return mixture_weights(mode, num_heads, concentration, run_seed, class_key, index, imagewise_mix, imagewise_weight)
 

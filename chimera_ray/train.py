@@ -22,13 +22,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from chimera_ray.config import LoRAConfig, TrainConfig
+from chimera_ray.config import LoRAConfig, TrainConfig, resolve_recipe
 from chimera_ray.data.boxes import Box, BoxError, sanitize_box, union_box
 from chimera_ray.data.crops import boosted_view
-from chimera_ray.lora.adapter import AdapterMeta, load_adapter, save_adapter
+from chimera_ray.lora.adapter import (
+    TEXT_ENCODER_PREFIX,
+    AdapterMeta,
+    load_adapter,
+    save_adapter,
+)
 from chimera_ray.lora.inject import (
     adapter_state_dict,
     inject_lora,
@@ -41,7 +47,8 @@ from chimera_ray.models import native_resolution
 from chimera_ray.sampling import derive_seed
 
 __all__ = ["Shot", "TrainResult", "heads_for_mode", "prepare_shots", "encode_prompt", "train_step", "train_class",
-           "denoising_loss", "latest_checkpoint", "save_checkpoint", "load_checkpoint", "prune_checkpoints"]
+           "denoising_loss", "latest_checkpoint", "save_checkpoint", "load_checkpoint", "prune_checkpoints",
+           "param_groups", "lr_scheduler"]
 
 
 @dataclass
@@ -188,14 +195,19 @@ def prune_checkpoints(checkpoint_dir: str, keep: int) -> list[str]:
     return old
 
 
-def load_checkpoint(checkpoint_dir: str, unet: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
-    """Restores the newest checkpoint written by ``save_checkpoint`` into ``unet``'s adapters and
-    ``optimizer``; returns ``(step, losses)``, ``(0, [])`` when there is none."""
+def load_checkpoint(checkpoint_dir: str, unet: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    text_encoder: torch.nn.Module | None = None) -> tuple[int, list[float]]:
+    """Restores the newest checkpoint written by ``save_checkpoint`` into ``unet``'s (and the
+    text encoder's) adapters and ``optimizer`` (its parameter groups, rates included); returns
+    ``(step, losses)``, ``(0, [])`` when there is none."""
     ckpt = latest_checkpoint(checkpoint_dir)
     if ckpt is None:
         return 0, []
     state, _ = load_adapter(ckpt)
-    load_adapter_state_dict(unet, state)
+    load_adapter_state_dict(unet, {k: v for k, v in state.items() if not k.startswith(TEXT_ENCODER_PREFIX)})
+    if text_encoder is not None:
+        n = len(TEXT_ENCODER_PREFIX)
+        load_adapter_state_dict(text_encoder, {k[n:]: v for k, v in state.items() if k.startswith(TEXT_ENCODER_PREFIX)})
     fs, path = fsspec.core.url_to_fs(ckpt)
     with fs.open(f"{path}/optimizer.pt", "rb") as f:
         optimizer.load_state_dict(torch.load(io.BytesIO(f.read()), weights_only=True))
@@ -213,18 +225,42 @@ def encode_prompt(pipe, prompt: str) -> torch.Tensor:
     return pipe.text_encoder(tokens)[0]
 
 
+def param_groups(modules: list[torch.nn.Module], lr: float, lr_a_scale: float) -> list[dict]:
+    """The optimiser's two groups: every ``lora_A`` at ``lr * lr_a_scale``, every ``lora_B`` at ``lr``.
+
+    The paper trains the shared A ten times slower than the heads (1e-4 vs 1e-3) so that the
+    heads specialise on their shots while A holds the class.
+    """
+    a, b = [], []
+    for m in modules:
+        for name, p in trainable_parameters(m):
+            (a if name.endswith(".lora_A") else b).append(p)
+    return [{"name": "lora_A", "params": a, "lr": lr * lr_a_scale}, {"name": "lora_B", "params": b, "lr": lr}]
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int, last_epoch: int = -1):
+    """diffusers' schedule (``constant`` or ``cosine`` with linear warm-up over
+    ``warmup_fraction`` of the steps), a ``LambdaLR`` scaling every group's own rate."""
+    warmup = int(round(train.warmup_fraction * total_steps))
+    name = "cosine" if train.schedule == "cosine" else ("constant_with_warmup" if warmup else "constant")
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                         last_epoch=last_epoch)
+
+
 @dataclass
 class _StepContext:
-    """What one optimisation step needs (built once per class)."""
+    """What one optimisation step needs (built once per adapter)."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
     scheduler: object
-    text: torch.Tensor  # (1, tokens, dim)
+    text: torch.Tensor | None  # (1, tokens, dim); None: recomputed each step through a text-encoder LoRA
+    tokens: torch.Tensor | None
+    text_encoder: torch.nn.Module | None
     views: list
     num_heads: int
     resolution: int
-    class_key: str
+    seed_key: str
     train: TrainConfig
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -235,25 +271,25 @@ class _StepContext:
 
 
 def train_step(ctx: _StepContext, step: int) -> float:
-    """One optimisation step (``train.grad_accum`` micro-batches of boosted views); returns its loss.
+    """One optimisation step (``train.grad_accum`` micro-batches of training views); returns its loss.
 
-    Every random draw derives from ``(train.seed, class_key, step, micro)``, so a resumed run
+    Every random draw derives from ``(train.seed, seed_key, step, micro)``, so a resumed run
     takes exactly the steps an uninterrupted one would.
     """
-    train, device = ctx.train, ctx.unet.device
+    train, device, crop = ctx.train, ctx.unet.device, ctx.train.crop
     prediction_type = ctx.scheduler.config.prediction_type
     step_loss = 0.0
     for micro in range(train.grad_accum):
-        rng = np.random.default_rng(derive_seed(train.seed, ctx.class_key, step * 1000 + micro, "views"))
+        rng = np.random.default_rng(derive_seed(train.seed, ctx.seed_key, step * 1000 + micro, "views"))
         shot_idx = rng.integers(0, len(ctx.views), size=train.batch_size)
         pixels = []
         for i in shot_idx:
             img, box, _ = ctx.views[i]
-            arr, crop = boosted_view(img, box, rng, ctx.resolution, enabled=train.crop.enabled,
-                                     scale=train.crop.scale, ratio=train.crop.ratio, flip_p=train.crop.flip_p)
-            ctx.report["crop_fallbacks"] += crop.fallback
+            arr, cr = boosted_view(img, box, rng, ctx.resolution, method=crop.method, jitter=crop.jitter,
+                                   scale=crop.scale, ratio=crop.ratio, flip_p=crop.flip_p)
+            ctx.report["crop_fallbacks"] += cr.fallback
             pixels.append(arr)
-        gen = torch.Generator().manual_seed(derive_seed(train.seed, ctx.class_key, step * 1000 + micro, "noise"))
+        gen = torch.Generator().manual_seed(derive_seed(train.seed, ctx.seed_key, step * 1000 + micro, "noise"))
         px = torch.from_numpy(np.stack(pixels)).to(device, ctx.vae.dtype)
         heads = torch.as_tensor(shot_idx if ctx.num_heads > 1 else np.zeros_like(shot_idx), dtype=torch.long)
         with torch.no_grad():
@@ -261,7 +297,8 @@ def train_step(ctx: _StepContext, step: int) -> float:
             eps = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
             latents = (dist.mean + dist.std * eps) * ctx.vae.config.scaling_factor
         with torch.autocast(device.type, dtype=ctx.amp_dtype, enabled=ctx.use_amp):
-            loss = denoising_loss(ctx.unet, ctx.scheduler, latents, ctx.text.expand(len(shot_idx), -1, -1),
+            text = ctx.text if ctx.text_encoder is None else ctx.text_encoder(ctx.tokens)[0]
+            loss = denoising_loss(ctx.unet, ctx.scheduler, latents, text.expand(len(shot_idx), -1, -1),
                                   heads.to(device), gen, prediction_type)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower train.lr")
@@ -273,6 +310,79 @@ def train_step(ctx: _StepContext, step: int) -> float:
     ctx.scaler.update()
     ctx.optimizer.zero_grad(set_to_none=True)
     return step_loss
+
+
+def _adapter_state(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    state = adapter_state_dict(unet)
+    if text_encoder is not None:
+        state.update({TEXT_ENCODER_PREFIX + k: v for k, v in adapter_state_dict(text_encoder).items()})
+    return state
+
+
+def _fit(pipe, views: list, *, num_heads: int, shared_a: bool, seed_key: str, lora: LoRAConfig, train: TrainConfig,
+         meta: AdapterMeta, text: torch.Tensor, prompt: str, resolution: int, precision: str,
+         checkpoint_dir: str | None, resume: bool, on_checkpoint, on_step, bar, step_offset: int,
+         report: dict) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Trains one adapter (``num_heads`` heads over ``views``) from scratch or its checkpoint.
+
+    Injects the LoRA, runs ``train.steps`` steps, and always restores the base model.
+    ``step_offset`` shifts the step count ``on_step`` sees (imagewise trains several adapters).
+    """
+    unet = pipe.unet
+    device = unet.device
+    use_amp = device.type == "cuda" and precision in ("fp16", "bf16")
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    init_seed = derive_seed(train.seed, seed_key, 0, "lora-init") % (2**31)
+    inject_lora(unet, lora.targets, lora.rank, lora.lora_alpha, num_heads, shared_a, seed=init_seed, init_a=lora.init_a)
+    text_encoder = tokens = None
+    if lora.text_encoder:
+        text_encoder = pipe.text_encoder
+        inject_lora(text_encoder, lora.text_encoder_targets, lora.rank, lora.lora_alpha, 1, True,
+                    seed=derive_seed(train.seed, seed_key, 0, "te-lora-init") % (2**31), init_a=lora.init_a)
+        tokens = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids.to(text_encoder.device)
+    modules = [unet] + ([text_encoder] if text_encoder is not None else [])
+    try:
+        groups = param_groups(modules, train.lr, train.lr_a_scale)
+        params = [p for g in groups for p in g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+        start, losses = (load_checkpoint(checkpoint_dir, unet, optimizer, text_encoder)
+                         if checkpoint_dir and resume else (0, []))
+        # The schedule is a function of the step: a resumed run starts it at its step (the
+        # groups' `initial_lr` came back with the optimiser's state).
+        sched = lr_scheduler(optimizer, train, train.steps, last_epoch=start - 1)
+        report["resumed_from_step"] = report.get("resumed_from_step", 0) + start
+        report["trainable_params"] = report.get("trainable_params", 0) + sum(p.numel() for p in params)
+        report["lr"] = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
+        ctx = _StepContext(unet, pipe.vae, scheduler, text if text_encoder is None else None, tokens, text_encoder,
+                           views, num_heads, resolution, seed_key, train, params, optimizer, scaler, amp_dtype,
+                           use_amp, report)
+        bar.update(start)
+        for m in modules:
+            m.train()
+        for step in range(start, train.steps):
+            step_loss = train_step(ctx, step)
+            sched.step()
+            losses.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
+            done = step + 1
+            if checkpoint_dir and train.checkpoint_every and (done % train.checkpoint_every == 0 or done == train.steps):
+                meta.steps = done
+                folder = save_checkpoint(checkpoint_dir, done, _adapter_state(unet, text_encoder), meta, optimizer, losses)
+                if on_checkpoint is not None:
+                    on_checkpoint(step_offset + done, folder, {"step": step_offset + done, "loss": step_loss})
+            if on_step is not None:
+                on_step(step_offset + done, step_loss)
+        return _adapter_state(unet, text_encoder), losses
+    finally:
+        for m in modules:
+            m.eval()
+            remove_lora(m)
+            for p in m.parameters():
+                p.requires_grad_(False)
 
 
 def train_class(
@@ -292,15 +402,22 @@ def train_class(
     progress: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Fine-tunes one class's adapters.
+    """Fine-tunes one class's adapters with the mode's recipe (``config.RECIPES``).
+
+    chimera trains one shared A and a head per shot jointly (every sample through its own
+    shot's head); classwise one LoRA on all shots (optionally with a text-encoder LoRA);
+    imagewise trains each shot's LoRA on its own, with its own optimiser state and
+    ``train.steps`` steps, seeded by the shot's id, so a shot's LoRA is the one it would get
+    trained alone (LoFT). The optimiser has two groups: A at ``lr * lr_a_scale``, B at ``lr``.
 
     Args:
-        pipe: a loaded ``StableDiffusionPipeline`` (its UNet is adapted in place and restored
-            on return); device and dtype are taken from it.
+        pipe: a loaded ``StableDiffusionPipeline`` (its UNet, and text encoder with
+            ``lora.text_encoder``, are adapted in place and restored on return); device and
+            dtype are taken from it.
         shots: the class's real images with boxes (at most ``train.max_shots`` expected).
         class_name: human-readable name used in the prompt template.
         class_key: file-safe key (defaults to class_name).
-        lora, train: configs (mode, rank, steps, lr, batch size, ...).
+        lora, train: configs; null recipe fields are filled from the mode's recipe.
         resolution: training size in pixels (default: the base model's native size).
         precision: "fp32", or on CUDA "fp16"/"bf16" autocast (LoRA weights stay float32).
         checkpoint_dir: fsspec URL for periodic checkpoints; None disables them.
@@ -308,68 +425,57 @@ def train_class(
         on_checkpoint: called with ``(step, folder, metrics)`` after each checkpoint.
         progress: show a tqdm bar.
         on_step: called with ``(steps done, loss)`` after every step (progress reporting; an
-            exception it raises ends the run like any other error).
+            exception it raises ends the run like any other error). imagewise counts its
+            adapters' steps one after another (K x train.steps in all).
 
     Returns:
         Trained adapters (CPU float32), their metadata, per-step losses and a report
-        (box clips/drops, crop fallbacks, resumed step, seconds).
+        (box clips/drops, crop fallbacks, resumed step, learning rates, seconds).
     """
     if lora.mode == "base":
         raise ValueError("lora.mode=base trains nothing; generate with the base model directly")
+    lora, train = resolve_recipe(lora, train)
     t_start = time.time()
     class_key = class_key or class_name
     views, report = prepare_shots(shots, train.crop.out_of_image)
     num_heads, shared_a = heads_for_mode(lora.mode, len(views))
     resolution = resolution or native_resolution(pipe)
-    unet = pipe.unet
-    device = unet.device
-    use_amp = device.type == "cuda" and precision in ("fp16", "bf16")
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prompt = train.prompt_template.format(name=class_name)
     text = encode_prompt(pipe, prompt)
-
-    inject_lora(unet, lora.targets, lora.rank, lora.lora_alpha, num_heads, shared_a,
-                seed=derive_seed(train.seed, class_key, 0, "lora-init") % (2**31))
     meta = AdapterMeta(
         mode=lora.mode, rank=lora.rank, lora_alpha=lora.lora_alpha, targets=list(lora.targets), num_heads=num_heads,
         shared_a=shared_a, class_name=class_name, class_key=class_key, label=label,
         shot_ids=[sid for _, _, sid in views], base_model=getattr(pipe, "chimera_base_id", ""),
-        extra={"resolution": resolution, "prompt": prompt, "prediction_type": scheduler.config.prediction_type,
-               "seed": train.seed},
+        extra={"resolution": resolution, "prompt": prompt,
+               "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"), "seed": train.seed,
+               "recipe": {"lr": train.lr, "lr_a_scale": train.lr_a_scale, "schedule": train.schedule,
+                          "warmup_fraction": train.warmup_fraction, "batch_size": train.batch_size,
+                          "init_a": lora.init_a, "crop": train.crop.method, "flip_p": train.crop.flip_p},
+               "text_encoder_targets": list(lora.text_encoder_targets) if lora.text_encoder else []},
     )
-    try:
-        params = [p for _, p in trainable_parameters(unet)]
-        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-        start, losses = load_checkpoint(checkpoint_dir, unet, optimizer) if checkpoint_dir and resume else (0, [])
-        report.update(resumed_from_step=start, crop_fallbacks=0, num_heads=num_heads,
-                      trainable_params=sum(p.numel() for p in params))
-        ctx = _StepContext(unet, pipe.vae, scheduler, text, views, num_heads, resolution, class_key, train, params,
-                           optimizer, scaler, amp_dtype, use_amp, report)
-        bar = tqdm(total=train.steps, initial=start, desc=f"train {class_key}", unit="step", disable=not progress)
-        unet.train()
-        for step in range(start, train.steps):
-            step_loss = train_step(ctx, step)
-            losses.append(step_loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
-            done = step + 1
-            if checkpoint_dir and train.checkpoint_every and (done % train.checkpoint_every == 0 or done == train.steps):
-                meta.steps = done
-                folder = save_checkpoint(checkpoint_dir, done, adapter_state_dict(unet), meta, optimizer, losses)
-                if on_checkpoint is not None:
-                    on_checkpoint(done, folder, {"step": done, "loss": step_loss})
-            if on_step is not None:
-                on_step(done, step_loss)
-        bar.close()
-        meta.steps = train.steps
-        state = adapter_state_dict(unet)
-    finally:
-        unet.eval()
-        remove_lora(unet)
-        for p in unet.parameters():
-            p.requires_grad_(False)
+    report.update(resumed_from_step=0, crop_fallbacks=0, num_heads=num_heads, trainable_params=0)
+    fit = dict(lora=lora, train=train, text=text, prompt=prompt, resolution=resolution, precision=precision,
+               resume=resume, on_checkpoint=on_checkpoint, on_step=on_step, report=report)
+    total = train.steps * (len(views) if lora.mode == "imagewise" else 1)
+    bar = tqdm(total=total, desc=f"train {class_key}", unit="step", disable=not progress)
+    if lora.mode == "imagewise":
+        # LoFT: each image's LoRA alone (K=1 head, its own A, optimiser and seed), then stacked
+        # as the K groups of one imagewise adapter.
+        parts, losses = [], []
+        for i, view in enumerate(views):
+            sub = meta.__class__(**{**meta.__dict__, "num_heads": 1, "shot_ids": [view[2]]})
+            sid = view[2] or str(i)
+            state_i, losses_i = _fit(pipe, [view], num_heads=1, shared_a=True, seed_key=f"{class_key}/shot:{sid}",
+                                     meta=sub, checkpoint_dir=f"{checkpoint_dir.rstrip('/')}/shot-{i:03d}"
+                                     if checkpoint_dir else None, bar=bar, step_offset=i * train.steps, **fit)
+            parts.append(state_i)
+            losses += losses_i
+        state = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    else:
+        state, losses = _fit(pipe, views, num_heads=num_heads, shared_a=shared_a, seed_key=class_key, meta=meta,
+                             checkpoint_dir=checkpoint_dir, bar=bar, step_offset=0, **fit)
+    bar.close()
+    meta.steps = train.steps
     tail = losses[-max(1, len(losses) // 10):] if losses else [math.nan]
     report.update(seconds=round(time.time() - t_start, 3), final_loss=float(np.mean(tail)), steps=train.steps)
     return TrainResult(state=state, meta=meta, losses=losses, report=report)

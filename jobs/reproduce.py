@@ -42,7 +42,7 @@ def ablations(seed: int, root: str) -> dict[str, tuple[str, list[str]]]:
     return {
         "chimera_alpha0.1": ("chimera", ["generate.dirichlet_concentration=0.1", f"generate.adapters={adapters}"]),
         "chimera_alpha10": ("chimera", ["generate.dirichlet_concentration=10", f"generate.adapters={adapters}"]),
-        "chimera_no_boost": ("chimera", ["train.crop.enabled=false"]),
+        "chimera_no_boost": ("chimera", ["train.crop.method=random_resized"]),
         "chimera_rank2": ("chimera", ["lora.rank=2", "lora.lora_alpha=2"]),
         "chimera_rank8": ("chimera", ["lora.rank=8", "lora.lora_alpha=8"]),
         # The demo recipe (150 steps, lr 2e-3, scale 1) barely moves the toy base; a stronger one:

@@ -1,8 +1,17 @@
-"""Semantic boosting: random resized crops that always keep the object's box inside.
+"""Training views of a shot: semantic boosting and the baselines' own crops.
 
 torchvision's ``RandomResizedCrop`` samples crops that can cut the object away; few-shot
-fine-tuning then learns backgrounds. Here the crop's position is sampled only among
-positions that contain the box, and its size is raised to the box's when needed.
+fine-tuning then learns backgrounds. Semantic boosting samples a crop's position only among
+positions that contain the box, and raises its size to the box's when needed:
+
+* ``boost`` (the paper's): a crop of nearly the whole image (side fraction in ``jitter``,
+  the same for width and height), grown to contain the box, at a random position that keeps
+  the box inside, then zero-padded to a square (aspect ratio kept, never squashed);
+* ``boost_strong``: ``sample_crop``, random resized crops (area ``scale``, aspect ``ratio``)
+  that keep the box, squashed to a square (this project's first recipe);
+* ``random_resized``: the same crops without the box constraint (the ablation);
+* ``resize_crop`` (DataDream) / ``center`` (LoFT): shorter side resized, a random / centred
+  square crop; both ignore the box, as those methods do.
 """
 
 from __future__ import annotations
@@ -15,7 +24,9 @@ from PIL import Image
 
 from chimera_ray.data.boxes import Box, BoxError
 
-__all__ = ["CropResult", "sample_crop", "boosted_view"]
+__all__ = ["CropResult", "CROP_METHODS", "sample_crop", "sample_boost_crop", "boosted_view"]
+
+CROP_METHODS = ("boost", "boost_strong", "random_resized", "resize_crop", "center")
 
 
 @dataclass(frozen=True)
@@ -27,6 +38,8 @@ class CropResult:
     x1: int
     y1: int
     fallback: bool = False
+    # Pixels of zero padding added left/top/right/bottom to make the view square (``boost``).
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def box(self) -> Box:
         return Box(self.x0, self.y0, self.x1, self.y1)
@@ -83,36 +96,92 @@ def sample_crop(
     return CropResult(x0, y0, x0 + cw, y0 + ch)
 
 
+def sample_boost_crop(width: int, height: int, box: Box, rng: np.random.Generator,
+                      jitter: tuple[float, float] = (0.8, 1.0)) -> CropResult:
+    """The paper's semantic boosting crop: slight scale and translation jitter, box always inside.
+
+    The crop keeps the image's aspect ratio (side fraction ``s ~ U(jitter)`` of both sides),
+    each side grown to the box's when the box is larger, at a uniformly random position among
+    those that keep the box inside. ``pad`` makes it square with zeros, split evenly.
+
+    Args:
+        width, height: image size in pixels.
+        box: the object box, already inside the image (``sanitize_box``).
+        rng: numpy generator (seeded per sample and step by the caller).
+        jitter: range of the crop side as a fraction of the image side.
+
+    Returns:
+        Integer crop bounds containing the box, and the padding that squares it.
+    """
+    bx0, by0, bx1, by1 = box.integer()
+    if bx0 < 0 or by0 < 0 or bx1 > width or by1 > height or bx1 <= bx0 or by1 <= by0:
+        raise BoxError(f"box {box.as_list()} must lie inside the {width}x{height} image; sanitize it first")
+    s = rng.uniform(jitter[0], jitter[1])
+    cw = min(width, max(bx1 - bx0, int(round(s * width))))
+    ch = min(height, max(by1 - by0, int(round(s * height))))
+    x0 = int(rng.integers(max(0, bx1 - cw), min(bx0, width - cw) + 1))
+    y0 = int(rng.integers(max(0, by1 - ch), min(by0, height - ch) + 1))
+    side = max(cw, ch)
+    px, py = side - cw, side - ch
+    return CropResult(x0, y0, x0 + cw, y0 + ch, pad=(px // 2, py // 2, px - px // 2, py - py // 2))
+
+
+def _square_crop(w: int, h: int, rng: np.random.Generator | None) -> CropResult:
+    """A square of the shorter side: centred (``rng`` None) or at a random position."""
+    side = min(w, h)
+    if rng is None:
+        x0, y0 = (w - side) // 2, (h - side) // 2
+    else:
+        x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+    return CropResult(x0, y0, x0 + side, y0 + side)
+
+
 def boosted_view(
     image: Image.Image,
     box: Box | None,
     rng: np.random.Generator,
     resolution: int,
     *,
-    enabled: bool = True,
+    method: str = "boost",
+    jitter: tuple[float, float] = (0.8, 1.0),
     scale: tuple[float, float] = (0.35, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip_p: float = 0.5,
+    flip_p: float = 0.0,
 ) -> tuple[np.ndarray, CropResult]:
-    """One training view of a shot: box-keeping crop, random flip, resize.
+    """One training view of a shot: crop (``method``, see the module docstring), flip, resize.
 
     Args:
         image: RGB image.
         box: object box (None: the whole image).
         rng: per-view numpy generator.
         resolution: output side in pixels.
-        enabled: False ignores the box and takes an ordinary random resized crop, which
-            may cut the object away (the "semantic boosting off" ablation).
+        method: one of ``CROP_METHODS``.
 
     Returns:
-        ``(pixels, crop)``: pixels ``(3, resolution, resolution)`` float32 in ``[-1, 1]``.
+        ``(pixels, crop)``: pixels ``(3, resolution, resolution)`` float32 in ``[-1, 1]``
+        (zero padding is black, -1).
     """
     w, h = image.size
-    if enabled:
-        crop = sample_crop(w, h, box if box is not None else Box(0, 0, w, h), rng, scale, ratio)
-    else:
+    whole = box if box is not None else Box(0, 0, w, h)
+    if method == "boost":
+        crop = sample_boost_crop(w, h, whole, rng, jitter)
+    elif method == "boost_strong":
+        crop = sample_crop(w, h, whole, rng, scale, ratio)
+    elif method == "random_resized":
         crop = _plain_crop(w, h, rng, scale, ratio)
-    view = image.crop((crop.x0, crop.y0, crop.x1, crop.y1)).resize((resolution, resolution), Image.BICUBIC)
+    elif method == "resize_crop":
+        crop = _square_crop(w, h, rng)
+    elif method == "center":
+        crop = _square_crop(w, h, None)
+    else:
+        raise ValueError(f"crop method must be one of {', '.join(CROP_METHODS)} (got {method!r})")
+    view = image.crop((crop.x0, crop.y0, crop.x1, crop.y1))
+    if any(crop.pad):
+        left, top, right, bottom = crop.pad
+        padded = Image.new("RGB", (view.width + left + right, view.height + top + bottom), (0, 0, 0))
+        padded.paste(view, (left, top))
+        view = padded
+    view = view.resize((resolution, resolution), Image.BICUBIC)
     if rng.uniform() < flip_p:
         view = view.transpose(Image.FLIP_LEFT_RIGHT)
     arr = np.asarray(view.convert("RGB"), dtype=np.float32) / 127.5 - 1.0

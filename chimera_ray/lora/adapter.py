@@ -21,11 +21,14 @@ from chimera_ray.io import atomic_write
 from chimera_ray.lora.layer import mixture_factors
 from chimera_ray.sampling import check_weights
 
-__all__ = ["ADAPTER_WEIGHTS", "ADAPTER_META", "AdapterMeta", "tensor_digest", "save_adapter", "load_adapter",
-           "split_layers", "export_lora"]
+__all__ = ["ADAPTER_WEIGHTS", "ADAPTER_META", "TEXT_ENCODER_PREFIX", "AdapterMeta", "tensor_digest", "save_adapter",
+           "load_adapter", "split_layers", "text_encoder_state", "export_lora"]
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
+# Keys of a text-encoder LoRA (DataDream's classwise recipe) in an adapter file; the rest are the
+# UNet's. No UNet module name starts with it.
+TEXT_ENCODER_PREFIX = "text_encoder."
 
 
 @dataclass
@@ -104,11 +107,17 @@ def load_adapter(directory: str, verify: bool = True) -> tuple[dict[str, torch.T
     return state, meta
 
 
+def text_encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text-encoder part of an adapter state dict, its prefix removed (empty when none)."""
+    n = len(TEXT_ENCODER_PREFIX)
+    return {k[n:]: v for k, v in state.items() if k.startswith(TEXT_ENCODER_PREFIX)}
+
+
 def split_layers(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{module: (A, B)}`` from an adapter state dict."""
+    """``{module: (A, B)}`` of the UNet's layers from an adapter state dict (text encoder excluded)."""
     out = {}
     for k in state:
-        if k.endswith(".lora_A"):
+        if k.endswith(".lora_A") and not k.startswith(TEXT_ENCODER_PREFIX):
             name = k[: -len(".lora_A")]
             out[name] = (state[k], state[f"{name}.lora_B"])
     return out
@@ -132,8 +141,11 @@ def export_lora(
         state, meta: a saved adapter (``load_adapter``).
         weights: ``(K,)`` mixture weights on the simplex (K = meta.num_heads).
 
+    A text-encoder LoRA in the adapter (``lora.text_encoder``) is exported beside the UNet's,
+    as ``text_encoder.*`` keys that ``load_lora_weights`` applies to ``pipe.text_encoder``.
+
     Returns:
-        The exported ``{"<module>.lora_A.weight": (R, in), "<module>.lora_B.weight": (out, R)}``.
+        The exported UNet layers ``{"<module>.lora_A.weight": (R, in), "<module>.lora_B.weight": (out, R)}``.
     """
     from diffusers import (
         StableDiffusionPipeline,  # heavy import (seconds): only when exporting
@@ -151,7 +163,17 @@ def export_lora(
     (rank,) = ranks
     targets = sorted({k.rsplit(".lora_", 1)[0] for k in out})
     lora_meta = {"r": rank, "lora_alpha": rank, "target_modules": targets}
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=out, unet_lora_adapter_metadata=lora_meta)
+    te_out: dict[str, torch.Tensor] = {}
+    for name, (A, B) in split_layers(text_encoder_state(state)).items():  # one head: an ordinary LoRA
+        te_out[f"{name}.lora_A.weight"] = A[0].contiguous()
+        te_out[f"{name}.lora_B.weight"] = (B[0] * scaling).contiguous()
+    te_kwargs = {}
+    if te_out:
+        te_rank = next(iter(te_out.values())).shape[0]
+        te_kwargs = {"text_encoder_lora_layers": te_out, "text_encoder_lora_adapter_metadata": {
+            "r": te_rank, "lora_alpha": te_rank, "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in te_out})}}
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=out, unet_lora_adapter_metadata=lora_meta,
+                                              **te_kwargs)
     with fsspec.open(f"{directory.rstrip('/')}/chimera_export.json", "w") as f:
         json.dump({"source_digest": meta.digest, "class_name": meta.class_name, "weights": w.tolist(),
                    "mode": meta.mode, "base_model": meta.base_model}, f, indent=2)

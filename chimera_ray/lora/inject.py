@@ -46,13 +46,14 @@ def inject_lora(
     num_heads: int,
     shared_a: bool = True,
     seed: int | None = None,
+    init_a: str = "kaiming",
 ) -> dict[str, MultiHeadLoRALinear]:
     """Freezes ``model`` and replaces every ``nn.Linear`` whose name matches ``targets``.
 
     Args:
         model: typically a diffusers ``UNet2DConditionModel``.
         targets: name patterns ("to_q" matches ``...attn1.to_q``; "re:<regex>" full match).
-        rank, lora_alpha, num_heads, shared_a: see ``MultiHeadLoRALinear``.
+        rank, lora_alpha, num_heads, shared_a, init_a: see ``MultiHeadLoRALinear``.
         seed: seeds the A initialisation (deterministic adapters from a run seed).
 
     Returns:
@@ -76,7 +77,7 @@ def inject_lora(
         for name in sorted(names):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            layer = MultiHeadLoRALinear(getattr(parent, child), rank, lora_alpha, num_heads, shared_a)
+            layer = MultiHeadLoRALinear(getattr(parent, child), rank, lora_alpha, num_heads, shared_a, init_a)
             setattr(parent, child, layer)
             layers[name] = layer
     finally:

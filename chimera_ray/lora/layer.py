@@ -79,9 +79,12 @@ class MultiHeadLoRALinear(nn.Module):
         lora_alpha: LoRA scale numerator (scale = lora_alpha / rank).
         num_heads: K, number of B heads (shots of the class; 1 for classwise).
         shared_a: one A for all heads (chimera, classwise) or one per head (imagewise).
+        init_a: "kaiming" (peft's default: Kaiming-uniform, a=sqrt(5)) or "gaussian" (peft's
+            ``init_lora_weights="gaussian"``: N(0, 1/rank^2), the paper's initialisation).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, lora_alpha: float, num_heads: int, shared_a: bool = True):
+    def __init__(self, base: nn.Linear, rank: int, lora_alpha: float, num_heads: int, shared_a: bool = True,
+                 init_a: str = "kaiming"):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"MultiHeadLoRALinear wraps nn.Linear, got {type(base).__name__}")
@@ -100,8 +103,13 @@ class MultiHeadLoRALinear(nn.Module):
         # LoRA weights stay float32 even when the base runs in half precision.
         self.lora_A = nn.Parameter(torch.empty(groups, rank, base.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(num_heads, base.out_features, rank, device=dev))
-        for g in range(groups):  # peft's init: Kaiming-uniform A, zero B -> step 0 is the base model
-            nn.init.kaiming_uniform_(self.lora_A.data[g], a=math.sqrt(5))
+        if init_a not in ("kaiming", "gaussian"):
+            raise ValueError(f"init_a must be kaiming or gaussian (got {init_a!r})")
+        for g in range(groups):  # peft's inits; B is zero either way -> step 0 is the base model
+            if init_a == "gaussian":
+                nn.init.normal_(self.lora_A.data[g], std=1.0 / rank)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.data[g], a=math.sqrt(5))
         head_group = torch.zeros(num_heads, dtype=torch.long) if shared_a else torch.arange(num_heads)
         self.register_buffer("head_group", head_group.to(dev), persistent=False)
         self.bank_A: torch.Tensor | None = None

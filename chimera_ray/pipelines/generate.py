@@ -76,8 +76,10 @@ _ROW_COLUMNS = ("class_key", "class_name", "label", "sample_index", "weights")
 class _Weights:
     """Each row's mixture weights, from its key (or validated user weights)."""
 
-    def __init__(self, adapter_root: str | None, mode: str, concentration: float, seed: int, imagewise_mix: int):
+    def __init__(self, adapter_root: str | None, mode: str, concentration: float, seed: int, imagewise_mix: int,
+                 imagewise_weight: float | None):
         self.root, self.mode, self.alpha, self.seed, self.mix = adapter_root, mode, concentration, seed, imagewise_mix
+        self.pair_weight = imagewise_weight
         self.heads: dict[str, int] = {}
 
     def _num_heads(self, key: str) -> int:
@@ -90,7 +92,7 @@ class _Weights:
 
     def __call__(self, keys, index, given) -> list[list[float]]:
         return [row_weights(given[r], self.mode, self._num_heads(str(k)), self.alpha, self.seed, str(k), int(i),
-                            self.mix).tolist() for r, (k, i) in enumerate(zip(keys, index))]
+                            self.mix, self.pair_weight).tolist() for r, (k, i) in enumerate(zip(keys, index))]
 
 
 def _object_column(values: list) -> np.ndarray:
@@ -299,7 +301,7 @@ def _unit_dataset(cfg: Config, plans: list[ClassPlan], todo: list[Unit], classes
     # Retry a unit whose generation raised (actor death is retried by Ray anyway); bounded by
     # max_task_retries below so a deterministic error still fails the run instead of looping.
     ctx.actor_task_retry_on_errors = True
-    weights = _Weights(adapter_root, cfg.lora.mode, g.dirichlet_concentration, g.seed, g.imagewise_mix)
+    weights = _Weights(adapter_root, cfg.lora.mode, g.dirichlet_concentration, g.seed, g.imagewise_mix, g.imagewise_weight)
     ds = ds.map_batches(
         _expand_unit, batch_size=1, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=min(LIGHT_TASKS, len(items))),
         fn_kwargs={"classes": classes, "window_classes": g.adapter_cache_size, "seed": seed,

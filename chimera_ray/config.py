@@ -341,8 +341,11 @@ class DownstreamConfig:
 
     # small_cnn: trained from scratch (toy scale, 32-64 px). clip: a CLIP vision tower from a
     # local folder (`weights`), frozen, with a trained linear head (a standard few-shot probe).
-    backbone: Literal["small_cnn", "clip"] = "small_cnn"
-    # Local folder / fsspec URL of the backbone's weights (clip only); never downloaded.
+    # clip_lora: the ChimeraLoRA paper's classifier, a whole CLIP model (`weights`) with LoRA on
+    # both towers; logits are CLIP's, image vs one prompt per class (chimera_ray.eval.clip_lora).
+    backbone: Literal["small_cnn", "clip", "clip_lora"] = "small_cnn"
+    # Local folder / fsspec URL of the backbone's weights (clip, clip_lora); never downloaded.
+    # clip_lora needs a full CLIPModel folder with its tokenizer (save_pretrained format).
     weights: str | None = None
     # Synthetic shard folders/URLs (each holding index.json). Empty: `<output>/shards`.
     shards: tuple[str, ...] = ()
@@ -356,9 +359,26 @@ class DownstreamConfig:
     balanced: bool = True
     # ~50 passes over the toy real split at batch 64; about a minute on 2 CPU cores.
     steps: int = 1000
+    # When set, replaces `steps`: epochs x ceil(n_train / batch_size) steps, n_train the real plus
+    # synthetic training images. Draws are class-balanced with replacement, so an "epoch" is as
+    # many draws as there are images, not one pass over each (the paper's 60 epochs: epochs=60).
+    epochs: int | None = None
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
+    # onecycle: 15% warm-up then cosine to ~0 (what small_cnn/clip were tuned with). cosine:
+    # `warmup_steps` of linear warm-up, then half a cosine from lr to 0 (the paper). constant:
+    # `warmup_steps` of warm-up, then lr.
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_steps: int = 0
+    # clip_lora only: LoRA on the attention projections of every layer of both towers (the
+    # paper: rank 16). alpha = rank keeps the LoRA scale at 1 whatever the rank.
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # clip_lora only: the one prompt per class whose text embedding is the class's weight vector.
+    prompt: str = "a photo of a {name}"
     seed: int = 0
     # Side of the images the classifier sees; None: the base model's native resolution.
     image_size: int | None = None
@@ -528,8 +548,25 @@ class Config:
         check(ds.steps >= 1 and ds.batch_size >= 1 and ds.lr > 0,
               f"downstream.steps, batch_size must be >= 1 and lr > 0 (got {ds.steps}, {ds.batch_size}, {ds.lr})")
         check(ds.image_size is None or ds.image_size >= 8, f"downstream.image_size must be >= 8 or null (got {ds.image_size})")
-        check(ds.backbone != "clip" or bool(ds.weights),
-              "downstream.weights must name a local CLIP folder (save_pretrained format) when downstream.backbone=clip")
+        check(ds.backbone not in ("clip", "clip_lora") or bool(ds.weights),
+              f"downstream.weights must name a local CLIP folder (save_pretrained format) when "
+              f"downstream.backbone={ds.backbone}; nothing is downloaded")
+        check(ds.epochs is None or ds.epochs >= 1,
+              f"downstream.epochs must be >= 1, or null to train for downstream.steps (got {ds.epochs})")
+        check(ds.warmup_steps >= 0, f"downstream.warmup_steps must be >= 0 (got {ds.warmup_steps})")
+        check(ds.schedule != "onecycle" or ds.warmup_steps == 0,
+              f"downstream.warmup_steps={ds.warmup_steps} has no effect with downstream.schedule=onecycle (its warm-up "
+              "is 15% of the steps); set downstream.schedule=cosine or constant, or warmup_steps=0")
+        check(ds.epochs is not None or ds.warmup_steps < ds.steps,
+              f"downstream.warmup_steps must be < downstream.steps (got {ds.warmup_steps} >= {ds.steps})")
+        if ds.backbone == "clip_lora":
+            check(ds.lora_rank >= 1 and ds.lora_alpha > 0,
+                  f"downstream.lora_rank must be >= 1 and lora_alpha > 0 (got {ds.lora_rank}, {ds.lora_alpha})")
+            check(0.0 <= ds.lora_dropout < 1.0, f"downstream.lora_dropout must be in [0, 1) (got {ds.lora_dropout})")
+            check(len(ds.lora_targets) > 0,
+                  "downstream.lora_targets must list module names to adapt, e.g. [q_proj, k_proj, v_proj, out_proj]")
+            check("{name}" in ds.prompt,
+                  f"downstream.prompt must contain {{name}}, where the class name goes (got {ds.prompt!r})")
         check(ds.prdc_k >= 1 and ds.num_workers >= 1, "downstream.prdc_k and downstream.num_workers must be >= 1")
         if errors:
             raise ConfigError(errors)

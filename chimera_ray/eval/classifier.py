@@ -5,6 +5,7 @@ an accuracy table (overall, head, tail and per class). Data comes as uint8 image
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,8 +15,10 @@ import torch.nn.functional as F
 
 from chimera_ray.cache import fetch_folder
 from chimera_ray.config import DownstreamConfig
+from chimera_ray.eval.clip_lora import ClipLoRAClassifier
 
-__all__ = ["SmallCNN", "build_classifier", "train_classifier", "evaluate_classifier"]
+__all__ = ["SmallCNN", "build_classifier", "training_steps", "build_optimizer", "train_classifier",
+           "evaluate_classifier"]
 
 
 class SmallCNN(torch.nn.Module):
@@ -64,16 +67,25 @@ class _ClipProbe(torch.nn.Module):
         return self.head(F.normalize(emb, dim=-1))
 
 
-def build_classifier(cfg: DownstreamConfig, num_classes: int, cache_dir: str | None = None) -> torch.nn.Module:
+def build_classifier(cfg: DownstreamConfig, num_classes: int, cache_dir: str | None = None,
+                     class_names: Sequence[str] | None = None) -> torch.nn.Module:
     """The configured backbone with a fresh ``num_classes`` head (seeded by ``cfg.seed``); a remote
-    ``cfg.weights`` folder is copied once into the cache (``cache_dir``: ``model.cache_dir``)."""
+    ``cfg.weights`` folder is copied once into the cache (``cache_dir``: ``model.cache_dir``).
+    ``class_names`` (label order) is needed by ``clip_lora``, whose head is one prompt per class."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         if cfg.backbone == "small_cnn":
             return SmallCNN(num_classes)
         if cfg.backbone == "clip":
             return _ClipProbe(_local_folder(cfg.weights, cache_dir), num_classes)
-    raise ValueError(f"downstream.backbone must be small_cnn or clip (got {cfg.backbone!r})")
+        if cfg.backbone == "clip_lora":
+            if class_names is None or len(class_names) != num_classes:
+                raise ValueError(f"downstream.backbone=clip_lora needs the {num_classes} class names (one prompt per "
+                                 f"class); got {None if class_names is None else len(class_names)}")
+            return ClipLoRAClassifier(_local_folder(cfg.weights, cache_dir), class_names, rank=cfg.lora_rank,
+                                      alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
+                                      prompt=cfg.prompt)
+    raise ValueError(f"downstream.backbone must be small_cnn, clip or clip_lora (got {cfg.backbone!r})")
 
 
 def _local_folder(url: str, cache_dir: str | None = None) -> str:
@@ -97,6 +109,42 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return xp[:, :, dy:dy + s, dx:dx + s]
 
 
+def training_steps(cfg: DownstreamConfig, n_train: int) -> int:
+    """The step budget: ``cfg.steps``, or with ``cfg.epochs`` set, ``epochs * ceil(n_train / batch_size)``
+    (an epoch is as many class-balanced draws as there are training images, per worker)."""
+    if cfg.epochs is None:
+        return cfg.steps
+    return cfg.epochs * max(1, math.ceil(n_train / cfg.batch_size))
+
+
+def build_optimizer(params, cfg: DownstreamConfig, total_steps: int):
+    """AdamW over ``params`` and the per-step lr schedule ``cfg.schedule`` over ``total_steps``.
+
+    The lr of step ``t`` (0-based, before its ``scheduler.step()``) with ``w = cfg.warmup_steps``:
+    cosine: ``lr * (t + 1) / (w + 1)`` for ``t < w``, then ``lr * (1 + cos(pi * (t - w) / (total_steps - w))) / 2``;
+    constant: the same warm-up, then ``lr``; onecycle: torch's ``OneCycleLR`` with a 15% warm-up.
+
+    Returns:
+        ``(optimizer, scheduler)``.
+    """
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "onecycle":
+        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.15)
+    w = cfg.warmup_steps
+    if w >= total_steps:
+        raise ValueError(f"downstream.warmup_steps must be < the step budget (got {w} >= {total_steps} steps); "
+                         "lower it or raise downstream.steps/epochs")
+
+    def factor(t: int) -> float:
+        if t < w:  # the first step already trains, at lr / (w + 1)
+            return (t + 1) / (w + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * (t - w) / (total_steps - w)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def train_classifier(
     model: torch.nn.Module,
     data,
@@ -107,26 +155,27 @@ def train_classifier(
     on_epoch: Callable[[dict], None] | None = None,
     log_every: int = 100,
 ) -> list[dict]:
-    """Trains ``model`` for ``cfg.steps`` steps of ``cfg.batch_size`` weighted draws.
+    """Trains ``model`` for ``training_steps(cfg, len(data))`` steps of ``cfg.batch_size`` weighted draws.
 
     Args:
         model: from ``build_classifier`` (possibly DDP-wrapped by the caller).
         data: training images (uint8) and labels.
         weights: ``(n,)`` draw probabilities (``sampling_weights``).
-        cfg: steps, batch size, lr, weight decay, seed.
+        cfg: steps or epochs, batch size, lr, schedule, weight decay, seed.
         rank: worker rank; each worker draws its own stream (seed + rank).
-        on_epoch: called every ``log_every`` steps with ``{"step", "loss", "train_acc"}``.
+        on_epoch: called every ``log_every`` steps with ``{"step", "loss", "train_acc", "lr"}``
+            (``lr``: the learning rate of the entry's last step).
 
     Returns:
         The logged history.
     """
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.15)
+    total = training_steps(cfg, len(data))
+    opt, sched = build_optimizer(params, cfg, total)
     model.train()
     history, run_loss, run_acc, seen = [], 0.0, 0.0, 0
-    for step in range(1, cfg.steps + 1):
+    for step in range(1, total + 1):
         idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=gen)
         x = data.images[idx].float().div_(127.5).sub_(1.0)
         x = _augment(x, gen).to(device)
@@ -135,13 +184,14 @@ def train_classifier(
         loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         run_loss += float(loss.detach())
         run_acc += float((logits.argmax(1) == y).float().mean())
         seen += 1
-        if step % log_every == 0 or step == cfg.steps:
-            entry = {"step": step, "loss": round(run_loss / seen, 4), "train_acc": round(run_acc / seen, 4)}
+        if step % log_every == 0 or step == total:
+            entry = {"step": step, "loss": round(run_loss / seen, 4), "train_acc": round(run_acc / seen, 4), "lr": lr}
             history.append(entry)
             if on_epoch is not None:
                 on_epoch(entry)

@@ -31,6 +31,7 @@ from chimera_ray.eval.classifier import (
     build_classifier,
     evaluate_classifier,
     train_classifier,
+    training_steps,
 )
 from chimera_ray.eval.features import load_feature_extractor
 from chimera_ray.eval.metrics import class_metrics
@@ -165,11 +166,12 @@ def run_downstream(cfg: Config, real_train: ImageSet, synthetic: ImageSet, test:
     t0 = time.perf_counter()
     train = ImageSet.concat([real_train, synthetic]) if d.use_synthetic else real_train
     weights = sampling_weights(train.labels, train.synthetic, len(class_names), d.balanced, d.synthetic_fraction)
-    model = build_classifier(d, len(class_names), cfg.model.cache_dir).to(device)
+    model = build_classifier(d, len(class_names), cfg.model.cache_dir, class_names).to(device)
     if wrap is not None:  # e.g. DDP under Ray Train with several workers
         model = wrap(model)
+    total = training_steps(d, len(train))
     history = train_classifier(model, train, weights, d, device, rank,
-                               on_epoch=lambda e: log(f"downstream step {e['step']}/{d.steps} loss {e['loss']:.3f} "
+                               on_epoch=lambda e: log(f"downstream step {e['step']}/{total} loss {e['loss']:.3f} "
                                                       f"train acc {e['train_acc']:.3f}"))
     result = evaluate_classifier(model, test, class_names, tail, device)
     result["history"] = history

@@ -67,8 +67,12 @@ def _downstream_loop(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             with open(os.path.join(tmp, "result.json"), "w") as f:
                 json.dump(result, f)
-            state = {k: v.detach().cpu().contiguous() for k, v in getattr(model, "module", model).state_dict().items()}
-            save_file(state, os.path.join(tmp, "classifier.safetensors"))
+            model = getattr(model, "module", model)
+            if hasattr(model, "save_pretrained"):  # clip_lora: its LoRA adapter and prompts, not a copy of CLIP
+                model.save_pretrained(os.path.join(tmp, "classifier"))
+            else:
+                state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                save_file(state, os.path.join(tmp, "classifier.safetensors"))
             ray.train.report({"overall_acc": result["overall_acc"]}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         result.pop("model")
@@ -108,7 +112,8 @@ def train_downstream(cfg: Config, class_names: list[str], train_rows: dict[str, 
     with result.checkpoint.as_directory() as folder:
         with open(os.path.join(folder, "result.json")) as f:
             out_result = json.load(f)
-    out_result["checkpoint"] = str(result.checkpoint.path)  # holds classifier.safetensors
+    # holds classifier.safetensors (clip_lora: classifier/, ClipLoRAClassifier.from_pretrained reads it)
+    out_result["checkpoint"] = str(result.checkpoint.path)
     return out_result
 
 

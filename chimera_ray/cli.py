@@ -106,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the concentration sweep (it loads the base model and generates 6 images per class)")
     p.add_argument("--config", help="YAML config for the sweep's model settings (default: the run's, as the page says)")
 
+    p = sub.add_parser("probe", help="do the heads carry their shots? one-hot images, identification, coverage",
+                       description="Per trained class of a run: images at one-hot head weights with shared noise "
+                                   "seeds; how far apart the heads' images are (against the noise), how often head i's "
+                                   "image is nearest to shot i (against chance 1/K), a two-head interpolation row, "
+                                   "and held-out coverage across a Dirichlet alpha sweep. Writes RUN_DIR/probe/.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder (config.yaml, plan.json, adapters/)")
+    p.add_argument("--classes", nargs="*", default=[], metavar="KEY", help="class keys to probe (default: all trained)")
+    p.add_argument("--seeds", type=int, default=4, help="noise seeds shared by the heads (default 4)")
+    p.add_argument("--alphas", type=float, nargs="*", default=[0.05, 0.3, 1.0, 5.0, 50.0],
+                   help="Dirichlet concentrations of the coverage sweep")
+    p.add_argument("--per-alpha", type=int, default=16, help="images per alpha (default 16)")
+    p.add_argument("--out", help="folder for probe.json and the grids (default RUN_DIR/probe)")
+
     p = sub.add_parser("toy", help="build or evaluate the embedded toy base model",
                        description="The embedded toy base model (builtin:toy): pretrain it from scratch into a folder, "
                                    "or measure how recognisable its generations are.")
@@ -269,6 +282,18 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_probe(args) -> int:
+    from chimera_ray.eval.heads import (
+        probe_run,  # loads the base model: only for `probe`
+    )
+
+    res = probe_run(args.run_dir, classes=args.classes, seeds=args.seeds, alphas=args.alphas, per_alpha=args.per_alpha,
+                    out=args.out)
+    print(json.dumps({"summary": res["summary"], "skipped": res["skipped"],
+                      "written": f"{(args.out or args.run_dir.rstrip('/') + '/probe')}/probe.json"}, indent=2))
+    return 0
+
+
 def _cmd_run(args) -> int:
     from chimera_ray.pipelines.job import (
         run_from_args,  # Ray and the pipelines: only for `run`
@@ -329,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     setup_logging()
     handler = {"train": _cmd_train, "generate": _cmd_generate, "export-lora": _cmd_export, "config": _cmd_config,
-               "validate": _cmd_validate, "report": _cmd_report, "toy": _cmd_toy, "run": _cmd_run}[args.command]
+               "validate": _cmd_validate, "report": _cmd_report, "toy": _cmd_toy, "run": _cmd_run,
+               "probe": _cmd_probe}[args.command]
     try:
         return handler(args)
     except (ConfigError, BaseModelError, ValueError, FileNotFoundError) as e:

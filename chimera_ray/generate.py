@@ -126,6 +126,10 @@ class Generator:
             self._cache.popitem(last=False)
         return entry
 
+    def adapter_meta(self, class_key: str):
+        """The ``AdapterMeta`` of a class's adapter (loaded into the cache if needed)."""
+        return self._adapter(class_key)[1]
+
     def _ensure_bank(self, keys: tuple[str, ...]) -> None:
         """Loads the batch's classes into every layer's bank (only when the set changes)."""
         if keys == self._bank_keys:

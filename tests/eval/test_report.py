@@ -249,3 +249,26 @@ def test_renders_in_headless_chromium(page, run_dir, tmp_path):
     assert px.shape == (3000, 1200)
     assert px.std() > 20  # not blank: text, thumbnails and plots
     assert (px[:60] < 80).mean() > 0.5  # the dark page header rendered with its CSS
+
+
+def test_probe_section_shows_figures_and_grids(run_dir, tmp_path):
+    """probe/probe.json (as `chimera-ray probe` writes it) becomes a table and the grids, embedded."""
+    from chimera_ray.eval.report import build_report
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report.html"))
+    page = build_report(str(run), samples=0, sweep=False)
+    assert "no probe/probe.json" in page and "chimera-ray probe" in page
+    (run / "probe").mkdir()
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(run / "probe" / "k-heads.png")
+    (run / "probe" / "probe.json").write_text(json.dumps({
+        "space": "pixels 16x16 RGB", "alphas": [0.05, 1.0],
+        "classes": {"k": {"class_name": "<b>x</b>", "heads": 4, "spread": {"between_heads": 0.5, "between_seeds": 1.0,
+                                                                            "ratio": 0.5},
+                          "identification": {"rate": 0.75, "chance": 0.25, "ratio_to_chance": 3.0},
+                          "coverage": {"0.05": {"coverage": 0.4}, "1.0": {"coverage": 0.6}},
+                          "grids": {"heads": "k-heads.png", "alpha": "missing.png"}}}}))
+    page = build_report(str(run), samples=0, sweep=False)
+    sec = page.split('id="probe"')[1].split("</section>")[0]
+    assert "&lt;b&gt;x&lt;/b&gt;" in sec and "0.75" in sec and "3" in sec and "0.6" in sec
+    assert sec.count("data:image/png;base64,") == 1  # the missing grid is skipped, not a crash

@@ -39,6 +39,7 @@ from chimera_ray.eval.report.html import (
     _bytes,
     _card,
     _cell,
+    _data_uri,
     _fmt,
     _img_tag,
     _kv_table,
@@ -364,6 +365,46 @@ def _eval_section(run_dir: str, plan: dict, report: dict | None) -> str:
 # Entry points
 
 
+def _probe_section(run_dir: str) -> str:
+    """The head probe (``chimera-ray probe``): do the heads carry their shots? Read from probe/probe.json."""
+    out = ['<section id="probe"><h2>Head probe (probe/probe.json)</h2>']
+    probe = _optional_json(run_dir, "probe/probe.json", out)
+    if probe is None:
+        out.append(_note(f"no probe/probe.json: measure the heads with `chimera-ray probe {run_dir}`, then rerun "
+                         "`chimera-ray report`"))
+    elif probe:
+        out.append(f'<p class="hint">Per class: images at one-hot head weights with shared noise seeds. Spread = mean '
+                   f'distance between the heads\' images at one seed / between seeds at one head; identification = '
+                   f'how often head i\'s image is nearest to shot i (chance 1/K); space: {e(str(probe.get("space")))}. '
+                   f'Grids: first row the shots, then one row per seed (one column per head); the interpolation row '
+                   f'goes from shot 1 to shot 0; the alpha grid has one row per concentration '
+                   f'{e(str(probe.get("alphas")))}.</p>')
+        rows = []
+        for key, f in (probe.get("classes") or {}).items():
+            ident = f.get("identification") or {}
+            cov = f.get("coverage") or {}
+            rows.append([f.get("class_name", key), f.get("heads"), (f.get("spread") or {}).get("between_heads"),
+                         (f.get("spread") or {}).get("between_seeds"), (f.get("spread") or {}).get("ratio"),
+                         ident.get("rate"), ident.get("chance"), ident.get("ratio_to_chance")]
+                        + [(cov.get(str(a)) or {}).get("coverage") for a in probe.get("alphas", [])])
+        out.append(_table(["class", "K", "between heads", "between seeds", "ratio", "identified", "chance", "x chance"]
+                          + [f"coverage a={a}" for a in probe.get("alphas", [])], rows))
+        for key, f in (probe.get("classes") or {}).items():
+            imgs = []
+            for g, rel in (f.get("grids") or {}).items():
+                try:
+                    png = fsspec.open(_join(run_dir, "probe", rel), "rb").open().read()
+                except OSError:
+                    continue
+                imgs.append(f'<figure style="display:inline-block;margin:4px 12px 4px 0"><img style="image-rendering:'
+                            f'pixelated;max-width:100%;height:{"180" if g != "interpolation" else "60"}px" '
+                            f'src="{_data_uri(png)}" alt="{e(key)} {e(g)}"><figcaption class="hint">{e(g)}'
+                            f'</figcaption></figure>')
+            out.append(f"<h3>{e(str(f.get('class_name', key)))}</h3>" + "".join(imgs))
+    out.append("</section>")
+    return "".join(out)
+
+
 def build_report(run_dir: str, *, samples: int = 8, sweep: bool = True, config: str | None = None,
                  sweep_index: int = 0, log: Callable[[str], None] | None = None) -> str:
     """The report page of a run directory, as HTML text.
@@ -432,6 +473,7 @@ def build_report(run_dir: str, *, samples: int = 8, sweep: bool = True, config: 
         parts.append(_class_section(i, c, report, synth, sweeper, sweep_note, samples))
     if not plan.get("classes"):
         parts.append(f"<section>{_note('plan.json plans no classes')}</section>")
+    parts.append(_probe_section(run_dir))
     parts.append(_eval_section(run_dir, plan, report))
     parts.append(f"<p class='hint'>Written by <code>chimera-ray report</code> in {time.time() - t0:.1f} s.</p>"
                  "</main></body></html>")

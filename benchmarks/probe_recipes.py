@@ -27,6 +27,7 @@ from chimera_ray.generate import Generator
 from chimera_ray.inputs import ingest_for_run
 from chimera_ray.local import load_shots
 from chimera_ray.lora.adapter import save_adapter
+from chimera_ray.lora.inject import remove_lora
 from chimera_ray.models import load_pipeline
 from chimera_ray.train import train_class
 
@@ -39,6 +40,7 @@ def main() -> None:
                     help="a recipe: name=comma-separated dotted overrides (empty: the config's own)")
     ap.add_argument("--classes", type=int, default=3, help="tail classes with >= --min-shots shots to train")
     ap.add_argument("--min-shots", type=int, default=4)
+    ap.add_argument("--keys", nargs="*", default=[], help="only these class keys")
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--per-alpha", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
@@ -48,7 +50,8 @@ def main() -> None:
     recipes = [r.split("=", 1) for r in (args.recipe or ["paper="])]
     base_cfg = load_config(args.config, args.overrides)
     inputs = ingest_for_run(base_cfg, log=None)
-    plans = [p for p in inputs.plans if len(p.shots) >= args.min_shots][: args.classes]
+    plans = [p for p in inputs.plans if len(p.shots) >= args.min_shots and (not args.keys or p.key in args.keys)]
+    plans = plans[: args.classes]
     rows = inputs.dataset.by_class(base_cfg.data.split)
     held = inputs.dataset.by_class(base_cfg.downstream.test_split)
     pipe = load_pipeline(base_cfg.model.base, cache_dir=base_cfg.model.cache_dir)
@@ -59,8 +62,11 @@ def main() -> None:
         figs = {}
         for plan in plans:
             shots, _ = load_shots(plan, rows[plan.name])
+            t1 = time.time()
             res = train_class(pipe, shots, class_name=plan.name, class_key=plan.key, label=plan.label, lora=cfg.lora,
                               train=cfg.train)
+            print(f"[{name}] {plan.key}: trained {cfg.train.steps} steps in {time.time() - t1:.0f} s, "
+                  f"final loss {res.report['final_loss']:.4f}", flush=True)
             save_adapter(str(out / "adapters" / plan.key), res.state, res.meta)
             gen = Generator(model=cfg.model, generate=cfg.generate, mode=cfg.lora.mode,
                             adapter_root=str(out / "adapters"), pipe=pipe)
@@ -68,6 +74,8 @@ def main() -> None:
             f, grids = probe_class(gen, plan.key, [s.image for s in shots], heldout, seeds=args.seeds,
                                    per_alpha=args.per_alpha)
             f["final_loss"] = res.report["final_loss"]
+            for m in (pipe.unet, pipe.text_encoder):  # the generator adapted the shared pipeline in place
+                remove_lora(m)
             for g, img in grids.items():
                 buf = io.BytesIO()
                 img.save(buf, format="PNG")

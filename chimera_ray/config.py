@@ -140,6 +140,10 @@ class TrainConfig:
     schedule: Literal["constant", "cosine"] | None = None
     warmup_fraction: float | None = None
     weight_decay: float = 1e-2
+    # Offset noise (diffusers' --noise_offset, 0.05-0.1 in common LoRA recipes): a per-channel
+    # constant added to the training noise, so an adapter can set an image's overall colour
+    # rather than inherit it from the sampling noise. 0: off (the paper does not use it).
+    noise_offset: float = 0.0
     # Samples per optimiser micro-batch; every sample routes through its own shot's head.
     # Recipe: chimera 4, classwise 8 (DataDream), imagewise 1 (LoFT).
     batch_size: int | None = None
@@ -473,6 +477,7 @@ class Config:
         check(t.steps >= 1, f"train.steps must be >= 1 (got {t.steps})")
         check(t.lr > 0, f"train.lr must be > 0 (got {t.lr})")
         check(t.lr_a_scale >= 0, f"train.lr_a_scale must be >= 0, A's rate is train.lr * lr_a_scale (got {t.lr_a_scale})")
+        check(t.noise_offset >= 0, f"train.noise_offset must be >= 0, 0 turns it off (got {t.noise_offset})")
         check(0 <= t.warmup_fraction < 1, f"train.warmup_fraction must be in [0, 1) (got {t.warmup_fraction})")
         check(lo.mode == "classwise" or not lo.text_encoder,
               f"lora.text_encoder=true is DataDream's classwise recipe; lora.mode={lo.mode} shares one prompt "

@@ -106,7 +106,7 @@ def prepare_shots(shots: list[Shot], policy: str = "clip") -> tuple[list[tuple[I
 
 
 def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, heads: torch.Tensor,
-                   generator: torch.Generator, prediction_type: str) -> torch.Tensor:
+                   generator: torch.Generator, prediction_type: str, noise_offset: float = 0.0) -> torch.Tensor:
     """The base model's training loss on latents, each sample routed through its head.
 
     Args:
@@ -117,12 +117,18 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, h
         heads: ``(n,)`` head index per sample.
         generator: CPU generator for noise and timesteps.
         prediction_type: "epsilon", "v_prediction" or "sample".
+        noise_offset: adds ``noise_offset * N(0, 1)`` per sample and channel to the noise (the
+            offset-noise trick of diffusers' training scripts), so the model can learn an image's
+            overall colour instead of taking it from the noise's mean.
 
     Returns:
         Scalar float32 MSE.
     """
     n = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    if noise_offset:
+        offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(latents.device, latents.dtype)
+        noise = noise + noise_offset * offset
     t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     if prediction_type == "epsilon":
@@ -299,7 +305,7 @@ def train_step(ctx: _StepContext, step: int) -> float:
         with torch.autocast(device.type, dtype=ctx.amp_dtype, enabled=ctx.use_amp):
             text = ctx.text if ctx.text_encoder is None else ctx.text_encoder(ctx.tokens)[0]
             loss = denoising_loss(ctx.unet, ctx.scheduler, latents, text.expand(len(shot_idx), -1, -1),
-                                  heads.to(device), gen, prediction_type)
+                                  heads.to(device), gen, prediction_type, train.noise_offset)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower train.lr")
         ctx.scaler.scale(loss / train.grad_accum).backward()

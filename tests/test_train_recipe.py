@@ -209,3 +209,28 @@ def test_datadream_text_encoder_lora_exports_to_diffusers(tiny_pipe_dir, shots, 
     img2 = ref(prompt=[meta["prompt"]], negative_prompt=["blurry"], num_inference_steps=3, guidance_scale=4.0,
                generator=[torch.Generator().manual_seed(meta["seed"])], output_type="np").images[0]
     assert np.abs((np.clip(img2, 0, 1) * 255).round().astype(np.int16) - expected).max() > 1
+
+
+def test_noise_offset_adds_a_per_channel_constant_to_the_noise():
+    """diffusers' --noise_offset definition, written out: noise + offset * N(0, 1) of shape (n, c, 1, 1),
+    drawn after the noise from the same generator. A zero-predicting UNet makes the loss the
+    noise's mean square."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from chimera_ray.train import denoising_loss
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states=None):
+            return SimpleNamespace(sample=torch.zeros_like(x))
+
+    sched = DDPMScheduler(num_train_timesteps=100)
+    latents = torch.randn(3, 4, 8, 8)
+    args = (Zero(), sched, latents, torch.zeros(3, 2, 5), torch.zeros(3, dtype=torch.long))
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(latents.shape, generator=g)
+    offset = torch.randn(3, 4, 1, 1, generator=g)
+    for off in (0.0, 0.5):
+        loss = denoising_loss(*args, torch.Generator().manual_seed(7), "epsilon", noise_offset=off)
+        torch.testing.assert_close(loss, ((noise + off * offset) ** 2).mean())

@@ -5,7 +5,7 @@ this project's first one), each class trained with ``chimera_ray.train.train_cla
 measured with ``chimera_ray.eval.heads.probe_class``. Everything runs in one process, no Ray.
 
     python benchmarks/probe_recipes.py --out runs/probe_recipes --classes 3 \\
-        --recipe paper= --recipe old=lora.init_a=kaiming,train.lr_a_scale=1,train.crop.method=boost_strong,train.crop.flip_p=0.5
+        --recipe paper= --recipe "old=lora.init_a=kaiming;train.lr_a_scale=1;train.crop.method=boost_strong;train.crop.flip_p=0.5"
 
 Writes ``<out>/<recipe>/probe.json`` (+ grids) and prints one summary line per recipe.
 """
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--config", default="jobs/configs/demo.yaml")
     ap.add_argument("--out", default="runs/probe_recipes")
     ap.add_argument("--recipe", action="append", default=[], metavar="NAME=OVERRIDES",
-                    help="a recipe: name=comma-separated dotted overrides (empty: the config's own)")
+                    help="a recipe: name=';'-separated dotted overrides (empty: the config's own)")
     ap.add_argument("--classes", type=int, default=3, help="tail classes with >= --min-shots shots to train")
     ap.add_argument("--min-shots", type=int, default=4)
     ap.add_argument("--keys", nargs="*", default=[], help="only these class keys")
@@ -56,7 +56,7 @@ def main() -> None:
     held = inputs.dataset.by_class(base_cfg.downstream.test_split)
     pipe = load_pipeline(base_cfg.model.base, cache_dir=base_cfg.model.cache_dir)
     for name, extra in recipes:
-        cfg = load_config(args.config, args.overrides + [o for o in extra.split(",") if o])
+        cfg = load_config(args.config, args.overrides + [o for o in extra.split(";") if o])
         out = Path(args.out) / name
         t0 = time.time()
         figs = {}

@@ -695,7 +695,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 errors.append(f"override {key!r}: {p} is not a section")
                 break
         else:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            try:
+                node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as e:
+                errors.append(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote it "
+                              "or write a list as [a, b]")
     if errors:
         raise ConfigError(errors)
     return data

@@ -68,3 +68,8 @@ def test_bad_files_and_override_syntax(tmp_path):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="key.path=value"):
         apply_overrides({}, ["train.steps"])
+
+
+def test_an_override_that_is_not_yaml_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"override 'lora.targets=\[to_q' .*not valid YAML"):
+        load_config(None, ["lora.targets=[to_q"])

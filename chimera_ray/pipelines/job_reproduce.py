@@ -54,6 +54,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         args.config, args.overrides = args.overrides[0], args.overrides[1:]
     args.config = args.config or DEFAULT_CONFIG
     root = args.out.rstrip("/")
+    args.methods = list(args.methods or METHODS)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         print(f"error: --methods {' '.join(unknown)}: unknown; choose among {', '.join(METHODS)}", file=sys.stderr)
@@ -82,7 +83,6 @@ def reproduce(args: argparse.Namespace, display: Display) -> dict:
     """Runs (or reuses) every method x seed and ablation; writes and returns results.json's content."""
     root = args.out.rstrip("/")
     t0 = time.time()
-    args.methods = list(args.methods or METHODS)
 
     base_cfg = load_config(args.config, args.overrides + [f"output={root}/shared"])
     inputs = ingest_for_run(base_cfg, log=display.print)  # one dataset, one plan (the tail classes) for every run

@@ -16,6 +16,10 @@ def _q(s: str) -> str:
     return shlex.quote(str(s))
 
 
+def _n(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else plural or word + 's'}"
+
+
 def run_summary(report: dict, *, config: str | None = None, log_path: str | None = None) -> str:
     """The summary of a finished (or failed) main-job run, as lines of text.
 
@@ -37,8 +41,7 @@ def run_summary(report: dict, *, config: str | None = None, log_path: str | None
     lines = []
     if ok:
         lines.append(f"Done in {format_seconds(sec.get('total'))}: {report.get('classes', 0)} classes, "
-                     f"{written} of {requested} planned images in {shards.get('count', 0)} "
-                     f"shard{'' if shards.get('count', 0) == 1 else 's'} "
+                     f"{written} of {requested} planned images in {_n(shards.get('count', 0), 'shard')} "
                      f"({format_bytes(shards.get('bytes', 0))}).")
     else:
         lines.append(f"FAILED while {report.get('stage')}: {report.get('error', '')}")
@@ -48,7 +51,7 @@ def run_summary(report: dict, *, config: str | None = None, log_path: str | None
         lines.append(f"  adapters   {out}/adapters/  ({', '.join(words)})")
     gen = report.get("generation")
     if gen and gen.get("units_skipped"):
-        lines.append(f"  generation {gen['units_generated']} units generated, {gen['units_skipped']} kept from an "
+        lines.append(f"  generation {_n(gen['units_generated'], 'unit')} generated, {gen['units_skipped']} kept from an "
                      "earlier attempt")
     lines.append(f"  report     {out}/report.json  (plan: {out}/plan.json, config: {out}/config.yaml)")
     if log_path:
@@ -59,13 +62,13 @@ def run_summary(report: dict, *, config: str | None = None, log_path: str | None
         lines.append("  time       " + ", ".join(f"{n} {format_seconds(s)}" for n, s in phases))
     if failed:
         shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
-        lines.append(f"  failures   {len(failed)} classes failed training: {shown}; errors in {out}/failures/<class>.json "
+        lines.append(f"  failures   {_n(len(failed), 'class', 'classes')} failed training: {shown}; errors in {out}/failures/<class>.json "
                      "(the run goes on without them; rerun the same command to retry them)")
     if report.get("failure_file"):
         lines.append(f"  failure    {report['failure_file']} (the traceback)")
     skipped = report.get("skipped_inputs", [])
     if skipped:
-        lines.append(f"  skipped    {len(skipped)} input rows (bad images or boxes), each with its reason in "
+        lines.append(f"  skipped    {_n(len(skipped), 'input row')} (bad images or boxes), each with its reason in "
                      f"{out}/report.json -> skipped_inputs")
     if not ok:
         return "\n".join(lines)

@@ -7,25 +7,30 @@ adapter renders one generation batch (``generate.batch_size`` images, after a on
 warm-up). Everything else is arithmetic on the plan, with Ray's fixed costs as constants
 measured on this project's benchmarks (docs/benchmarks.md). Ray-free: runs in a second.
 
-The arithmetic, per phase (``device`` = a GPU, or this machine's CPU cores, which a CPU run's
-trainers and actors share: there, concurrency buys nothing):
+Timings run with as many torch threads as a Ray worker of the run gets (``ray.train_cpus``,
+``ray.gen_cpus``: Ray sets ``OMP_NUM_THREADS`` from them); on a GPU the device decides.
+
+The arithmetic, per phase (``device`` = a GPU, or the CPUs a CPU worker holds):
 
 * training: per trainer run (``ray.classes_per_trainer`` classes), ``TRAINER_FIXED_S`` +
   model load; per class, its measured setup + ``train.steps`` x the measured step time;
-  wall time = device time / trainers at once;
+  wall time = device time / trainers at once (the cluster's GPUs or CPUs, at most the runs);
 * generation: ``images`` x the measured seconds per image + one model load per actor +
-  ``GENERATE_FIXED_S``; wall time = device time / actors (``ray.gen_actors_max``);
+  ``GENERATE_FIXED_S``; wall time = device time / actors at once (``ray.gen_actors_max``, at
+  most the units);
 * storage: the measured tar bytes per sample (image + label + metadata, tar headers) x images,
   shards per unit from ``shards.max_bytes`` / ``shards.max_samples``, plus one adapter per class.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -64,16 +69,32 @@ def _counts(cfg: Config, plans) -> dict:
             "images": images, "units": len(units), "unit_samples": [u.count for u in units]}
 
 
-def _concurrency(cfg: Config, device: torch.device) -> tuple[int, int, str]:
-    """(trainers at once, generation actors at once, why) on the configured cluster."""
+def _concurrency(cfg: Config, device: torch.device, counts: dict) -> tuple[int, int, str]:
+    """(trainers at once, generation actors at once, why): what the cluster holds (this machine's,
+    for a local run), at most the trainer runs and the generation units there are."""
     r = cfg.ray
-    if device.type != "cuda" or not (r.train_gpus or r.gen_gpus):
-        return 1, 1, ("CPU: trainers and actors share this machine's cores (each step already uses them all), "
-                      "so they are counted as one device")
-    gpus = r.num_gpus or torch.cuda.device_count()
-    trainers = r.max_concurrent_trainers or (max(1, int(gpus // r.train_gpus)) if r.train_gpus else 1)
-    actors = max(1, min(r.gen_actors_max, int(gpus // r.gen_gpus))) if r.gen_gpus else 1
-    return trainers, actors, f"{gpus} GPUs: {trainers} trainers, {actors} generation actors at once"
+    if device.type == "cuda" and r.train_gpus and r.gen_gpus:
+        have, what = float(r.num_gpus or torch.cuda.device_count()), "GPUs"
+        per_trainer, per_actor = r.train_gpus, r.gen_gpus
+    else:
+        have, what = float(r.num_cpus or os.cpu_count() or 1), "CPUs"
+        per_trainer, per_actor = r.train_cpus or 1.0, r.gen_cpus or 1.0
+    trainers = r.max_concurrent_trainers or max(1, int(have // per_trainer))
+    actors = max(1, min(r.gen_actors_max, int(have // per_actor)))
+    trainers, actors = min(trainers, max(1, counts["trainer_runs"])), min(actors, max(1, counts["units"]))
+    return trainers, actors, f"{have:g} {what}: {trainers} trainers, {actors} generation actors at once"
+
+
+@contextlib.contextmanager
+def _threads(n: float, device: torch.device) -> Iterator[None]:
+    """torch's CPU threads as a Ray worker holding ``n`` CPUs has them (OMP_NUM_THREADS)."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _calibrate(cfg: Config, inputs, train_steps: int, log: Callable[[str], None]) -> dict:
@@ -96,9 +117,10 @@ def _calibrate(cfg: Config, inputs, train_steps: int, log: Callable[[str], None]
             stamps: list[float] = []
             t = time.perf_counter()
             steps_cfg = dataclasses.replace(cfg.train, steps=1 + train_steps, checkpoint_every=0)
-            res = train_class(pipe, shots, class_name=plan.name, class_key=plan.key, label=plan.label, lora=cfg.lora,
-                              train=steps_cfg, resolution=cfg.model.resolution, precision=cfg.model.precision,
-                              on_step=lambda s, loss: stamps.append(time.perf_counter()))
+            with _threads(cfg.ray.train_cpus, device):
+                res = train_class(pipe, shots, class_name=plan.name, class_key=plan.key, label=plan.label,
+                                  lora=cfg.lora, train=steps_cfg, resolution=cfg.model.resolution,
+                                  precision=cfg.model.precision, on_step=lambda s, loss: stamps.append(time.perf_counter()))
             total = time.perf_counter() - t
             step_s = (stamps[-1] - stamps[0]) / train_steps
             out.update(train_step_s=round(step_s, 4), train_class_setup_s=round(max(0.0, total - (1 + train_steps)
@@ -116,10 +138,11 @@ def _calibrate(cfg: Config, inputs, train_steps: int, log: Callable[[str], None]
                     "label": np.array([plan.label] * k), "sample_index": np.arange(k)}
 
         log(f"plan: timing one generation batch of {n} images")
-        gen.encode(gen.render(rows(1)))  # warm-up: adapter load and injection, first-call costs
-        t = time.perf_counter()
-        cols = gen.encode(gen.render(rows(n)))
-        batch_s = time.perf_counter() - t
+        with _threads(cfg.ray.gen_cpus, device):
+            gen.encode(gen.render(rows(1)))  # warm-up: adapter load and injection, first-call costs
+            t = time.perf_counter()
+            cols = gen.encode(gen.render(rows(n)))
+            batch_s = time.perf_counter() - t
         samples = [Sample(str(cols["key"][r]), str(cols["ext"][r]), bytes(cols["image"][r]), int(cols["label"][r]),
                           str(cols["metadata"][r])) for r in range(n)]
         out.update(generate_batch=n, generate_batch_s=round(batch_s, 3), image_s=round(batch_s / n, 4),
@@ -171,7 +194,7 @@ def estimate_run(cfg: Config, *, calibrate: bool = True, train_steps: int = 5,
         return est
     cal = _calibrate(cfg, inputs, train_steps, log)
     device = torch.device(cal["device"])
-    trainers, actors, why = _concurrency(cfg, device)
+    trainers, actors, why = _concurrency(cfg, device, counts)
     train_device_s = 0.0
     if cfg.lora.mode != "base":
         train_device_s = (counts["trainer_runs"] * (TRAINER_FIXED_S + cal["model_load_s"])
@@ -179,7 +202,7 @@ def estimate_run(cfg: Config, *, calibrate: bool = True, train_steps: int = 5,
     gen_device_s = counts["images"] * cal["image_s"] + actors * (cal["model_load_s"] + GENERATE_FIXED_S)
     shards, shard_bytes = _shards(cfg, counts["unit_samples"], cal["sample_bytes"])
     adapters = counts["classes"] * cal.get("adapter_bytes", 0)
-    train_wall = train_device_s / max(1, min(trainers, counts["trainer_runs"] or 1))
+    train_wall = train_device_s / trainers
     gen_wall = gen_device_s / actors
     est.update(
         calibration=cal,

@@ -63,6 +63,7 @@ class _Train:
     running: dict[str, tuple[int, float]] = field(default_factory=dict)  # key -> (step, loss)
     started: float = 0.0
     ended: float | None = None
+    first: tuple[float, float] | None = None  # (time, fraction) of the first progress seen
 
     def fraction_new(self) -> float:
         """Share of this attempt's work (classes not committed before it) that is done."""
@@ -85,6 +86,7 @@ class _Generate:
     rendered: dict[int, int] = field(default_factory=dict)  # unit -> images rendered, not yet committed
     started: float = 0.0
     ended: float | None = None
+    first: tuple[float, float] | None = None
 
     def images_done(self) -> int:
         return min(self.images, self.committed_images + sum(self.rendered.values()))
@@ -94,12 +96,12 @@ class _Generate:
         return 1.0 if todo <= 0 else min(1.0, (self.images_done() - self.at_start) / todo)
 
 
-def _eta(started: float, fraction: float, now: float, ended: float | None) -> float | None:
-    if ended is not None:
-        return 0.0
-    if fraction <= 0:
+def _eta(first: tuple[float, float] | None, fraction: float, now: float) -> float | None:
+    """Seconds left at the rate since the phase's first progress ``(time, fraction)``: a phase's
+    start-up (Ray Train's worker group, an actor's model load) says nothing about its rate."""
+    if first is None or fraction <= first[1] or now <= first[0]:
         return None
-    return (now - started) * (1 - fraction) / fraction
+    return (now - first[0]) * (1 - fraction) / (fraction - first[1])
 
 
 class RunProgress:
@@ -115,6 +117,9 @@ class RunProgress:
     def apply(self, e: dict) -> None:
         with self._lock:
             self._apply(e)
+            phase = self.train if self.phase == "train" else self.generate if self.phase == "generate" else None
+            if phase is not None and phase.first is None and phase.fraction_new() > 0:
+                phase.first = (self.clock(), phase.fraction_new())
 
     def _apply(self, e: dict) -> None:
         kind, now, t, g = e["kind"], self.clock(), self.train, self.generate
@@ -191,7 +196,7 @@ class RunProgress:
                 losses = [x for x in losses if x == x]
                 if losses:
                     parts.append(f"loss {sum(losses) / len(losses):.4f}")
-                parts.append(self._times(t.started, t.ended, t.fraction_new(), now))
+                parts.append(self._times(t, now))
                 return " | ".join(parts)
             if self.phase == "generate":
                 g = self.generate
@@ -199,16 +204,16 @@ class RunProgress:
                 rate = (g.images_done() - g.at_start) / elapsed if elapsed > 0 else 0.0
                 parts = [f"generate  {g.images_done()}/{g.images} images", f"{rate:.1f} images/s",
                          f"{g.shards} shard{'' if g.shards == 1 else 's'} committed ({format_bytes(g.bytes)})",
-                         self._times(g.started, g.ended, g.fraction_new(), now)]
+                         self._times(g, now)]
                 return " | ".join(parts)
             return ""
 
     @staticmethod
-    def _times(started: float, ended: float | None, fraction: float, now: float) -> str:
-        elapsed = (ended or now) - started
-        if ended is not None:
+    def _times(phase: _Train | _Generate, now: float) -> str:
+        elapsed = (phase.ended or now) - phase.started
+        if phase.ended is not None:
             return f"done in {format_seconds(elapsed)}"
-        return f"{format_seconds(elapsed)} elapsed, ETA {format_seconds(_eta(started, fraction, now, ended))}"
+        return f"{format_seconds(elapsed)} elapsed, ETA {format_seconds(_eta(phase.first, phase.fraction_new(), now))}"
 
 
 class Display:

@@ -32,20 +32,22 @@ def test_training_counts_losses_and_eta():
     clock = Clock()
     p = RunProgress(clock)
     p.apply({"kind": "train_start", "total": 4, "committed": 1, "steps": 10})
-    clock.t = 10
+    clock.t = 10  # start-up (worker group, model load) takes 10 s: it says nothing about the rate
     p.apply({"kind": "class_done", "class": "a", "loss": 0.5})
+    assert "ETA -" in p.line()
+    clock.t = 20
     p.apply({"kind": "class_step", "class": "b", "step": 5, "loss": 0.25})
-    # 1.5 of the 3 classes to train are done in 10 s: 10 s left.
+    # 1.5 of the 3 classes to train are done; 1/6 of the work took the last 10 s: 30 s left.
     assert p.fraction() == pytest.approx(0.5)
     line = p.line()
     assert "2/4 classes" in line and "1 already committed" in line and "1 trained" in line
-    assert "0 failed" in line and "1 running" in line and "loss 0.2500" in line and "ETA 10s" in line
+    assert "0 failed" in line and "1 running" in line and "loss 0.2500" in line and "ETA 30s" in line
     p.apply({"kind": "class_failed", "class": "b", "error": "x"})
     p.apply({"kind": "class_step", "class": "b", "step": 6, "loss": 0.1})  # late step of a failed class: ignored
     p.apply({"kind": "class_done", "class": "c", "loss": 0.1})
-    clock.t = 20
+    clock.t = 25
     p.apply({"kind": "train_end"})
-    assert "4/4 classes" in p.line() and "1 failed" in p.line() and "done in 20s" in p.line()
+    assert "4/4 classes" in p.line() and "1 failed" in p.line() and "done in 25s" in p.line()
 
 
 def test_generation_images_shards_rate_and_retried_units():

@@ -58,6 +58,10 @@ GENERATE_FIXED_S = 5.0
 RAY_START_S = 5.0
 
 
+def _n(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else plural or word + 's'}"
+
+
 def _counts(cfg: Config, plans) -> dict:
     g, sh = cfg.generate, cfg.shards
     images = sum(p.budget for p in plans)
@@ -82,7 +86,8 @@ def _concurrency(cfg: Config, device: torch.device, counts: dict) -> tuple[int, 
     trainers = r.max_concurrent_trainers or max(1, int(have // per_trainer))
     actors = max(1, min(r.gen_actors_max, int(have // per_actor)))
     trainers, actors = min(trainers, max(1, counts["trainer_runs"])), min(actors, max(1, counts["units"]))
-    return trainers, actors, f"{have:g} {what}: {trainers} trainers, {actors} generation actors at once"
+    return trainers, actors, (f"{have:g} {what}: {_n(trainers, 'trainer')}, {_n(actors, 'generation actor')} "
+                              "at once")
 
 
 @contextlib.contextmanager
@@ -224,11 +229,12 @@ def format_estimate(est: dict) -> str:
     """The estimate in words (what ``chimera-ray plan`` prints after the plan table)."""
     c = est["counts"]
     lines = []
-    lines.append(f"work:     {c['classes']} classes x {est['config']['train_steps']} steps = {c['train_steps']} training "
-                 f"steps in {c['trainer_runs']} Ray Train runs; {c['images']} images in {c['units']} generation units")
+    lines.append(f"work:     {_n(c['classes'], 'class', 'classes')} x "
+                 f"{est['config']['train_steps']} steps = {c['train_steps']} training steps in "
+                 f"{_n(c['trainer_runs'], 'Ray Train run')}; {c['images']} images in {_n(c['units'], 'generation unit')}")
     s = est["storage"]
     if "calibration" not in est:
-        lines.append(f"storage:  {s['shards']} shards, at most {format_bytes(s['shard_bytes_upper_bound'])} "
+        lines.append(f"storage:  {_n(s['shards'], 'shard')}, at most {format_bytes(s['shard_bytes_upper_bound'])} "
                      "(uncompressed bound; calibrate for an estimate)")
         return "\n".join(lines)
     cal, dev = est["calibration"], est["calibration"]["device"]
@@ -241,7 +247,7 @@ def format_estimate(est: dict) -> str:
     lines.append(f"generate: {est['generate']['device_hours']:.3f} {unit}, about "
                  f"{format_seconds(est['generate']['wall_s'])} ({est['generate']['images_per_s']:.1f} images/s)")
     lines.append(f"total:    about {format_seconds(est['total_wall_s'])} ({est['concurrency']['why']})")
-    lines.append(f"storage:  {s['shards']} shards, {format_bytes(s['shard_bytes'])} (about "
+    lines.append(f"storage:  {_n(s['shards'], 'shard')}, {format_bytes(s['shard_bytes'])} (about "
                  f"{format_bytes(s['mean_shard_bytes'])} each; cap {format_bytes(s['max_shard_bytes'])} / "
                  f"{s['max_shard_samples']} samples) + {format_bytes(s['adapter_bytes'])} of adapters")
     return "\n".join(lines)

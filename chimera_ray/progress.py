@@ -269,8 +269,10 @@ class Display:
         self.close()
         self._last_fraction, self._last_time = 0.0, self.clock()
         if self.live:
+            # No stdout/stderr redirection: whatever else this process prints (under a job: Ray's
+            # worker logs, which go to the run's log file) must not reach the terminal through rich.
             self._live = Live(get_renderable=self._renderable, console=self._console, refresh_per_second=4,
-                              transient=True)
+                              transient=True, redirect_stdout=False, redirect_stderr=False)
             self._live.start()
         else:
             self._emit(self.progress.line())

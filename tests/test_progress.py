@@ -2,6 +2,7 @@
 
 import io
 import math
+import sys
 
 import pytest
 
@@ -96,12 +97,14 @@ def test_plain_lines_also_come_with_time_on_a_slow_phase():
     assert 15 <= len(lines) <= 25, lines
 
 
-def test_live_view_leaves_one_line_per_phase():
-    out = io.StringIO()
+def test_live_view_leaves_one_line_per_phase(monkeypatch):
+    out, elsewhere = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", elsewhere)  # under a job: the run's log file
     d = Display(out, live=True)
     d.print("plan: 2 classes")
     for e in _train_events(2, 10, 5):
         d.event(e)
+        print("(RayTrainWorker pid=1) a worker's log line")  # Ray's log monitor writes to sys.stdout
     d.event({"kind": "generate_start", "images": 4, "units": 1})
     d.event({"kind": "unit_done", "unit": 0, "samples": 4, "shards": 1, "bytes": 10})
     d.event({"kind": "generate_end"})
@@ -109,6 +112,7 @@ def test_live_view_leaves_one_line_per_phase():
     text = out.getvalue()
     assert "plan: 2 classes" in text
     assert text.count("train     4/4 classes") == 1 and text.count("generate  4/4 images") == 1
+    assert "RayTrainWorker" not in text and "RayTrainWorker" in elsewhere.getvalue()
 
 
 def test_formats():

@@ -97,10 +97,16 @@ def test_plain_lines_also_come_with_time_on_a_slow_phase():
     assert 15 <= len(lines) <= 25, lines
 
 
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
 def test_live_view_leaves_one_line_per_phase(monkeypatch):
-    out, elsewhere = io.StringIO(), io.StringIO()
+    out, elsewhere = Terminal(), io.StringIO()
     monkeypatch.setattr(sys, "stdout", elsewhere)  # under a job: the run's log file
-    d = Display(out, live=True)
+    monkeypatch.setenv("COLUMNS", "200")
+    d = Display(out)  # a terminal: the live view
     d.print("plan: 2 classes")
     for e in _train_events(2, 10, 5):
         d.event(e)
@@ -110,8 +116,11 @@ def test_live_view_leaves_one_line_per_phase(monkeypatch):
     d.event({"kind": "generate_end"})
     d.close()
     text = out.getvalue()
-    assert "plan: 2 classes" in text
-    assert text.count("train     4/4 classes") == 1 and text.count("generate  4/4 images") == 1
+    assert "plan: 2 classes" in text and "\x1b[" in text  # drawn live (cursor moves)
+    # Each phase's live frames are erased when it ends (transient); its final line stays.
+    lines = [x.strip() for x in text.replace("\x1b[2K", "\n").splitlines()]
+    assert "train     4/4 classes | 2 already committed, 2 trained, 0 failed, 0 running | loss 0.0100 | done in 0s" in lines
+    assert lines[-1].startswith("generate  4/4 images") and lines[-1].endswith("done in 0s")
     assert "RayTrainWorker" not in text and "RayTrainWorker" in elsewhere.getvalue()
 
 

@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sweep", action="store_true",
                    help="skip the concentration sweep (it loads the base model and generates 6 images per class)")
     p.add_argument("--config", help="YAML config for the sweep's model settings (default: the run's, as the page says)")
+    p.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP + " (of the sweep's config, e.g. model.device=cpu)")
 
     p = sub.add_parser("toy", help="build or evaluate the embedded toy base model",
                        description="The embedded toy base model (builtin:toy): pretrain it from scratch into a folder, "
@@ -323,7 +324,7 @@ def _cmd_report(args) -> int:
     from chimera_ray.eval.report import write_report
 
     out = write_report(args.run_dir, args.out, samples=args.samples, sweep=not args.no_sweep, config=args.config,
-                       log=lambda m: print(m, file=sys.stderr, flush=True))
+                       overrides=list(args.overrides or []), log=lambda m: print(m, file=sys.stderr, flush=True))
     print(out)
     return 0
 

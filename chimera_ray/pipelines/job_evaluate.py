@@ -45,8 +45,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             init_ray(cfg)
             result, metrics = evaluate_run(cfg, inputs, log=lambda m: None)
             write_json(f"{out}/eval/downstream{suffix}.json", result)
-            display.print("accuracy:  " + ", ".join(f"{k.replace('_acc', '')} {100 * result[k]:.1f} %" for k in
-                                                     ("overall_acc", "all_acc", "head_acc", "tail_acc")))
+            display.print("accuracy:  " + ", ".join(
+                f"{k.replace('_acc', '')} " + ("-" if result.get(k) is None else f"{100 * result[k]:.1f} %")
+                for k in ("overall_acc", "all_acc", "head_acc", "tail_acc")))  # None: no class of that group
             display.print(f"written:   {out}/eval/downstream{suffix}.json (per class, the classifier's checkpoint)")
             if metrics is not None:
                 write_json(f"{out}/eval/metrics{suffix}.json", metrics)

@@ -165,3 +165,11 @@ def test_run_refuses_a_bad_config_before_anything_starts(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and "lora.rank must be >= 1" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_toy_build_takes_recipe_overrides_and_refuses_unknown_fields(tmp_path, capsys):
+    from chimera_ray.cli import main
+
+    assert main(["toy", "build", str(tmp_path / "toy"), "no_such_field=1"]) == 2
+    assert "ToyRecipe has no field 'no_such_field'" in capsys.readouterr().err
+    assert not (tmp_path / "toy").exists()

@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
-PIP := $(PY) -m pip install -q --disable-pip-version-check --root-user-action=ignore
+PIP := $(PY) -m pip install -qq --disable-pip-version-check --root-user-action=ignore
 
 ifneq ($(V),1)
 .SILENT:

@@ -14,7 +14,13 @@ import sys
 
 # The config module is light (dataclasses + yaml); everything heavy is imported by the handler
 # that needs it, so that `chimera-ray --help` does not pay for torch and diffusers.
-from chimera_ray.config import Config, ConfigError, config_to_dict, load_config
+from chimera_ray.config import (
+    SMOKE_RUN,
+    Config,
+    ConfigError,
+    config_to_dict,
+    load_config,
+)
 from chimera_ray.console import setup_logging
 
 __all__ = ["main", "build_parser"]
@@ -27,6 +33,18 @@ def _config_args(p: argparse.ArgumentParser, output: bool = True) -> None:
                                      "The file may also be given as the first positional argument.")
     if output:
         p.add_argument("--output", help="output folder or URL (overrides the config's `output`)")
+    p.add_argument("overrides", nargs="*", help="[CONFIG.yaml] " + _OVERRIDES_HELP)
+
+
+_EXIT_CODES = "Exit codes: 0 done, 1 failed, 2 bad config or input."
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    """The arguments every Ray job takes: its config, --verbose, dotted overrides."""
+    p.add_argument("--config", help="YAML config, e.g. jobs/configs/demo.yaml (or give it as the first positional)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's and the libraries' own output and a failure's traceback on the terminal "
+                        "(default: in <output>/logs/<command>.log, whose path is printed)")
     p.add_argument("overrides", nargs="*", help="[CONFIG.yaml] " + _OVERRIDES_HELP)
 
 
@@ -50,12 +68,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the main job: tail classes -> Ray Train fine-tunes -> Ray Data shards",
                        description="Validate, plan, fine-tune every tail class on Ray Train and generate WebDataset "
-                                   "shards on Ray Data (what jobs/full.py runs under `ray job submit`). Exit 0 done, "
-                                   "1 the run failed (report.json says why), 2 bad config or input.")
-    p.add_argument("--config", help="YAML config, e.g. jobs/configs/demo.yaml (or give it as the first positional)")
+                                   "shards on Ray Data (what jobs/full.py runs under `ray job submit`). Shows one "
+                                   "progress view per phase and a closing summary; Ray's own output goes to "
+                                   "<output>/logs/run.log. " + _EXIT_CODES)
+    _job_args(p)
     p.add_argument("--smoke-test", action="store_true", help="tiny run: 2 classes, 4 steps, 3 images each")
-    p.add_argument("--verbose", action="store_true", help="print the traceback of a failure, not only its cause")
-    p.add_argument("overrides", nargs="*", help="[CONFIG.yaml] " + _OVERRIDES_HELP)
+
+    p = sub.add_parser("plan", help="the plan and its cost: GPU-hours and storage, from a short measured calibration",
+                       description="Validate and plan like `run`, then time a few training steps and one generation "
+                                   "batch of the configured base model on this machine's device and extrapolate: "
+                                   "device-hours for training and generation, images, bytes, shard count and sizes. "
+                                   "Writes the estimate as JSON (default: <output>/estimate.json). Starts no Ray. "
+                                   + _EXIT_CODES)
+    p.add_argument("--json", dest="json_out", help="where to write the estimate (default: <output>/estimate.json)")
+    p.add_argument("--train-steps", type=int, default=5, help="training steps timed (after one warm-up step; default 5)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="only the plan, counts and storage bound: load no model, time nothing")
+    p.add_argument("--smoke-test", action="store_true", help="estimate the `run --smoke-test` run")
+    _config_args(p)
+
+    p = sub.add_parser("evaluate", help="downstream classifier + fidelity metrics of a finished run",
+                       description="Train a classifier with Ray Train on the run's real training split plus its "
+                                   "synthetic shards, score it on the real test split (<output>/eval/downstream.json), "
+                                   "then per-class fidelity/diversity metrics (<output>/eval/metrics.json); what "
+                                   "jobs/downstream.py runs. " + _EXIT_CODES)
+    _job_args(p)
+    p.add_argument("--smoke-test", action="store_true", help="tiny run: 20 classifier steps")
+    p.add_argument("--tag", default="", help="suffix for the result files (downstream-TAG.json)")
+
+    p = sub.add_parser("reproduce", help="the method comparison: real-only, base, class-wise, image-wise, ChimeraLoRA",
+                       description="Every method over several seeds plus ablations on the embedded default, each run "
+                                   "in <out>/seed<S>/<method>/ with its shards and eval/*.json; a rerun skips finished "
+                                   "runs. Writes <out>/results.json and results.md (docs/results.md); what "
+                                   "jobs/reproduce.py runs. Config default: jobs/configs/demo.yaml. " + _EXIT_CODES)
+    _job_args(p)
+    p.add_argument("--out", default="outputs/reproduce", help="root folder of all runs (default: outputs/reproduce)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="subset of real_only base classwise imagewise chimera (default: all)")
+    p.add_argument("--no-ablations", action="store_true", help="skip the alpha / boosting / rank ablations")
 
     p = sub.add_parser("train", help="fine-tune one class's adapters on this machine",
                        description="Fine-tune one class (a folder of its images, optional boxes) into <output>/adapters/<key>.")
@@ -105,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sweep", action="store_true",
                    help="skip the concentration sweep (it loads the base model and generates 6 images per class)")
     p.add_argument("--config", help="YAML config for the sweep's model settings (default: the run's, as the page says)")
+    p.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP + " (of the sweep's config, e.g. model.device=cpu)")
 
     p = sub.add_parser("probe", help="do the heads carry their shots? one-hot images, identification, coverage",
                        description="Per trained class of a run: images at one-hot head weights with shared noise "
@@ -123,14 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The embedded toy base model (builtin:toy): pretrain it from scratch into a folder, "
                                    "or measure how recognisable its generations are.")
     toy = p.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
-    b = toy.add_parser("build", help="pretrain the toy base model into OUT_DIR")
+    b = toy.add_parser("build", help="pretrain the toy base model into OUT_DIR",
+                       description="Pretrain the toy base model (ToyWorld captions, SD architecture at 32 px) into "
+                                   "OUT_DIR. The config's model.device is used; ToyRecipe fields via --set.")
     b.add_argument("out_dir")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--minutes", type=float, default=None, help="nominal budget (scales step counts)")
     b.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a ToyRecipe field (experiments), e.g. --set unet_steps=3000")
     b.add_argument("--no-progress", action="store_true")
-    e = toy.add_parser("evaluate", help="classifier accuracy on generations of a built model")
+    b.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="ToyRecipe overrides, like --set")
+    e = toy.add_parser("evaluate", help="classifier accuracy on generations of a built model",
+                       description="Generate prompted samples of every class from MODEL_DIR and score them with a "
+                                   "classifier trained on real ToyWorld renders. The config's model.device and "
+                                   "model.precision are used.")
     e.add_argument("model_dir")
     e.add_argument("--n-per-class", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
@@ -138,11 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=5.0)
     e.add_argument("--grid", default=None, help="also save a sample grid PNG here")
     e.add_argument("--json", default=None, help="also write the report here")
+    _config_args(e, output=False)
     return parser
 
 
-def _load(args) -> Config:
+def _load(args, preset: tuple[str, ...] = ()) -> Config:
+    """The config of a subcommand: file (flag or first positional), then ``preset``, then the overrides."""
     config, overrides = _config_and_overrides(args)
+    overrides = list(preset) + overrides
     args.config = config
     if getattr(args, "output", None):
         overrides.append(f"output={args.output}")
@@ -277,7 +338,7 @@ def _cmd_report(args) -> int:
     from chimera_ray.eval.report import write_report
 
     out = write_report(args.run_dir, args.out, samples=args.samples, sweep=not args.no_sweep, config=args.config,
-                       log=lambda m: print(m, file=sys.stderr, flush=True))
+                       overrides=list(args.overrides or []), log=lambda m: print(m, file=sys.stderr, flush=True))
     print(out)
     return 0
 
@@ -295,11 +356,36 @@ def _cmd_probe(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from chimera_ray.pipelines.job import (
-        run_from_args,  # Ray and the pipelines: only for `run`
-    )
+    # Ray and the pipelines: imported only by the jobs' handlers.
+    from chimera_ray.pipelines.job import run_from_args
 
     return run_from_args(args)
+
+
+def _cmd_evaluate(args) -> int:
+    from chimera_ray.pipelines.job_evaluate import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_reproduce(args) -> int:
+    from chimera_ray.pipelines.job_reproduce import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_plan(args) -> int:
+    from chimera_ray.estimate import estimate_run, format_estimate
+    from chimera_ray.io import write_json
+
+    cfg = _load(args, SMOKE_RUN if args.smoke_test else ())
+    est = estimate_run(cfg, calibrate=not args.no_calibration, train_steps=args.train_steps,
+                       log=lambda m: print(m, flush=True))
+    print(format_estimate(est))
+    path = args.json_out or f"{cfg.output.rstrip('/')}/estimate.json"
+    write_json(path, est)
+    print(f"\nestimate written to {path}")
+    return 0
 
 
 def _cmd_toy(args) -> int:
@@ -315,7 +401,7 @@ def _cmd_toy(args) -> int:
 
     if args.toy_command == "build":
         recipe = DEFAULT_RECIPE
-        for item in args.set:
+        for item in args.set + list(args.overrides or []):
             key, _, value = item.partition("=")
             if not hasattr(recipe, key):
                 raise ValueError(f"--set {item!r}: ToyRecipe has no field {key!r}")
@@ -329,8 +415,13 @@ def _cmd_toy(args) -> int:
         print(f"built {args.out_dir} in {time.perf_counter() - t0:.1f} s "
               f"({report['weights_bytes'] / 1e6:.1f} MB of safetensors)")
         return 0
+    from chimera_ray.models import resolve_device, resolve_dtype
+
+    cfg = _load(args)
     torch.set_num_threads(2)
-    pipe = load_pipeline(str(Path(args.model_dir).resolve()))
+    device = resolve_device(cfg.model.device)
+    pipe = load_pipeline(str(Path(args.model_dir).resolve()), device=device,
+                         dtype=resolve_dtype(cfg.model.precision, device))
     report = evaluate_base(pipe, n_per_class=args.n_per_class, seed=args.seed, steps=args.steps, guidance=args.guidance)
     if args.grid:
         report["grid"] = str(sample_grid(pipe, args.grid, seed=args.seed, steps=args.steps, guidance=args.guidance))
@@ -355,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     handler = {"train": _cmd_train, "generate": _cmd_generate, "export-lora": _cmd_export, "config": _cmd_config,
                "validate": _cmd_validate, "report": _cmd_report, "toy": _cmd_toy, "run": _cmd_run,
+               "evaluate": _cmd_evaluate, "reproduce": _cmd_reproduce, "plan": _cmd_plan,
                "probe": _cmd_probe}[args.command]
     try:
         return handler(args)

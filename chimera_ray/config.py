@@ -17,6 +17,8 @@ import fsspec
 import yaml
 
 __all__ = [
+    "SMOKE_RUN",
+    "SMOKE_EVALUATE",
     "ConfigError",
     "ModelConfig",
     "LoRAConfig",
@@ -37,6 +39,11 @@ __all__ = [
     "config_to_dict",
     "config_from_dict",
 ]
+
+# `--smoke-test` of the jobs: the smallest run that still goes through every stage (CI runs it).
+SMOKE_RUN = ("train.steps=4", "train.checkpoint_every=2", "data.max_classes=2", "generate.samples_per_class=3",
+             "generate.num_inference_steps=2", "ray.gen_actors_max=1")
+SMOKE_EVALUATE = ("downstream.steps=20", "downstream.batch_size=16")
 
 MODES = ("chimera", "classwise", "imagewise", "base")
 IMAGE_FORMATS = ("png", "jpg", "webp")

@@ -34,8 +34,10 @@ def load_shots(plan: ClassPlan, rows: list[ImageRow]) -> tuple[list[Shot], list[
 
 
 def train_one(pipe, plan: ClassPlan, rows: list[ImageRow], cfg: Config, progress: bool = True,
-              on_checkpoint=None) -> dict:
-    """Trains one class (resuming from its checkpoints) and commits its adapter."""
+              on_checkpoint=None, on_step=None) -> dict:
+    """Trains one class (resuming from its checkpoints) and commits its adapter.
+
+    ``on_checkpoint`` and ``on_step`` are ``train_class``'s callbacks (checkpoint written; step done)."""
     out = cfg.output.rstrip("/")
     shots, skipped = load_shots(plan, rows)
     if not shots:
@@ -43,7 +45,7 @@ def train_one(pipe, plan: ClassPlan, rows: list[ImageRow], cfg: Config, progress
     res = train_class(pipe, shots, class_name=plan.name, class_key=plan.key, label=plan.label, lora=cfg.lora,
                       train=cfg.train, resolution=cfg.model.resolution, precision=cfg.model.precision,
                       checkpoint_dir=f"{out}/checkpoints/{plan.key}", progress=progress,
-                      on_checkpoint=on_checkpoint)
+                      on_checkpoint=on_checkpoint, on_step=on_step)
     digest = save_adapter(f"{out}/adapters/{plan.key}", res.state, res.meta)
     # Committed: the checkpoints only served to resume this class.
     res.report["checkpoints_removed"] = len(prune_checkpoints(f"{out}/checkpoints/{plan.key}", cfg.train.keep_checkpoints))

@@ -36,6 +36,7 @@ import numpy as np
 from chimera_ray.sampling import derive_seed
 
 __all__ = [
+    "DEFAULT_UNIT_SAMPLES",
     "ORDER_VERSION",
     "Unit",
     "plan_units",
@@ -50,6 +51,11 @@ __all__ = [
 ORDER_VERSION = 1
 _ROUNDS = 6  # Feistel rounds; 4 already mix well, 6 is cheap insurance for tiny domains
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64 finaliser
+
+
+# Samples per unit when shards.max_samples is 0 (unbounded shards): small enough that a killed
+# run loses little work, large enough that per-unit overhead (a manifest, a Ray task) is noise.
+DEFAULT_UNIT_SAMPLES = 256
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,12 +21,37 @@ def run(args, env_extra=None, check=True):
     return proc
 
 
-@pytest.mark.parametrize("sub", [[], ["run"], ["train"], ["generate"], ["export-lora"], ["validate"], ["config"]])
+SUBCOMMANDS = [["run"], ["plan"], ["evaluate"], ["reproduce"], ["train"], ["generate"], ["export-lora"], ["validate"],
+               ["config"], ["report"], ["toy", "evaluate"]]
+
+
+@pytest.mark.parametrize("sub", [[], ["toy", "build"], *SUBCOMMANDS])
 def test_help_everywhere(sub):
     out = run(["-m", "chimera_ray.cli", *sub, "--help"]).stdout
     assert "usage: chimera-ray" in out
-    if sub:
-        assert "overrides" in out or "--weights" in out
+    if sub in SUBCOMMANDS:
+        assert "--config" in out and "overrides" in out
+
+
+@pytest.mark.parametrize("sub", [["run"], ["plan"], ["evaluate"], ["reproduce"], ["validate"], ["config"]])
+def test_every_job_refuses_a_bad_config_with_exit_2(sub, tmp_path, capsys):
+    from chimera_ray.cli import main
+
+    code = main([*sub, "jobs/configs/tiny.yaml", "lora.rank=0", f"output={tmp_path / 'run'}"])
+    captured = capsys.readouterr()
+    assert code == 2 and "lora.rank must be >= 1" in captured.err + captured.out
+    assert "Traceback" not in captured.err and not (tmp_path / "run").exists()
+
+
+def test_plan_without_calibration_gives_counts_and_a_storage_bound(tmp_path):
+    out = tmp_path / "est.json"
+    res = run(["-m", "chimera_ray.cli", "plan", "jobs/configs/tiny.yaml", "--no-calibration", "--json", str(out),
+               "generate.samples_per_class=1500", "data.max_classes=3", "shards.max_samples=1000"])
+    est = json.loads(out.read_text())
+    # 3 classes x 1500 images in units of <= 1000 samples of <= adapter_cache_size classes.
+    assert est["counts"]["classes"] == 3 and est["counts"]["images"] == 4500
+    assert est["counts"]["units"] == 5 and est["storage"]["shards"] >= 5
+    assert "plan:    3 classes" in res.stdout and "shards" in res.stdout
 
 
 def test_train_generate_export_round_trip(tmp_path):
@@ -69,10 +94,22 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert res.returncode != 0 and "no adapters" in res.stderr
 
 
+RAY_INTERNALS = ("PlacementGroupCleaner", "RayTrainWorker", "TrainController", "TrainingReport", "core_worker",
+                 "INFO", "WARNING", "Traceback", "(pid=", "streaming_executor", "Execution plan", "Running Dataset")
+# A factor the estimate must meet against the run's measured times (docs/plan.md: a 2-core machine
+# shared with other jobs measures times 2-3x apart from one minute to the next).
+ESTIMATE_FACTOR = 3.0
+
+
 def test_full_job_smoke_and_resume(tmp_path):
-    """`python jobs/full.py --smoke-test` on a local Ray, then the same command again resumes."""
+    """`chimera-ray plan`, then `python jobs/full.py --smoke-test` on a local Ray (its output as CI or
+    `ray job logs` show it: not a terminal), then the same command again resumes."""
     env = {"CHIMERA_RAY_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "job"
+    plan = run(["-m", "chimera_ray.cli", "plan", "jobs/configs/tiny.yaml", "--smoke-test", f"output={out}"], env)
+    assert "train:" in plan.stdout and "generate:" in plan.stdout and "storage:" in plan.stdout
+    est = json.loads((out / "estimate.json").read_text())
+
     args = ["jobs/full.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test", f"output={out}", "ray.num_cpus=2"]
     first = run(args, env)
     assert "budget" in first.stdout and "plan:" in first.stdout  # the plan is printed before work starts
@@ -81,10 +118,32 @@ def test_full_job_smoke_and_resume(tmp_path):
     assert all(v["status"] == "trained" for v in report["train"].values())
     assert json.loads((out / "plan.json").read_text())
     index = json.loads((out / "shards" / "index.json").read_text())
-    run(args, env)  # rerun: committed classes are not retrained, complete shards not regenerated
+
+    # The console: the project's own lines only, few of them, none twice; Ray's in the log file.
+    text = first.stdout + first.stderr
+    assert not [w for w in RAY_INTERNALS if w in text], text
+    lines = [x for x in text.splitlines() if x.strip()]
+    assert len(lines) <= 40 and len(set(lines)) == len(lines), text
+    assert first.stderr == ""
+    log = out / "logs" / "run.log"
+    assert text.count(str(log)) == 1 and "Started a local Ray instance" in log.read_text()
+    assert "train     2/2 classes" in text and "generate  6/6 images" in text and "1 shard committed" in text
+    assert "Done in" in text and "chimera-ray report" in text and "chimera-ray evaluate" in text
+    assert "read_webdataset" in text and "load_dataset('webdataset'" in text
+
+    # The estimate against the run: each phase within the stated factor.
+    actual = report["seconds"]
+    for phase, predicted in (("train", est["train"]["wall_s"]), ("generate", est["generate"]["wall_s"])):
+        ratio = predicted / actual[phase]
+        assert 1 / ESTIMATE_FACTOR <= ratio <= ESTIMATE_FACTOR, (phase, predicted, actual)
+    assert est["storage"]["shards"] == index["totals"]["shards"]
+    assert 0.5 <= est["storage"]["shard_bytes"] / index["totals"]["bytes"] <= 2
+
+    second = run(args, env)  # rerun: committed classes are not retrained, complete shards not regenerated
     report = json.loads((out / "report.json").read_text())
     assert all(v["status"].startswith("skipped") for v in report["train"].values())
     assert json.loads((out / "shards" / "index.json").read_text())["shards"] == index["shards"]
+    assert "2 already committed" in second.stdout
 
 
 def test_config_file_positional_or_flag_in_every_subcommand(capsys):
@@ -106,3 +165,11 @@ def test_run_refuses_a_bad_config_before_anything_starts(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and "lora.rank must be >= 1" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_toy_build_takes_recipe_overrides_and_refuses_unknown_fields(tmp_path, capsys):
+    from chimera_ray.cli import main
+
+    assert main(["toy", "build", str(tmp_path / "toy"), "no_such_field=1"]) == 2
+    assert "ToyRecipe has no field 'no_such_field'" in capsys.readouterr().err
+    assert not (tmp_path / "toy").exists()

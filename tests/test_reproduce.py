@@ -1,19 +1,14 @@
-"""jobs/reproduce.py's aggregation: mean and sample std over seeds, the markdown table."""
-
-import importlib.util
-from pathlib import Path
+"""The method comparison's aggregation (`chimera-ray reproduce`): mean and sample std over seeds,
+the markdown table."""
 
 import pytest
-
-ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
 def reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "jobs" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from chimera_ray.eval import comparison
+
+    return comparison
 
 
 def _run(tail, fd=None, change=None):

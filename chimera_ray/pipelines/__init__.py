@@ -1,6 +1,8 @@
 """The only Ray code of chimera_ray: per-class fine-tunes on Ray Train (``train``), generation on
-Ray Data (``generate``), the downstream classifier on Ray Train (``evaluate``), shared start-up
-and paths (``common``) and the fault injection their tests use (``faults``)."""
+Ray Data (``generate``), the downstream classifier on Ray Train (``evaluate``), shared start-up,
+paths and a job's console (``common``), progress events from workers to the driver
+(``progress``), the fault injection their tests use (``faults``), and the jobs the CLI runs:
+``job`` (run), ``job_evaluate``, ``job_reproduce``."""
 
 from chimera_ray.pipelines.common import absolute_config, absolute_url, init_ray
 from chimera_ray.pipelines.evaluate import evaluate_run, train_downstream

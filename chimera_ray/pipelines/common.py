@@ -1,20 +1,34 @@
-"""What every Ray graph of chimera_ray shares: joining or starting Ray, and paths that mean the
-same thing on every worker."""
+"""What every Ray graph of chimera_ray shares: joining or starting Ray, paths that mean the same
+thing on every worker, and a job's console (its display; Ray's own output in a log file)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import fsspec
 import pyarrow.fs
 import ray
+import ray.data
 
-from chimera_ray.config import Config
-from chimera_ray.console import setup_logging
+from chimera_ray.cache import CacheError
+from chimera_ray.config import Config, ConfigError
+from chimera_ray.console import captured_output, setup_logging
+from chimera_ray.data.validate import DataError
+from chimera_ray.models import BaseModelError
 from chimera_ray.pipelines import watchdog
+from chimera_ray.progress import Display
 
-__all__ = ["init_ray", "absolute_url", "absolute_config", "arrow_fs", "worker_logging"]
+__all__ = ["init_ray", "absolute_url", "absolute_config", "arrow_fs", "worker_logging", "quiet_console",
+           "USER_ERRORS"]
+
+# Errors in what the user gave (config, data, base model, storage): exit code 2, one message.
+USER_ERRORS = (ConfigError, DataError, BaseModelError, CacheError)
 
 
 def absolute_url(url: str) -> str:
@@ -73,3 +87,43 @@ def arrow_fs(url: str):
 def worker_logging() -> None:
     """chimera_ray's INFO messages visible in a Ray worker's log (Ray forwards worker output to the driver)."""
     setup_logging()
+
+
+def _log_path(out: str, name: str) -> str:
+    """Where Ray's own output goes: ``<output>/logs/<name>.log``, or a local file for a remote
+    output (copied there at the end)."""
+    if "://" not in out:
+        return os.path.join(os.path.abspath(out), "logs", f"{name}.log")
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in out.split("://", 1)[1])[-80:]
+    return os.path.join(tempfile.gettempdir(), "chimera-ray-logs", f"{slug}-{name}.log")
+
+
+@contextlib.contextmanager
+def quiet_console(out: str, verbose: bool, name: str = "run") -> Iterator[tuple[Display, str | None]]:
+    """``(display, log path)`` for a job: unless ``verbose``, everything but the display goes to the
+    run's log file (Ray's own progress bars off), and Ray is shut down before the terminal is
+    given back, so that no late worker line reaches it. A remote output gets the log copied in."""
+    if verbose:
+        display = Display(sys.stdout)
+        try:
+            yield display, None
+        finally:
+            display.close()
+        return
+    path = _log_path(out, name)
+    with captured_output(path) as stream:
+        print(f"\n==== chimera-ray {' '.join(sys.argv[1:])} ({time.strftime('%Y-%m-%d %H:%M:%S')})", flush=True)
+        display = Display(stream)
+        display.print(f"log: {path} (Ray's and the libraries' own output)")
+        # Ray Data's progress bars would fill the log file every few seconds.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            yield display, path
+        finally:
+            display.close()
+            if ray.is_initialized():
+                ray.shutdown()
+    if "://" in out:
+        with contextlib.suppress(Exception):  # a copy of the log; the run's result does not depend on it
+            fs, dest = fsspec.core.url_to_fs(f"{out}/logs/{name}.log")
+            fs.put_file(path, dest)

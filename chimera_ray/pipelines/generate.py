@@ -21,6 +21,7 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Callable
 
 import fsspec
 import numpy as np
@@ -32,6 +33,7 @@ from chimera_ray.config import Config, config_from_dict, config_to_dict
 from chimera_ray.generate import Generator, Rendered
 from chimera_ray.pipelines.common import absolute_config, absolute_url, worker_logging
 from chimera_ray.pipelines.faults import check_generate_batch
+from chimera_ray.pipelines.progress import Reporter, progress_feed
 from chimera_ray.plan import ClassPlan
 from chimera_ray.sampling import row_weights
 from chimera_ray.shards import (
@@ -43,6 +45,7 @@ from chimera_ray.shards import (
     write_index,
 )
 from chimera_ray.units import (
+    DEFAULT_UNIT_SAMPLES,
     Unit,
     plan_units,
     plan_units_from_rows,
@@ -54,9 +57,6 @@ __all__ = ["LIGHT_CPUS", "generate_shards"]
 
 log = logging.getLogger(__name__)
 
-# Samples per unit when shards.max_samples is 0 (unbounded shards): small enough that a killed
-# run loses little work, large enough that per-unit overhead (a manifest, a Ray task) is noise.
-DEFAULT_UNIT_SAMPLES = 256
 # index.json is rewritten at most this often while a run streams (each rewrite lists every
 # committed shard, so per-unit rewrites would cost O(units^2) bytes over a run).
 INDEX_EVERY_S = 5.0
@@ -137,8 +137,9 @@ def _expand_unit(batch: dict[str, np.ndarray], *, classes: list[tuple[str, int]]
 class _GenerateActor:
     """Actor-pool stage: loads the base model once; renders, encodes and commits whole units."""
 
-    def __init__(self, cfg_dict: dict, adapter_root: str | None, shards_dir: str):
+    def __init__(self, cfg_dict: dict, adapter_root: str | None, shards_dir: str, progress=None):
         worker_logging()
+        self.progress = Reporter(progress)
         self.cfg = config_from_dict(cfg_dict)
         self.shards_dir = shards_dir
         self.gen = Generator(self.cfg.model, self.cfg.generate, mode=self.cfg.lora.mode, adapter_root=adapter_root)
@@ -157,6 +158,8 @@ class _GenerateActor:
                 micro = {c: rows[c][s:s + bs] for c in _ROW_COLUMNS}
                 check_generate_batch(self.cfg, micro)  # ray.faults (tests): a no-op unless configured
                 bg.submit(self.gen.render(micro))  # encoding + writing overlap the next render
+                self.progress.send({"kind": "images", "unit": unit, "n": len(micro["class_key"]),
+                                    "of": len(rows["class_key"])})
         return writer.entries
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -195,12 +198,13 @@ def _read_table(url: str) -> list[dict]:
     return ds.take_all()
 
 
-def generate_shards(cfg: Config, plans: list[ClassPlan]) -> dict:
+def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dict], None] | None = None) -> dict:
     """Generates every plan's budget into WebDataset shards, one committed unit at a time.
 
     Resumable: units committed by an earlier attempt of the same plan are kept; everything else
     in ``<output>/shards`` (older plans' shards, temporary files) is deleted first. A rerun of
-    a finished run generates nothing.
+    a finished run generates nothing. ``on_event`` receives progress events
+    (``chimera_ray.progress``) on the driver while units stream.
 
     Returns:
         The final shard index (``<output>/shards/index.json``) plus ``generation`` (units
@@ -260,20 +264,28 @@ def generate_shards(cfg: Config, plans: list[ClassPlan]) -> dict:
                                                           "unit_samples": unit_samples},
                                   "timing": seconds})
 
+    emit = on_event or (lambda e: None)
+    kept = [e for es in entries.values() for e in es]
+    emit({"kind": "generate_start", "images": sum(u.count for u in units), "units": len(units),
+          "units_committed": skipped, "images_committed": sum(e["samples"] for e in kept),
+          "shards_committed": len(kept), "bytes_committed": sum(e["bytes"] for e in kept)})
     t_gen, unit_seconds = time.time(), 0.0
     if todo:
         index_now(False, {})
-        ds = _unit_dataset(cfg, plans, todo, classes if unit_table is None else None, unit_table, unit_samples,
-                           seed, adapter_root, shards_dir)
-        last_write, since_write = time.time(), 0
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-            for u, es, s in zip(batch["unit"], batch["entries"], batch["seconds"]):
-                entries[int(u)] = json.loads(str(es))
-                unit_seconds += float(s)
-                since_write += 1
-            if since_write >= INDEX_EVERY_UNITS or time.time() - last_write >= INDEX_EVERY_S:
-                index_now(False, {})
-                last_write, since_write = time.time(), 0
+        with progress_feed(on_event) as sink:
+            ds = _unit_dataset(cfg, plans, todo, classes if unit_table is None else None, unit_table, unit_samples,
+                               seed, adapter_root, shards_dir, sink)
+            last_write, since_write = time.time(), 0
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+                for u, es, s in zip(batch["unit"], batch["entries"], batch["seconds"]):
+                    entries[int(u)] = json.loads(str(es))
+                    unit_seconds += float(s)
+                    since_write += 1
+                    emit({"kind": "unit_done", "unit": int(u), "samples": sum(e["samples"] for e in entries[int(u)]),
+                          "shards": len(entries[int(u)]), "bytes": sum(e["bytes"] for e in entries[int(u)])})
+                if since_write >= INDEX_EVERY_UNITS or time.time() - last_write >= INDEX_EVERY_S:
+                    index_now(False, {})
+                    last_write, since_write = time.time(), 0
         missing = [u.index for u in todo if u.index not in entries]
         if missing:
             raise RuntimeError(f"generation returned no result for units {missing[:10]}; rerun to resume")
@@ -282,12 +294,14 @@ def generate_shards(cfg: Config, plans: list[ClassPlan]) -> dict:
     # plan + resume checks on the driver; the streamed generation; the actors' time inside units.
     timing = {"generate_plan_s": round(t_gen - t_start, 2), "generate_s": round(time.time() - t_gen, 2),
               "generate_units_sum_s": round(unit_seconds, 2)}
-    return index_now(True, timing)
+    index = index_now(True, timing)
+    emit({"kind": "generate_end"})
+    return index
 
 
 def _unit_dataset(cfg: Config, plans: list[ClassPlan], todo: list[Unit], classes: list[tuple[str, int]] | None,
                   unit_table: dict[int, str] | None, unit_samples: int, seed: int | None, adapter_root: str | None,
-                  shards_dir: str) -> ray.data.Dataset:
+                  shards_dir: str, sink=None) -> ray.data.Dataset:
     """The Ray Data graph: one row per uncommitted unit -> its rows -> committed unit results."""
     g = cfg.generate
     items = []
@@ -313,7 +327,8 @@ def _unit_dataset(cfg: Config, plans: list[ClassPlan], todo: list[Unit], classes
     warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
     return ds.map_batches(
         _GenerateActor,
-        fn_constructor_kwargs={"cfg_dict": config_to_dict(cfg), "adapter_root": adapter_root, "shards_dir": shards_dir},
+        fn_constructor_kwargs={"cfg_dict": config_to_dict(cfg), "adapter_root": adapter_root, "shards_dir": shards_dir,
+                               "progress": sink},
         compute=ActorPoolStrategy(min_size=cfg.ray.gen_actors_min, max_size=cfg.ray.gen_actors_max),
         # Every block holds exactly unit_samples rows (a padded unit), so integer batches of
         # that size (needed with num_gpus) are whole units.

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
@@ -38,6 +39,7 @@ from chimera_ray.pipelines.common import (
     worker_logging,
 )
 from chimera_ray.pipelines.faults import wrap_train_one
+from chimera_ray.pipelines.progress import Reporter, progress_feed
 from chimera_ray.plan import ClassPlan
 
 __all__ = ["train_classes"]
@@ -54,19 +56,26 @@ def _train_group_loop(config: dict) -> None:
     pipe = load_pipeline(cfg.model.base, cache_dir=cfg.model.cache_dir, device=device,
                          dtype=resolve_dtype(cfg.model.precision, device))
     train = wrap_train_one(train_one, cfg)
+    progress = Reporter(config.get("progress"))
     for item in config["classes"]:
         plan = ClassPlan(**{**item["plan"], "shots": tuple(item["plan"]["shots"])})
         rows = [ImageRow(r["path"], plan.name, "train", tuple(Box(*b) for b in r["boxes"])) for r in item["rows"]]
         if adapter_done(cfg, plan.key):
             ray.train.report({"class": plan.key, "status": "skipped (committed)"})
+            progress.send({"kind": "class_done", "class": plan.key, "loss": float("nan")})
             continue
         last_error = ""
+
+        def on_step(step: int, loss: float, _key: str = plan.key) -> None:
+            progress.step({"kind": "class_step", "class": _key, "step": step, "loss": loss})
+
         for attempt in range(cfg.ray.class_attempts):
             try:
-                report = train(pipe, plan, rows, cfg, progress=False)
+                report = train(pipe, plan, rows, cfg, progress=False, on_step=on_step)
                 write_json(f"{out}/reports/train-{plan.key}.json", report)
                 log.info("[train] %s: loss %.4f, %.1fs, resumed from step %d", plan.key, report["final_loss"],
                          report["seconds"], report["resumed_from_step"])
+                progress.send({"kind": "class_done", "class": plan.key, "loss": report["final_loss"]})
                 ray.train.report({"class": plan.key, "status": "ok", "final_loss": report["final_loss"],
                                   "seconds": report["seconds"]})
                 break
@@ -79,6 +88,7 @@ def _train_group_loop(config: dict) -> None:
             write_json(f"{out}/failures/{plan.key}.json",
                        {"class": plan.name, "key": plan.key, "attempts": cfg.ray.class_attempts, "error": last_error,
                         "traceback": tb})
+            progress.send({"kind": "class_failed", "class": plan.key, "error": last_error})
             ray.train.report({"class": plan.key, "status": "failed", "error": last_error})
 
 
@@ -106,13 +116,16 @@ def concurrent_trainers(ray_cfg: RayConfig, resources: dict[str, float]) -> int:
     return max(1, int(n))
 
 
-def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, list]) -> dict[str, dict]:
+def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, list],
+                  on_event: Callable[[dict], None] | None = None) -> dict[str, dict]:
     """Fine-tunes every planned class on the Ray cluster; returns a status per class key.
 
     Args:
         cfg: run config (output, lora, train, ray sections).
         plans: the classes to train (``runner.plan_classes``).
         rows_by_class: class name -> its ``ImageRow``s (shots are looked up by path).
+        on_event: called on the driver with progress events (``chimera_ray.progress``), from a
+            background thread while the trainers run.
     """
     cfg = absolute_config(cfg)
     out = cfg.output.rstrip("/")
@@ -132,11 +145,11 @@ def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, 
         return {"plan": {**asdict(p), "shots": [absolute_url(s) for s in p.shots]},
                 "rows": [{"path": absolute_url(s), "boxes": [b.as_list() for b in by_path[s].boxes]} for s in p.shots]}
 
-    def run_group(group: list[ClassPlan]) -> None:
+    def run_group(group: list[ClassPlan], sink) -> None:
         name = _group_name([p.key for p in group])
         trainer = TorchTrainer(
             _train_group_loop,
-            train_loop_config={"cfg": cfg_dict, "classes": [payload(p) for p in group]},
+            train_loop_config={"cfg": cfg_dict, "classes": [payload(p) for p in group], "progress": sink},
             # One worker: a class's fine-tune is small; parallelism comes from many classes.
             # gloo: no NCCL process group is needed for a single worker, and it works on CPU hosts
             # where GPUs were only declared to Ray.
@@ -155,8 +168,10 @@ def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, 
 
     n_trainers = concurrent_trainers(cfg.ray, ray.cluster_resources())
     log.info("[train] %d groups, %d trainers at a time", len(groups), n_trainers)
-    with ThreadPoolExecutor(max_workers=n_trainers) as pool:
-        list(pool.map(run_group, groups))
+    emit = on_event or (lambda e: None)
+    emit({"kind": "train_start", "total": len(plans), "committed": len(plans) - len(todo), "steps": cfg.train.steps})
+    with progress_feed(on_event) as sink, ThreadPoolExecutor(max_workers=n_trainers) as pool:
+        list(pool.map(lambda g: run_group(g, sink), groups))
 
     for p in todo:
         if adapter_done(cfg, p.key):
@@ -169,6 +184,8 @@ def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, 
         else:
             err = "training run ended before this class finished (see the Ray Train logs)"
         status[p.key] = {"status": "failed", "error": err}
+        emit({"kind": "class_failed", "class": p.key, "error": err})  # also those whose worker never said so
+    emit({"kind": "train_end"})
     return status
 
 

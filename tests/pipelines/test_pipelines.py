@@ -72,11 +72,23 @@ def _read_shards(out):
 
 def test_train_and_generate_with_faults_exactly_once(local_ray, tmp_path):
     from chimera_ray.pipelines import generate_shards, train_classes
+    from chimera_ray.progress import RunProgress
 
     plans, rows = _classes(tmp_path)
     cfg = _cfg(tmp_path, "ray.faults.kill_train_once=class_0", "ray.faults.fail_train_always=class_2",
                "ray.faults.generate_once=kill")
-    status = train_classes(cfg, plans, rows)
+    progress, events = RunProgress(), []
+
+    def on_event(e):
+        events.append(e)
+        progress.apply(e)
+
+    status = train_classes(cfg, plans, rows, on_event=on_event)
+    # The workers' progress reached the driver, through a restart and a failing class.
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "train_start" and kinds[-1] == "train_end" and "class_step" in kinds
+    assert set(progress.train.done) == {"class_0", "class_1"} and set(progress.train.failed) == {"class_2"}
+    assert "3/3 classes" in progress.line() and "1 failed" in progress.line()
     assert status["class_0"]["status"] == "trained" and status["class_1"]["status"] == "trained"
     assert status["class_2"]["status"] == "failed" and "injected permanent" in status["class_2"]["error"]
     out = tmp_path / "run"
@@ -86,7 +98,15 @@ def test_train_and_generate_with_faults_exactly_once(local_ray, tmp_path):
     assert json.loads((out / "failures" / "class_2.json").read_text())["attempts"] == cfg.ray.class_attempts
 
     ready = [p for p in plans if status[p.key]["status"] == "trained"]
-    index = generate_shards(cfg, ready)
+    events.clear()
+    index = generate_shards(cfg, ready, on_event=on_event)
+    # Images are counted as actors render them, units as they commit; a killed attempt's images
+    # are rendered again, never counted twice.
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "generate_start" and kinds[-1] == "generate_end" and "images" in kinds
+    assert kinds.count("unit_done") == index["generation"]["units_planned"]
+    assert progress.counts() == (11.0, 11) and progress.generate.shards == index["totals"]["shards"]
+    assert progress.generate.bytes == index["totals"]["bytes"]
     _, keys = _read_shards(out)
     expected = sorted(f"{p.key}__{i:08d}" for p in ready for i in range(p.budget))
     assert sorted(keys) == expected and len(keys) == len(set(keys))  # nothing lost, nothing duplicated

@@ -25,7 +25,7 @@ import io
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import fsspec
@@ -406,7 +406,7 @@ def _probe_section(run_dir: str) -> str:
 
 
 def build_report(run_dir: str, *, samples: int = 8, sweep: bool = True, config: str | None = None,
-                 sweep_index: int = 0, log: Callable[[str], None] | None = None) -> str:
+                 overrides: Sequence[str] = (), sweep_index: int = 0, log: Callable[[str], None] | None = None) -> str:
     """The report page of a run directory, as HTML text.
 
     Args:
@@ -415,6 +415,7 @@ def build_report(run_dir: str, *, samples: int = 8, sweep: bool = True, config: 
         sweep: generate the Dirichlet concentration sweep (loads the base model and adapters).
         config: YAML config for the sweep's model settings (default: found from the run, see
             `_sweep_config`).
+        overrides: dotted overrides of that config (e.g. ``model.device=cpu``).
         sweep_index: sample index whose noise seed the sweep reuses.
         log: progress messages (None: quiet).
 
@@ -455,7 +456,7 @@ def build_report(run_dir: str, *, samples: int = 8, sweep: bool = True, config: 
         sweep_note = f"the concentration sweep applies to chimera mode only (this run: {mode})"
     else:
         try:
-            cfg, source = _sweep_config(run_dir, report, index, config)
+            cfg, source = _sweep_config(run_dir, report, index, config, overrides)
             sweeper = _Sweep(run_dir, cfg, source, sweep_index)
             say(f"[report] sweep settings: {source}")
         except Exception as err:  # noqa: BLE001 - a note on the page, not a crash

@@ -22,12 +22,13 @@ SWEEP_ALPHAS: tuple[float | str, ...] = (0.05, 0.2, 1.0, 5.0, 50.0, "uniform")
 _SAVED_CONFIGS = ("config.yaml", "resolved_config.yaml")
 
 
-def _sweep_config(run_dir: str, report: dict | None, index: dict | None, config: str | None):
+def _sweep_config(run_dir: str, report: dict | None, index: dict | None, config: str | None,
+                  overrides: Sequence[str] = ()):
     """The config the sweep generates with, and a sentence saying where it came from.
 
     Model settings (cache, precision, device, resolution) come from the first of: ``config``,
     a config saved in the run directory, the file named in ``report.json["config"]``,
-    defaults. The generation settings, mode and base model the shards were made with
+    defaults; then ``overrides``. The generation settings, mode and base model the shards were made with
     (``shards/index.json``) always win, so the sweep reproduces the run's noise and prompts.
     """
     saved = [_join(run_dir, n) for n in _SAVED_CONFIGS]
@@ -35,10 +36,10 @@ def _sweep_config(run_dir: str, report: dict | None, index: dict | None, config:
     cfg, source = None, "defaults"
     for c in candidates:
         if c and _exists(c):
-            cfg, source = load_config(c), c
+            cfg, source = load_config(c, list(overrides)), c
             break
     if cfg is None:
-        cfg = load_config(None)
+        cfg = load_config(None, list(overrides))
     data = config_to_dict(cfg)
     if index is not None:
         if isinstance(index.get("generate"), dict):

@@ -1,0 +1,253 @@
+"""The cost of a run before the spend (``chimera-ray plan``): device-hours and storage for
+training and generation, from the plan's counts and a short calibration on this machine.
+
+Calibration: the configured base model is loaded on the configured device (``model.device``);
+the first planned class trains ``1 + train_steps`` steps (the first is a warm-up) and its
+adapter renders one generation batch (``generate.batch_size`` images, after a one-image
+warm-up). Everything else is arithmetic on the plan, with Ray's fixed costs as constants
+measured on this project's benchmarks (docs/benchmarks.md). Ray-free: runs in a second.
+
+Timings run with as many torch threads as a Ray worker of the run gets (``ray.train_cpus``,
+``ray.gen_cpus``: Ray sets ``OMP_NUM_THREADS`` from them); on a GPU the device decides.
+
+The arithmetic, per phase (``device`` = a GPU, or the CPUs a CPU worker holds):
+
+* training: per trainer run (``ray.classes_per_trainer`` classes), ``TRAINER_FIXED_S`` +
+  model load; per class, its measured setup + ``train.steps`` x the measured step time;
+  wall time = device time / trainers at once (the cluster's GPUs or CPUs, at most the runs);
+* generation: ``images`` x the measured seconds per image + one model load per actor +
+  ``GENERATE_FIXED_S``; wall time = device time / actors at once (``ray.gen_actors_max``, at
+  most the units);
+* storage: the measured tar bytes per sample (image + label + metadata, tar headers) x images,
+  shards per unit from ``shards.max_bytes`` / ``shards.max_samples``, plus one adapter per class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from chimera_ray.config import Config
+from chimera_ray.generate import Generator
+from chimera_ray.inputs import ingest_for_run
+from chimera_ray.local import load_shots
+from chimera_ray.lora.adapter import save_adapter
+from chimera_ray.models import load_pipeline, resolve_device, resolve_dtype
+from chimera_ray.progress import format_bytes, format_seconds
+from chimera_ray.shards import RECORD, Sample, sample_tar_size, tar_size
+from chimera_ray.train import train_class
+from chimera_ray.units import DEFAULT_UNIT_SAMPLES, plan_units
+
+__all__ = ["estimate_run", "format_estimate", "TRAINER_FIXED_S", "GENERATE_FIXED_S"]
+
+# A Ray Train run's fixed cost (controller, worker group, process start), without the model
+# load (timed here): 10.4 s per run on 2 CPU cores (docs/benchmarks.md, "4 classes: one run each
+# vs packed into one run"); the model load is measured on top.
+TRAINER_FIXED_S = 10.0
+# Ray Data's start-up for the generation graph (actor pool, the light stage), model load aside.
+GENERATE_FIXED_S = 5.0
+# Local Ray start (``ray.init``): a few seconds, once per run.
+RAY_START_S = 5.0
+
+
+def _n(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else plural or word + 's'}"
+
+
+def _counts(cfg: Config, plans) -> dict:
+    g, sh = cfg.generate, cfg.shards
+    images = sum(p.budget for p in plans)
+    unit_samples = sh.max_samples or DEFAULT_UNIT_SAMPLES
+    units = plan_units([(p.key, p.budget) for p in plans], unit_samples=unit_samples,
+                       window_classes=g.adapter_cache_size, seed=None) if images else []
+    return {"classes": len(plans), "shots": sum(len(p.shots) for p in plans), "train_steps": len(plans) * cfg.train.steps,
+            "trainer_runs": math.ceil(len(plans) / cfg.ray.classes_per_trainer) if cfg.lora.mode != "base" else 0,
+            "images": images, "units": len(units), "unit_samples": [u.count for u in units]}
+
+
+def _concurrency(cfg: Config, device: torch.device, counts: dict) -> tuple[int, int, str]:
+    """(trainers at once, generation actors at once, why): what the cluster holds (this machine's,
+    for a local run), at most the trainer runs and the generation units there are."""
+    r = cfg.ray
+    if device.type == "cuda" and r.train_gpus and r.gen_gpus:
+        have, what = float(r.num_gpus or torch.cuda.device_count()), "GPUs"
+        per_trainer, per_actor = r.train_gpus, r.gen_gpus
+    else:
+        have, what = float(r.num_cpus or os.cpu_count() or 1), "CPUs"
+        per_trainer, per_actor = r.train_cpus or 1.0, r.gen_cpus or 1.0
+    trainers = r.max_concurrent_trainers or max(1, int(have // per_trainer))
+    actors = max(1, min(r.gen_actors_max, int(have // per_actor)))
+    trainers, actors = min(trainers, max(1, counts["trainer_runs"])), min(actors, max(1, counts["units"]))
+    return trainers, actors, (f"{have:g} {what}: {_n(trainers, 'trainer')}, {_n(actors, 'generation actor')} "
+                              "at once")
+
+
+@contextlib.contextmanager
+def _threads(n: float, device: torch.device) -> Iterator[None]:
+    """torch's CPU threads as a Ray worker holding ``n`` CPUs has them (OMP_NUM_THREADS)."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _calibrate(cfg: Config, inputs, train_steps: int, log: Callable[[str], None]) -> dict:
+    """Times model load, a few training steps and one generation batch on the first planned class."""
+    device = resolve_device(cfg.model.device)
+    t = time.perf_counter()
+    pipe = load_pipeline(cfg.model.base, cache_dir=cfg.model.cache_dir, device=device,
+                         dtype=resolve_dtype(cfg.model.precision, device))
+    load_s = time.perf_counter() - t
+    plan = inputs.plans[0]
+    out: dict = {"device": str(device), "model_load_s": round(load_s, 3), "class": plan.key}
+    with tempfile.TemporaryDirectory(prefix="chimera-plan-") as tmp:
+        adapter_root = None
+        if cfg.lora.mode != "base":
+            shots, _ = load_shots(plan, inputs.dataset.by_class(cfg.data.split)[plan.name])
+            if not shots:
+                raise ValueError(f"class {plan.name!r}: none of its shots could be read; `chimera-ray validate` "
+                                 "lists the bad rows")
+            log(f"plan: timing {1 + train_steps} training steps of {plan.key!r} on {device}")
+            stamps: list[float] = []
+            t = time.perf_counter()
+            steps_cfg = dataclasses.replace(cfg.train, steps=1 + train_steps, checkpoint_every=0)
+            with _threads(cfg.ray.train_cpus, device):
+                res = train_class(pipe, shots, class_name=plan.name, class_key=plan.key, label=plan.label,
+                                  lora=cfg.lora, train=steps_cfg, resolution=cfg.model.resolution,
+                                  precision=cfg.model.precision, on_step=lambda s, loss: stamps.append(time.perf_counter()))
+            total = time.perf_counter() - t
+            step_s = (stamps[-1] - stamps[0]) / train_steps
+            out.update(train_step_s=round(step_s, 4), train_class_setup_s=round(max(0.0, total - (1 + train_steps)
+                                                                                    * step_s), 3),
+                       adapter_bytes=sum(v.numel() * v.element_size() for v in res.state.values()),
+                       trainable_params=res.report["trainable_params"])
+            save_adapter(f"{tmp}/{plan.key}", res.state, res.meta)
+            adapter_root = tmp
+        gen = Generator(cfg.model, cfg.generate, mode=cfg.lora.mode, adapter_root=adapter_root, pipe=pipe)
+        n = cfg.generate.batch_size
+
+        def rows(k: int) -> dict[str, np.ndarray]:
+            return {"class_key": np.array([plan.key] * k, dtype=object), "class_name": np.array([plan.name] * k,
+                                                                                               dtype=object),
+                    "label": np.array([plan.label] * k), "sample_index": np.arange(k)}
+
+        log(f"plan: timing one generation batch of {n} images")
+        with _threads(cfg.ray.gen_cpus, device):
+            gen.encode(gen.render(rows(1)))  # warm-up: adapter load and injection, first-call costs
+            t = time.perf_counter()
+            cols = gen.encode(gen.render(rows(n)))
+            batch_s = time.perf_counter() - t
+        samples = [Sample(str(cols["key"][r]), str(cols["ext"][r]), bytes(cols["image"][r]), int(cols["label"][r]),
+                          str(cols["metadata"][r])) for r in range(n)]
+        out.update(generate_batch=n, generate_batch_s=round(batch_s, 3), image_s=round(batch_s / n, 4),
+                   sample_bytes=float(np.mean([sample_tar_size(s) for s in samples])),
+                   image_bytes=float(np.mean([len(s.image) for s in samples])))
+    return out
+
+
+def _shards(cfg: Config, unit_counts: list[int], sample_bytes: float) -> tuple[int, int]:
+    """(shards, bytes) the units write: a unit's samples split by max_bytes and max_samples."""
+    sh = cfg.shards
+    shards, total = 0, 0
+    per_shard = max(1, min(sh.max_samples or 1 << 62, int((sh.max_bytes - 2 * 512) // max(sample_bytes, 1))))
+    for count in unit_counts:
+        full, rest = divmod(count, per_shard)
+        shards += full + (1 if rest else 0)
+        total += full * tar_size(int(per_shard * sample_bytes)) + (tar_size(int(rest * sample_bytes)) if rest else 0)
+    return shards, total
+
+
+def estimate_run(cfg: Config, *, calibrate: bool = True, train_steps: int = 5,
+                 log: Callable[[str], None] = lambda m: None) -> dict:
+    """The plan and its estimated cost (a JSON-ready dict; ``format_estimate`` prints it).
+
+    Args:
+        cfg: the run's config.
+        calibrate: time the base model here (else: counts and a storage bound only).
+        train_steps: training steps timed after the warm-up step.
+        log: progress messages.
+
+    Raises:
+        DataError: the inputs have fatal problems (as for ``chimera-ray run``).
+    """
+    if train_steps < 1:
+        raise ValueError(f"--train-steps must be >= 1 (got {train_steps})")
+    inputs = ingest_for_run(cfg, log=None)
+    log(inputs.plan_table())
+    counts = _counts(cfg, inputs.plans)
+    est: dict = {"config": {"base": cfg.model.base, "device": cfg.model.device, "mode": cfg.lora.mode,
+                            "train_steps": cfg.train.steps, "samples_per_class": cfg.generate.samples_per_class,
+                            "num_inference_steps": cfg.generate.num_inference_steps, "output": cfg.output},
+                 "plan": inputs.plan_json()["summary"], "plan_table": inputs.plan_table(), "counts": counts}
+    if not calibrate or not inputs.plans:
+        # Storage bound without calibration: an uncompressed RGB image per sample.
+        res = cfg.model.resolution or 512
+        bound = 3 * res * res + 3 * 512 + 2048
+        shards, nbytes = _shards(cfg, counts["unit_samples"], bound)
+        est["storage"] = {"shards": shards, "shard_bytes_upper_bound": nbytes, "basis": "uncompressed RGB upper bound"}
+        return est
+    cal = _calibrate(cfg, inputs, train_steps, log)
+    device = torch.device(cal["device"])
+    trainers, actors, why = _concurrency(cfg, device, counts)
+    train_device_s = 0.0
+    if cfg.lora.mode != "base":
+        train_device_s = (counts["trainer_runs"] * (TRAINER_FIXED_S + cal["model_load_s"])
+                          + counts["classes"] * (cal["train_class_setup_s"] + cfg.train.steps * cal["train_step_s"]))
+    gen_device_s = counts["images"] * cal["image_s"] + actors * (cal["model_load_s"] + GENERATE_FIXED_S)
+    shards, shard_bytes = _shards(cfg, counts["unit_samples"], cal["sample_bytes"])
+    adapters = counts["classes"] * cal.get("adapter_bytes", 0)
+    train_wall = train_device_s / trainers
+    gen_wall = gen_device_s / actors
+    est.update(
+        calibration=cal,
+        concurrency={"trainers": trainers, "generation_actors": actors, "why": why},
+        train={"device_hours": round(train_device_s / 3600, 4), "wall_s": round(train_wall, 1)},
+        generate={"device_hours": round(gen_device_s / 3600, 4), "wall_s": round(gen_wall, 1),
+                  "images_per_s": round(actors / cal["image_s"], 2)},
+        total_wall_s=round(RAY_START_S + train_wall + gen_wall, 1),
+        storage={"shards": shards, "shard_bytes": shard_bytes,
+                 "mean_shard_bytes": round(shard_bytes / shards) if shards else 0,
+                 "max_shard_bytes": cfg.shards.max_bytes, "max_shard_samples": cfg.shards.max_samples,
+                 "bytes_per_image": round(cal["sample_bytes"]), "adapter_bytes": adapters,
+                 "total_bytes": shard_bytes + adapters, "record_bytes": RECORD},
+    )
+    return est
+
+
+def format_estimate(est: dict) -> str:
+    """The estimate in words (what ``chimera-ray plan`` prints after the plan table)."""
+    c = est["counts"]
+    lines = []
+    lines.append(f"work:     {_n(c['classes'], 'class', 'classes')} x "
+                 f"{est['config']['train_steps']} steps = {c['train_steps']} training steps in "
+                 f"{_n(c['trainer_runs'], 'Ray Train run')}; {c['images']} images in {_n(c['units'], 'generation unit')}")
+    s = est["storage"]
+    if "calibration" not in est:
+        lines.append(f"storage:  {_n(s['shards'], 'shard')}, at most {format_bytes(s['shard_bytes_upper_bound'])} "
+                     "(uncompressed bound; calibrate for an estimate)")
+        return "\n".join(lines)
+    cal, dev = est["calibration"], est["calibration"]["device"]
+    unit = "GPU-hours" if dev.startswith("cuda") else f"device-hours ({dev})"
+    lines.append(f"measured: on {dev}: model load {cal['model_load_s']:.1f} s"
+                 + (f", {cal['train_step_s'] * 1000:.0f} ms per training step" if "train_step_s" in cal else "")
+                 + f", {cal['image_s'] * 1000:.0f} ms per image (batch of {cal['generate_batch']}), "
+                   f"{format_bytes(cal['sample_bytes'])} per sample in a shard")
+    lines.append(f"train:    {est['train']['device_hours']:.3f} {unit}, about {format_seconds(est['train']['wall_s'])}")
+    lines.append(f"generate: {est['generate']['device_hours']:.3f} {unit}, about "
+                 f"{format_seconds(est['generate']['wall_s'])} ({est['generate']['images_per_s']:.1f} images/s)")
+    lines.append(f"total:    about {format_seconds(est['total_wall_s'])} ({est['concurrency']['why']})")
+    lines.append(f"storage:  {_n(s['shards'], 'shard')}, {format_bytes(s['shard_bytes'])} (about "
+                 f"{format_bytes(s['mean_shard_bytes'])} each; cap {format_bytes(s['max_shard_bytes'])} / "
+                 f"{s['max_shard_samples']} samples) + {format_bytes(s['adapter_bytes'])} of adapters")
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""Toy reproduction of the paper's comparison on the embedded long-tail dataset and base model.
+
+Methods, with equal per-class budgets and the same downstream recipe: real-only, base (prompt
+only), class-wise LoRA, image-wise LoRA and ChimeraLoRA; each over several seeds (the seed drives
+LoRA training, generation and the downstream classifier). Ablations on the first seed: Dirichlet
+concentration (alpha), semantic boosting off, LoRA rank. Every run lives in its own folder
+(<out>/seed<S>/<method>) with its shards and eval/*.json; a rerun skips finished runs.
+
+    chimera-ray reproduce                                       # demo config, 3 seeds, ablations
+    chimera-ray reproduce --seeds 0 --no-ablations train.steps=50   # quicker look
+    python jobs/reproduce.py ...                                # the same, for `ray job submit`
+
+Dotted overrides are positional: put them first, or after a flag such as --no-ablations, never
+right after --seeds/--methods (those take lists and would swallow them).
+
+Writes <out>/results.json (mean, std and values per method and ablation) and <out>/results.md.
+Exit codes: 0 done; 1 a run failed; 2 bad config or input.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import yaml
+
+from chimera_ray.config import ConfigError, config_to_dict, load_config
+from chimera_ray.eval.comparison import (
+    METHODS,
+    ablations,
+    markdown,
+    pixel_change,
+    summarize,
+)
+from chimera_ray.eval.features import load_feature_extractor
+from chimera_ray.inputs import ingest_for_run
+from chimera_ray.io import atomic_write, write_json
+from chimera_ray.pipelines.common import USER_ERRORS, init_ray, quiet_console
+from chimera_ray.pipelines.evaluate import evaluate_run
+from chimera_ray.pipelines.generate import generate_shards
+from chimera_ray.pipelines.train import train_classes
+from chimera_ray.progress import Display
+
+__all__ = ["run_from_args", "reproduce"]
+
+DEFAULT_CONFIG = "jobs/configs/demo.yaml"
+DEFAULT_OUT = "outputs/reproduce"
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    if args.overrides and "=" not in args.overrides[0] and args.config is None:
+        args.config, args.overrides = args.overrides[0], args.overrides[1:]
+    args.config = args.config or DEFAULT_CONFIG
+    root = args.out.rstrip("/")
+    args.methods = list(args.methods or METHODS)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        print(f"error: --methods {' '.join(unknown)}: unknown; choose among {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    try:
+        load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    error, code = "", 0
+    with quiet_console(root, args.verbose, name="reproduce") as (display, log_path):
+        try:
+            reproduce(args, display)
+        except USER_ERRORS as e:
+            error, code = f"error: {e}", 2
+        except Exception as e:  # noqa: BLE001 - one line for the user, the traceback in the log
+            print(traceback.format_exc(), file=sys.stderr)
+            error, code = (f"error: the comparison failed: {type(e).__name__}: {str(e)[:300]}"
+                           + (f"\n       traceback: {log_path}" if log_path else "")), 1
+    if error:
+        print(error, file=sys.stderr)
+    return code
+
+
+def reproduce(args: argparse.Namespace, display: Display) -> dict:
+    """Runs (or reuses) every method x seed and ablation; writes and returns results.json's content."""
+    root = args.out.rstrip("/")
+    t0 = time.time()
+
+    base_cfg = load_config(args.config, args.overrides + [f"output={root}/shared"])
+    inputs = ingest_for_run(base_cfg, log=display.print)  # one dataset, one plan (the tail classes) for every run
+    display.print(inputs.plan_table())
+    rows = inputs.dataset.by_class(base_cfg.data.split)
+    init_ray(base_cfg)
+    extractor = load_feature_extractor(base_cfg.downstream.features, cache_dir=base_cfg.model.cache_dir)
+
+    def run(name: str, seed: int, mode: str, extra: list[str]) -> dict:
+        out = f"{root}/seed{seed}/{name}"
+        done = f"{out}/eval/result.json"
+        if os.path.exists(done):
+            with open(done) as f:
+                return json.load(f)
+        seeds = [f"train.seed={seed}", f"generate.seed={seed}", f"downstream.seed={seed}"]
+        real_only = mode == "real_only"
+        cfg = load_config(args.config, args.overrides + seeds + extra + [
+            f"lora.mode={'chimera' if real_only else mode}", f"output={out}",
+            f"downstream.use_synthetic={'false' if real_only else 'true'}"])
+        atomic_write(f"{out}/config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
+        write_json(f"{out}/plan.json", inputs.plan_json())  # the run folder reads like a `chimera-ray run` one
+        t = time.time()
+        if mode in ("classwise", "imagewise", "chimera") and not cfg.generate.adapters:
+            status = train_classes(cfg, inputs.plans, rows)
+            failed = sorted(k for k, v in status.items() if v["status"] == "failed")
+            if failed:
+                raise RuntimeError(f"{name} seed {seed}: classes {failed} failed to train; see {out}/failures/")
+        t_train = time.time() - t
+        if not real_only:
+            generate_shards(cfg, inputs.plans)
+        t_gen = time.time() - t - t_train
+        downstream, metrics = evaluate_run(cfg, inputs, extractor, log=lambda m: None)
+        result = {"name": name, "seed": seed, "mode": mode, "overrides": extra, "downstream": downstream,
+                  "metrics": metrics, "seconds": {"train": round(t_train, 1), "generate": round(t_gen, 1),
+                                                  "evaluate": round(time.time() - t - t_train - t_gen, 1)}}
+        write_json(f"{out}/eval/downstream.json", downstream)
+        if metrics:
+            write_json(f"{out}/eval/metrics.json", metrics)
+        write_json(done, result)
+        display.print(f"reproduce {name} seed {seed}: tail {downstream['tail_acc']:.3f} all {downstream['all_acc']:.3f} "
+                      f"({time.time() - t0:.0f} s so far)")
+        return result
+
+    runs: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        for method in args.methods:
+            runs.setdefault(method, []).append(run(method, seed, method, []))
+    if not args.no_ablations:
+        seed = args.seeds[0]
+        for name, (mode, extra) in ablations(seed, root).items():
+            runs.setdefault(name, []).append(run(name, seed, mode, extra))
+
+    for name, results in runs.items():
+        for r in results:
+            if r["mode"] not in ("real_only", "base"):
+                r["pixel_change_vs_base"] = pixel_change(root, r["seed"], name)
+    summary = summarize(runs)
+    results = {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
+               "tail_classes": [p.name for p in inputs.plans], "feature_extractor": extractor.name,
+               "methods": summary, "seconds": round(time.time() - t0, 1),
+               "command": "chimera-ray reproduce " + " ".join(
+                   (["--config", args.config] if args.config != DEFAULT_CONFIG else [])
+                   + ["--out", root, "--seeds", *map(str, args.seeds)] + (["--no-ablations"] if args.no_ablations else [])
+                   + args.overrides)}
+    write_json(f"{root}/results.json", results)
+    table = markdown(summary)
+    with open(f"{root}/results.md", "w") as f:
+        f.write(table)
+    display.print(table)
+    display.print(f"written: {root}/results.json, {root}/results.md")
+    return results

@@ -7,7 +7,12 @@ import pytest
 from PIL import Image
 
 from chimera_ray.data.boxes import Box, BoxError, parse_box, sanitize_box, union_box
-from chimera_ray.data.crops import CROP_METHODS, boosted_view, sample_boost_crop, sample_crop
+from chimera_ray.data.crops import (
+    CROP_METHODS,
+    boosted_view,
+    sample_boost_crop,
+    sample_crop,
+)
 
 
 def _random_box(rng, w, h):

@@ -263,7 +263,8 @@ def _expected_shapes(library: str, class_name: str, config: dict) -> dict[str, t
     """Parameter shapes a component's config implies (built on the meta device: no memory, no weights).
 
     ``library`` / ``class_name`` are the component's ``model_index.json`` entry (e.g. ``diffusers`` /
-    ``UNet2DConditionModel``, ``transformers`` / ``CLIPTextModel``)."""
+    ``UNet2DConditionModel``, ``transformers`` / ``CLIPTextModel``). A tied weight (T5's
+    ``encoder.embed_tokens`` is ``shared``) is saved once: only its first name is expected."""
     import diffusers  # heavy imports (seconds): only when checking
     import transformers
 
@@ -273,7 +274,13 @@ def _expected_shapes(library: str, class_name: str, config: dict) -> dict[str, t
         else:
             cls = getattr(transformers, class_name)
             model = cls(cls.config_class.from_dict(config))
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    seen: set[int] = set()
+    out = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) not in seen:
+            seen.add(id(v))
+            out[k] = tuple(v.shape)
+    return out
 
 
 def check_base(source: str, cache_dir: str | None = None) -> list[str]:

@@ -123,6 +123,19 @@ def test_heterogeneous_batch_equals_each_sample_alone(pipe, adapters):
     assert np.abs(_decode(out["image"][0]) - _decode(out["image"][2])).max() > 1
 
 
+def test_without_guidance_the_state_is_not_doubled(pipe, adapters):
+    """guidance_scale 1: the pipeline runs the denoiser on the batch itself, the state matches it."""
+    from dataclasses import replace
+
+    gen = Generator(generate=replace(GEN, guidance_scale=1.0), adapter_root=adapters, pipe=pipe)
+    assert not family_of(pipe).cfg_doubles(pipe, 1.0) and family_of(pipe).cfg_doubles(pipe, GEN.guidance_scale)
+    batch = {"class_key": np.array(["blue_square", "red_star"]), "sample_index": np.array([3, 3])}
+    out = gen(batch)
+    for r in range(2):
+        solo = gen({"class_key": batch["class_key"][r: r + 1], "sample_index": batch["sample_index"][r: r + 1]})
+        assert np.abs(_decode(solo["image"][0]) - _decode(out["image"][r])).max() <= 1
+
+
 def test_one_hot_mixture_equals_the_trained_head(pipe, adapters):
     """Generation routing with w = e_k equals the training routing through head k (CFG-doubled batch)."""
     state, meta = load_adapter(f"{adapters}/red_star")

@@ -123,6 +123,24 @@ def test_heterogeneous_batch_equals_each_sample_alone(pipe, adapters):
     assert np.abs(_decode(out["image"][0]) - _decode(out["image"][2])).max() > 1
 
 
+def test_imagewise_and_classwise_batches_equal_each_sample_alone(pipe, shots, tmp_path):
+    """The baselines on the same family: LoFT-style pairs of image LoRAs (own A each) and one class LoRA."""
+    for mode in ("imagewise", "classwise"):
+        res = train_class(pipe, shots, class_name="red star", class_key="red_star", lora=LoRAConfig(mode=mode),
+                          train=TrainConfig(steps=1, checkpoint_every=0))
+        torch.manual_seed(0)
+        state = {n: (t + 0.3 * torch.randn_like(t) if n.endswith("lora_B") else t) for n, t in res.state.items()}
+        save_adapter(str(tmp_path / mode / "red_star"), state, res.meta)
+        gen = Generator(generate=GEN, adapter_root=str(tmp_path / mode), mode=mode, pipe=load_pipeline(pipe.chimera_base_id))
+        batch = {"class_key": np.array(["red_star"] * 3), "sample_index": np.array([0, 1, 2])}
+        out = gen(batch)
+        if mode == "imagewise":
+            assert len({tuple(json.loads(w)) for w in out["weights"]}) > 1
+        for r in range(3):
+            solo = gen({"class_key": batch["class_key"][r: r + 1], "sample_index": batch["sample_index"][r: r + 1]})
+            assert np.abs(_decode(solo["image"][0]) - _decode(out["image"][r])).max() <= 1
+
+
 def test_without_guidance_the_state_is_not_doubled(pipe, adapters):
     """guidance_scale 1: the pipeline runs the denoiser on the batch itself, the state matches it."""
     from dataclasses import replace

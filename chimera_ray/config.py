@@ -72,6 +72,9 @@ class ModelConfig:
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     # "auto": CUDA when torch sees one, else CPU. A GPU scheduled by Ray is not enough.
     device: str = "auto"
+    # Model family (chimera_ray.families): sd (1.x/2.x), sdxl or sd3 (3.x/3.5). "auto" reads the
+    # pipeline class from the model's model_index.json, which names it exactly.
+    family: Literal["auto", "sd", "sdxl", "sd3"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -474,6 +477,7 @@ class Config:
 
         m, lo, t, g = self.model, self.lora, self.train, self.generate
         check(m.precision in ("fp32", "fp16", "bf16"), f"model.precision must be fp32, fp16 or bf16 (got {m.precision!r})")
+        check(m.family in ("auto", "sd", "sdxl", "sd3"), f"model.family must be auto, sd, sdxl or sd3 (got {m.family!r})")
         check(m.resolution is None or (m.resolution >= 8 and m.resolution % 8 == 0),
               f"model.resolution must be a multiple of 8 >= 8, or null for the model's native size (got {m.resolution})")
         check(bool(m.base), "model.base must name a base model: a local folder, s3:// URL or hub id")

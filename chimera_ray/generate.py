@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from chimera_ray.config import GenerateConfig, ModelConfig
+from chimera_ray.families import denoiser, family_of
 from chimera_ray.lora.adapter import load_adapter, split_layers, text_encoder_state
 from chimera_ray.lora.inject import (
     inject_lora,
@@ -101,14 +102,15 @@ class Generator:
         if pipe is None:
             device = resolve_device(model.device)
             pipe = load_pipeline(model.base, cache_dir=model.cache_dir, device=device,
-                                 dtype=resolve_dtype(model.precision, device))
+                                 dtype=resolve_dtype(model.precision, device), family=model.family)
         self.pipe = pipe
+        self.family = family_of(pipe)
         self.base_id = getattr(pipe, "chimera_base_id", model.base)
         self.resolution = model.resolution or native_resolution(pipe)
         self._cache: OrderedDict[str, tuple[dict, object]] = OrderedDict()
         self._bank_keys: tuple[str, ...] | None = None
         self._injected = None  # (rank, lora_alpha, targets, shared_a) of the injected layers
-        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._prompt_cache: dict[str, dict[str, torch.Tensor]] = {}
 
     # ---- adapters --------------------------------------------------------------------------
 
@@ -140,7 +142,7 @@ class Generator:
             raise ValueError(f"classes {list(keys)} have adapters of different rank/targets/mode; "
                              "one generation run needs adapters trained with one lora config")
         (sig,) = sig
-        unet = self.pipe.unet
+        unet = denoiser(self.pipe)
         if self._injected is None:
             rank, lora_alpha, targets, shared_a = sig
             inject_lora(unet, targets, rank, lora_alpha, num_heads=1, shared_a=shared_a)
@@ -153,9 +155,10 @@ class Generator:
 
     # ---- prompts ---------------------------------------------------------------------------
 
-    def _embed(self, prompt: str, class_key: str | None = None) -> torch.Tensor:
-        """The prompt's embedding; through the class's text-encoder LoRA when its adapter has one
-        (DataDream's classwise recipe: the prompt and the negative prompt both go through it)."""
+    def _embed(self, prompt: str, class_key: str | None = None) -> dict[str, torch.Tensor]:
+        """The family's embeddings of one prompt, no batch dim, keyed by pipeline argument; through
+        the class's text-encoder LoRA when its adapter has one (DataDream's classwise recipe: the
+        prompt and the negative prompt both go through it)."""
         te_state, meta = {}, None
         if class_key is not None and self.mode != "base":
             _, meta, te_state = self._adapter(class_key)
@@ -169,11 +172,9 @@ class Generator:
             elif lora_layers(text_encoder):
                 set_disabled(text_encoder)
             try:
-                with torch.no_grad():
-                    emb, _ = self.pipe.encode_prompt(prompt, self.pipe.device, 1, False)
+                self._prompt_cache[key] = self.family.embed(self.pipe, prompt)
             finally:
                 set_disabled(text_encoder, False)
-            self._prompt_cache[key] = emb[0]
             if len(self._prompt_cache) > 4096:
                 self._prompt_cache.pop(next(iter(self._prompt_cache)))
         return self._prompt_cache[key]
@@ -237,8 +238,8 @@ class Generator:
 
     def _denoise(self, keys: list[str], rows_w: list[np.ndarray], seeds: list[int], prompts: list[str]) -> np.ndarray:
         """Runs the pipeline with each row's mixture routed to its class's adapter slot."""
-        g, n, unet = self.cfg, len(keys), self.pipe.unet
-        do_cfg = g.guidance_scale > 1 and unet.config.time_cond_proj_dim is None
+        g, n, unet = self.cfg, len(keys), denoiser(self.pipe)
+        do_cfg = self.family.cfg_doubles(self.pipe, g.guidance_scale)
         if self.mode == "base":
             if self._injected is not None:
                 set_disabled(unet)
@@ -249,12 +250,16 @@ class Generator:
             for r, w in enumerate(rows_w):
                 W[r, : len(w)] = torch.from_numpy(w)
             route = routing(unet, weights=W, class_index=torch.tensor([slot[k] for k in keys]), cfg=do_cfg)
-        pos = torch.stack([self._embed(p, k) for p, k in zip(prompts, keys)])
-        neg = torch.stack([self._embed(g.negative_prompt, k) for k in keys])
+        pos = [self._embed(p, k) for p, k in zip(prompts, keys)]
+        neg = [self._embed(g.negative_prompt, k) for k in keys]
+        embeds = {}
+        for k in pos[0]:  # prompt_embeds (+ pooled_prompt_embeds for SDXL / SD 3) and their negatives
+            embeds[k] = torch.stack([e[k] for e in pos])
+            embeds[f"negative_{k}"] = torch.stack([e[k] for e in neg])
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         with route, torch.no_grad():
             out = self.pipe(
-                prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=g.num_inference_steps,
+                **embeds, num_inference_steps=g.num_inference_steps,
                 guidance_scale=g.guidance_scale, generator=gens, height=self.resolution, width=self.resolution,
                 output_type="np",
             ).images

@@ -1,7 +1,8 @@
 """Base text-to-image models: load a Stable Diffusion pipeline from anywhere, build tiny ones.
 
-A base model is a diffusers ``StableDiffusionPipeline`` folder (``save_pretrained``
-layout). ``resolve_base`` turns any source into such a folder:
+A base model is a diffusers pipeline folder (``save_pretrained`` layout) of a supported
+family (``chimera_ray.families``: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+``StableDiffusion3Pipeline``). ``resolve_base`` turns any source into such a folder:
 
 * a local folder: used in place;
 * an fsspec URL (``s3://bucket/sd``, ``gs://...``): copied once into the cache;
@@ -28,6 +29,7 @@ from chimera_ray.cache import (
     is_complete,
     remote_folder,
 )
+from chimera_ray.families import FAMILIES, denoiser, family_for_pipeline, get_family
 from chimera_ray.toy import base as toy_base
 from chimera_ray.toy.arch import build_tiny_random
 
@@ -124,14 +126,19 @@ def load_pipeline(
     cache_dir: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    family: str = "auto",
 ):
-    """Loads a ``StableDiffusionPipeline`` from a folder, fsspec URL, builtin name or hub id.
+    """Loads a base pipeline from a folder, fsspec URL, builtin name or hub id.
+
+    The pipeline class is the family's (``family``, or with "auto" the one that
+    ``model_index.json``'s ``_class_name`` names; a hub id whose index cannot be read loads as
+    SD 1.x/2.x).
 
     Returns a pipeline on ``device`` with progress bars off, no safety checker (synthetic
     training data is filtered downstream if at all), and ``pipe.chimera_base_id = source``.
     A corrupt cached copy (builtin or remote) is rebuilt once before giving up.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -139,15 +146,17 @@ def load_pipeline(
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     local = resolve_base(source, cache_dir)
-    kwargs = dict(use_safetensors=True, safety_checker=None, requires_safety_checker=False, dtype=dtype)
+    fam = get_family(family) if family != "auto" else _detect_family(local)
+    pipeline_class = getattr(diffusers, fam.pipeline_class)
+    kwargs = dict(use_safetensors=True, dtype=dtype, **fam.load_kwargs)
     cached = local != source or source.startswith("builtin:")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(local, **kwargs)
+        pipe = pipeline_class.from_pretrained(local, **kwargs)
     except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError variants
         if cached and (source.startswith("builtin:") or "://" in source):
             local = resolve_base(source, cache_dir, rebuild=True)
             try:
-                pipe = StableDiffusionPipeline.from_pretrained(local, **kwargs)
+                pipe = pipeline_class.from_pretrained(local, **kwargs)
             except Exception as e2:
                 raise BaseModelError(f"base model {source!r} failed to load even after re-caching it: {e2}") from e2
         elif local == source and not Path(source).exists():
@@ -164,16 +173,36 @@ def load_pipeline(
     return pipe
 
 
+def _detect_family(local: str):
+    """The family ``model_index.json`` names (``model.family=auto``); SD for an unreadable hub index."""
+    index = Path(local) / _INDEX
+    if index.is_file():
+        class_name = json.loads(index.read_text()).get("_class_name")
+    else:
+        try:  # a hub id: diffusers reads the index from the Hugging Face cache (or the hub)
+            from diffusers import DiffusionPipeline
+
+            class_name = DiffusionPipeline.load_config(local).get("_class_name")
+        except Exception:  # noqa: BLE001 - offline and not cached: the load below says so clearly
+            return FAMILIES["sd"]
+    fam = family_for_pipeline(class_name)
+    if fam is None:
+        raise BaseModelError(f"base model {local!r} is a {class_name!r}; supported: {', '.join(SUPPORTED_PIPELINES)} "
+                             "(set model.family to load it as one of them)")
+    return fam
+
+
 def native_resolution(pipe) -> int:
-    """The pixel size the UNet was trained at: ``sample_size * vae_scale_factor``."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    """The pixel size the denoiser was trained at: ``sample_size * vae_scale_factor``."""
+    return int(denoiser(pipe).config.sample_size) * int(pipe.vae_scale_factor)
 
 
 def base_resolution(source: str, cache_dir: str | None = None) -> int:
     """``native_resolution`` of a base model read from its config files, without loading weights."""
     folder = Path(resolve_base(source, cache_dir))
+    name = "transformer" if (folder / "transformer" / "config.json").is_file() else "unet"
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
+        unet = json.loads((folder / name / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
     except FileNotFoundError as e:
         raise BaseModelError(f"{source!r}: {e.filename} is missing; a diffusers pipeline folder is needed "
@@ -186,8 +215,8 @@ def describe(pipe) -> dict:
     return {
         "base": getattr(pipe, "chimera_base_id", ""),
         "resolution": native_resolution(pipe),
-        "unet_params": sum(p.numel() for p in pipe.unet.parameters()),
-        "prediction_type": pipe.scheduler.config.prediction_type,
+        "unet_params": sum(p.numel() for p in denoiser(pipe).parameters()),
+        "prediction_type": pipe.scheduler.config.get("prediction_type", "flow_matching"),
         "scheduler": type(pipe.scheduler).__name__,
     }
 
@@ -196,8 +225,7 @@ def describe(pipe) -> dict:
 
 # ---- checking a base model without loading it ------------------------------------------------
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
-_WEIGHTED = ("unet", "vae", "text_encoder")
+SUPPORTED_PIPELINES = tuple(p for f in FAMILIES.values() for p in f.pipelines)
 
 
 def _read_json_at(fs, path: str, what: str) -> dict:
@@ -231,22 +259,28 @@ def _safetensors_shapes(fs, path: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 
-def _expected_shapes(component: str, config: dict) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes a component's config implies (built on the meta device: no memory, no weights)."""
-    from diffusers import (  # heavy import (seconds): only when checking
-        AutoencoderKL,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _expected_shapes(library: str, class_name: str, config: dict) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes a component's config implies (built on the meta device: no memory, no weights).
+
+    ``library`` / ``class_name`` are the component's ``model_index.json`` entry (e.g. ``diffusers`` /
+    ``UNet2DConditionModel``, ``transformers`` / ``CLIPTextModel``). A tied weight (T5's
+    ``encoder.embed_tokens`` is ``shared``) is saved once: only its first name is expected."""
+    import diffusers  # heavy imports (seconds): only when checking
+    import transformers
 
     with torch.device("meta"):
-        if component == "unet":
-            model = UNet2DConditionModel.from_config(config)
-        elif component == "vae":
-            model = AutoencoderKL.from_config(config)
+        if library == "diffusers":
+            model = getattr(diffusers, class_name).from_config(config)
         else:
-            model = CLIPTextModel(CLIPTextConfig.from_dict(config))
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            cls = getattr(transformers, class_name)
+            model = cls(cls.config_class.from_dict(config))
+    seen: set[int] = set()
+    out = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) not in seen:
+            seen.add(id(v))
+            out[k] = tuple(v.shape)
+    return out
 
 
 def check_base(source: str, cache_dir: str | None = None) -> list[str]:
@@ -277,20 +311,25 @@ def check_base(source: str, cache_dir: str | None = None) -> list[str]:
         return [f"model.base {source!r}: {e}; it must be a diffusers pipeline saved with save_pretrained"]
     problems = []
     family = index.get("_class_name")
-    if family not in SUPPORTED_PIPELINES:
+    fam = family_for_pipeline(family)
+    if fam is None:
         problems.append(f"model.base {source!r} is a {family!r}; supported: {', '.join(SUPPORTED_PIPELINES)}")
-    for component in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    components = fam.components if fam else FAMILIES["sd"].components
+    # Optional components that are present (SD 3's T5) are checked too.
+    components += tuple(c for c in index if c.startswith("text_encoder") and c not in components
+                        and isinstance(index[c], list) and index[c][0])
+    for component in components:
         if component not in index:
             problems.append(f"{root}/{_INDEX} names no {component}")
             continue
         config_name = "scheduler_config.json" if component == "scheduler" else (
-            "tokenizer_config.json" if component == "tokenizer" else "config.json")
+            "tokenizer_config.json" if component.startswith("tokenizer") else "config.json")
         try:
             config = _read_json_at(fs, f"{path}/{component}/{config_name}", f"{root}/{component}/{config_name}")
         except BaseModelError as e:
             problems.append(str(e))
             continue
-        if component not in _WEIGHTED:
+        if component.startswith(("tokenizer", "scheduler")):
             continue
         files = sorted(p for p in fs.ls(f"{path}/{component}", detail=False) if p.endswith(".safetensors"))
         if not files:
@@ -301,7 +340,7 @@ def check_base(source: str, cache_dir: str | None = None) -> list[str]:
             found: dict[str, tuple[int, ...]] = {}
             for f in files:
                 found.update(_safetensors_shapes(fs, f))
-            expected = _expected_shapes(component, config)
+            expected = _expected_shapes(index[component][0], index[component][1], config)
         except BaseModelError as e:
             problems.append(str(e))
             continue

@@ -21,7 +21,6 @@ import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from chimera_ray.config import LoRAConfig, TrainConfig, resolve_recipe
 from chimera_ray.data.boxes import Box, BoxError, sanitize_box, union_box
 from chimera_ray.data.crops import boosted_view
+from chimera_ray.families import denoiser, family_of, lora_targets
 from chimera_ray.lora.adapter import (
     TEXT_ENCODER_PREFIX,
     AdapterMeta,
@@ -105,18 +105,23 @@ def prepare_shots(shots: list[Shot], policy: str = "clip") -> tuple[list[tuple[I
     return out, report
 
 
-def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, heads: torch.Tensor,
-                   generator: torch.Generator, prediction_type: str, noise_offset: float = 0.0) -> torch.Tensor:
+def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor | dict[str, torch.Tensor],
+                   heads: torch.Tensor, generator: torch.Generator, prediction_type: str,
+                   noise_offset: float = 0.0) -> torch.Tensor:
     """The base model's training loss on latents, each sample routed through its head.
 
+    The family of ``unet`` (``chimera_ray.families``) defines the noising, the target and the
+    denoiser's call: DDPM with epsilon / v / sample targets for UNets, flow matching for SD 3.
+
     Args:
-        unet: UNet with injected multi-head LoRA.
-        scheduler: a training noise scheduler (``DDPMScheduler`` config of the base).
-        latents: ``(n, 4, h, w)`` scaled VAE latents.
-        text: ``(n, tokens, dim)`` prompt embeddings.
+        unet: the denoiser (UNet or transformer) with injected multi-head LoRA.
+        scheduler: a training noise scheduler (the family's ``training_scheduler``).
+        latents: ``(n, c, h, w)`` scaled VAE latents.
+        text: ``(n, tokens, dim)`` prompt embeddings (SD 1.x/2.x), or the family's conditioning
+            (``encode_prompt``) with batch n or 1.
         heads: ``(n,)`` head index per sample.
         generator: CPU generator for noise and timesteps.
-        prediction_type: "epsilon", "v_prediction" or "sample".
+        prediction_type: "epsilon", "v_prediction", "sample" or "flow_matching" (the family's).
         noise_offset: adds ``noise_offset * N(0, 1)`` per sample and channel to the noise (the
             offset-noise trick of diffusers' training scripts), so the model can learn an image's
             overall colour instead of taking it from the noise's mean.
@@ -124,23 +129,17 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, h
     Returns:
         Scalar float32 MSE.
     """
+    family = family_of(unet)
     n = latents.shape[0]
+    cond = {"encoder_hidden_states": text} if isinstance(text, torch.Tensor) else text
+    cond = {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     if noise_offset:
         offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(latents.device, latents.dtype)
         noise = noise + noise_offset * offset
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, t)
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, t)
-    elif prediction_type == "sample":
-        target = latents
-    else:
-        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    noisy, t, target = family.noise_and_target(scheduler, latents, noise, generator, prediction_type)
     set_heads(unet, heads)
-    pred = unet(noisy, t, encoder_hidden_states=text).sample
+    pred = family.predict(unet, noisy, t, cond)
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -223,12 +222,16 @@ def load_checkpoint(checkpoint_dir: str, unet: torch.nn.Module, optimizer: torch
 
 
 @torch.no_grad()
-def encode_prompt(pipe, prompt: str) -> torch.Tensor:
-    """The text encoder's hidden states ``(1, tokens, dim)`` for ``prompt``."""
-    device = pipe.unet.device
-    tokens = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(device)
-    return pipe.text_encoder(tokens)[0]
+def encode_prompt(pipe, prompt: str, resolution: int | None = None) -> dict[str, torch.Tensor]:
+    """The family's training conditioning for ``prompt`` (batch 1): SD's text encoder hidden states
+    ``{"encoder_hidden_states": (1, tokens, dim)}``, plus pooled embeddings and time ids for SDXL."""
+    return family_of(pipe).encode_prompt(pipe, prompt, resolution or native_resolution(pipe))
+
+
+def _family_extra(family) -> dict:
+    """What ``export_lora`` needs to write the family's LoRA format (SD 1.x/2.x adapters omit it)."""
+    return {} if family.name == "sd" else {"family": family.name, "pipeline": family.pipeline_class,
+                                           "denoiser": family.denoiser}
 
 
 def param_groups(modules: list[torch.nn.Module], lr: float, lr_a_scale: float) -> list[dict]:
@@ -260,8 +263,8 @@ class _StepContext:
     unet: torch.nn.Module
     vae: torch.nn.Module
     scheduler: object
-    text: torch.Tensor | None  # (1, tokens, dim); None: recomputed each step through a text-encoder LoRA
-    tokens: torch.Tensor | None
+    text: dict[str, torch.Tensor]  # the family's conditioning, batch 1
+    tokens: torch.Tensor | None  # with a text-encoder LoRA: the prompt's tokens, encoded every step
     text_encoder: torch.nn.Module | None
     views: list
     num_heads: int
@@ -283,7 +286,7 @@ def train_step(ctx: _StepContext, step: int) -> float:
     takes exactly the steps an uninterrupted one would.
     """
     train, device, crop = ctx.train, ctx.unet.device, ctx.train.crop
-    prediction_type = ctx.scheduler.config.prediction_type
+    prediction_type = family_of(ctx.unet).prediction_type(ctx.scheduler)
     step_loss = 0.0
     for micro in range(train.grad_accum):
         rng = np.random.default_rng(derive_seed(train.seed, ctx.seed_key, step * 1000 + micro, "views"))
@@ -301,11 +304,13 @@ def train_step(ctx: _StepContext, step: int) -> float:
         with torch.no_grad():
             dist = ctx.vae.encode(px).latent_dist
             eps = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
-            latents = (dist.mean + dist.std * eps) * ctx.vae.config.scaling_factor
+            # SD 3's VAE has a shift; SD 1.x/2.x/XL's is None (x - 0.0 is x exactly).
+            shift = ctx.vae.config.get("shift_factor") or 0.0
+            latents = (dist.mean + dist.std * eps - shift) * ctx.vae.config.scaling_factor
         with torch.autocast(device.type, dtype=ctx.amp_dtype, enabled=ctx.use_amp):
-            text = ctx.text if ctx.text_encoder is None else ctx.text_encoder(ctx.tokens)[0]
-            loss = denoising_loss(ctx.unet, ctx.scheduler, latents, text.expand(len(shot_idx), -1, -1),
-                                  heads.to(device), gen, prediction_type, train.noise_offset)
+            text = ctx.text if ctx.text_encoder is None else {"encoder_hidden_states": ctx.text_encoder(ctx.tokens)[0]}
+            loss = denoising_loss(ctx.unet, ctx.scheduler, latents, text, heads.to(device), gen, prediction_type,
+                                  train.noise_offset)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower train.lr")
         ctx.scaler.scale(loss / train.grad_accum).backward()
@@ -326,7 +331,8 @@ def _adapter_state(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) 
 
 
 def _fit(pipe, views: list, *, num_heads: int, shared_a: bool, seed_key: str, lora: LoRAConfig, train: TrainConfig,
-         meta: AdapterMeta, text: torch.Tensor, prompt: str, resolution: int, precision: str,
+         targets: list[str],
+         meta: AdapterMeta, text: dict[str, torch.Tensor], prompt: str, resolution: int, precision: str,
          checkpoint_dir: str | None, resume: bool, on_checkpoint, on_step, bar, step_offset: int,
          report: dict) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Trains one adapter (``num_heads`` heads over ``views``) from scratch or its checkpoint.
@@ -334,13 +340,13 @@ def _fit(pipe, views: list, *, num_heads: int, shared_a: bool, seed_key: str, lo
     Injects the LoRA, runs ``train.steps`` steps, and always restores the base model.
     ``step_offset`` shifts the step count ``on_step`` sees (imagewise trains several adapters).
     """
-    unet = pipe.unet
+    unet = denoiser(pipe)
     device = unet.device
     use_amp = device.type == "cuda" and precision in ("fp16", "bf16")
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    scheduler = family_of(pipe).training_scheduler(pipe)
     init_seed = derive_seed(train.seed, seed_key, 0, "lora-init") % (2**31)
-    inject_lora(unet, lora.targets, lora.rank, lora.lora_alpha, num_heads, shared_a, seed=init_seed, init_a=lora.init_a)
+    inject_lora(unet, targets, lora.rank, lora.lora_alpha, num_heads, shared_a, seed=init_seed, init_a=lora.init_a)
     text_encoder = tokens = None
     if lora.text_encoder:
         text_encoder = pipe.text_encoder
@@ -417,9 +423,10 @@ def train_class(
     trained alone (LoFT). The optimiser has two groups: A at ``lr * lr_a_scale``, B at ``lr``.
 
     Args:
-        pipe: a loaded ``StableDiffusionPipeline`` (its UNet, and text encoder with
-            ``lora.text_encoder``, are adapted in place and restored on return); device and
-            dtype are taken from it.
+        pipe: a loaded pipeline of a supported family (``chimera_ray.families``: SD 1.x/2.x,
+            SDXL, SD 3.x); its UNet / transformer (and text encoder with ``lora.text_encoder``,
+            SD 1.x/2.x) is adapted in place and restored on return; device and dtype are taken
+            from it.
         shots: the class's real images with boxes (at most ``train.max_shots`` expected).
         class_name: human-readable name used in the prompt template.
         class_key: file-safe key (defaults to class_name).
@@ -446,21 +453,26 @@ def train_class(
     views, report = prepare_shots(shots, train.crop.out_of_image)
     num_heads, shared_a = heads_for_mode(lora.mode, len(views))
     resolution = resolution or native_resolution(pipe)
+    family = family_of(pipe)
     prompt = train.prompt_template.format(name=class_name)
-    text = encode_prompt(pipe, prompt)
+    text = encode_prompt(pipe, prompt, resolution)
+    targets = lora_targets(family, lora.targets)
+    if lora.text_encoder and family.name != "sd":
+        raise ValueError(f"lora.text_encoder=true (DataDream's text-encoder LoRA) is implemented for SD 1.x/2.x "
+                         f"pipelines; this base is {family.name}: set lora.text_encoder=false")
     meta = AdapterMeta(
-        mode=lora.mode, rank=lora.rank, lora_alpha=lora.lora_alpha, targets=list(lora.targets), num_heads=num_heads,
+        mode=lora.mode, rank=lora.rank, lora_alpha=lora.lora_alpha, targets=list(targets), num_heads=num_heads,
         shared_a=shared_a, class_name=class_name, class_key=class_key, label=label,
         shot_ids=[sid for _, _, sid in views], base_model=getattr(pipe, "chimera_base_id", ""),
-        extra={"resolution": resolution, "prompt": prompt,
-               "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"), "seed": train.seed,
+        extra={"resolution": resolution, "prompt": prompt, "prediction_type": family.prediction_type(
+                   family.training_scheduler(pipe)), "seed": train.seed, **_family_extra(family),
                "recipe": {"lr": train.lr, "lr_a_scale": train.lr_a_scale, "schedule": train.schedule,
                           "warmup_fraction": train.warmup_fraction, "batch_size": train.batch_size,
                           "init_a": lora.init_a, "crop": train.crop.method, "flip_p": train.crop.flip_p},
                "text_encoder_targets": list(lora.text_encoder_targets) if lora.text_encoder else []},
     )
     report.update(resumed_from_step=0, crop_fallbacks=0, num_heads=num_heads, trainable_params=0)
-    fit = dict(lora=lora, train=train, text=text, prompt=prompt, resolution=resolution, precision=precision,
+    fit = dict(lora=lora, train=train, targets=targets, text=text, prompt=prompt, resolution=resolution, precision=precision,
                resume=resume, on_checkpoint=on_checkpoint, on_step=on_step, report=report)
     total = train.steps * (len(views) if lora.mode == "imagewise" else 1)
     bar = tqdm(total=total, desc=f"train {class_key}", unit="step", disable=not progress)

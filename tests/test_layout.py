@@ -99,6 +99,7 @@ def test_ray_is_imported_only_in_pipelines():
     ("leaves", LEAVES),
     ("chimera_ray.toy", LEAVES | {"chimera_ray.toy"}),
     ("chimera_ray.lora", LEAVES | {"chimera_ray.lora"}),
+    ("chimera_ray.families", LEAVES | {"chimera_ray.families", "chimera_ray.lora"}),
     ("chimera_ray.data", LEAVES | {"chimera_ray.data", "chimera_ray.toy", "chimera_ray.plan", "chimera_ray.models"}),
 ])
 def test_lower_layers_import_nothing_above_them(prefix, allowed):

@@ -211,7 +211,7 @@ def test_datadream_text_encoder_lora_exports_to_diffusers(tiny_pipe_dir, shots, 
     assert np.abs((np.clip(img2, 0, 1) * 255).round().astype(np.int16) - expected).max() > 1
 
 
-def test_noise_offset_adds_a_per_channel_constant_to_the_noise():
+def test_noise_offset_adds_a_per_channel_constant_to_the_noise(tiny_pipe):
     """diffusers' --noise_offset definition, written out: noise + offset * N(0, 1) of shape (n, c, 1, 1),
     drawn after the noise from the same generator. A zero-predicting UNet makes the loss the
     noise's mean square."""
@@ -221,13 +221,11 @@ def test_noise_offset_adds_a_per_channel_constant_to_the_noise():
 
     from chimera_ray.train import denoising_loss
 
-    class Zero(torch.nn.Module):
-        def forward(self, x, t, encoder_hidden_states=None):
-            return SimpleNamespace(sample=torch.zeros_like(x))
-
+    unet = tiny_pipe.unet  # a real UNet (its family decides the loss), predicting zeros
+    unet.forward = lambda x, t, encoder_hidden_states=None, **kw: SimpleNamespace(sample=torch.zeros_like(x))
     sched = DDPMScheduler(num_train_timesteps=100)
     latents = torch.randn(3, 4, 8, 8)
-    args = (Zero(), sched, latents, torch.zeros(3, 2, 5), torch.zeros(3, dtype=torch.long))
+    args = (unet, sched, latents, torch.zeros(3, 2, 5), torch.zeros(3, dtype=torch.long))
     g = torch.Generator().manual_seed(7)
     noise = torch.randn(latents.shape, generator=g)
     offset = torch.randn(3, 4, 1, 1, generator=g)

@@ -133,8 +133,10 @@ def export_lora(
 
     For each layer the mixture ``(A_c, B' = sum_i w_i B_i)`` becomes one LoRA with the scale
     folded into B (so the file does not depend on how a loader treats ``lora_alpha``). The
-    file is diffusers' own format, written by ``StableDiffusionPipeline.save_lora_weights``:
-    ``pipe.load_lora_weights(directory)`` loads it.
+    file is diffusers' own format, written by the base pipeline's ``save_lora_weights``
+    (``StableDiffusionPipeline``, or the family's pipeline and denoiser recorded in
+    ``meta.extra`` by the trainer: ``StableDiffusionXLPipeline`` / ``unet``,
+    ``StableDiffusion3Pipeline`` / ``transformer``): ``pipe.load_lora_weights(directory)`` loads it.
 
     Args:
         directory: local output folder.
@@ -147,9 +149,7 @@ def export_lora(
     Returns:
         The exported UNet layers ``{"<module>.lora_A.weight": (R, in), "<module>.lora_B.weight": (out, R)}``.
     """
-    from diffusers import (
-        StableDiffusionPipeline,  # heavy import (seconds): only when exporting
-    )
+    import diffusers  # heavy import (seconds): only when exporting
 
     w = torch.as_tensor(check_weights(weights, meta.num_heads), dtype=torch.float32)
     scaling = meta.lora_alpha / meta.rank
@@ -172,8 +172,10 @@ def export_lora(
         te_rank = next(iter(te_out.values())).shape[0]
         te_kwargs = {"text_encoder_lora_layers": te_out, "text_encoder_lora_adapter_metadata": {
             "r": te_rank, "lora_alpha": te_rank, "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in te_out})}}
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=out, unet_lora_adapter_metadata=lora_meta,
-                                              **te_kwargs)
+    pipeline = getattr(diffusers, meta.extra.get("pipeline", "StableDiffusionPipeline"))
+    denoiser = meta.extra.get("denoiser", "unet")
+    pipeline.save_lora_weights(directory, **{f"{denoiser}_lora_layers": out, f"{denoiser}_lora_adapter_metadata": lora_meta},
+                               **te_kwargs)
     with fsspec.open(f"{directory.rstrip('/')}/chimera_export.json", "w") as f:
         json.dump({"source_digest": meta.digest, "class_name": meta.class_name, "weights": w.tolist(),
                    "mode": meta.mode, "base_model": meta.base_model}, f, indent=2)

@@ -54,7 +54,7 @@ def _train_group_loop(config: dict) -> None:
     out = cfg.output.rstrip("/")
     device = resolve_device(cfg.model.device)
     pipe = load_pipeline(cfg.model.base, cache_dir=cfg.model.cache_dir, device=device,
-                         dtype=resolve_dtype(cfg.model.precision, device))
+                         dtype=resolve_dtype(cfg.model.precision, device), family=cfg.model.family)
     train = wrap_train_one(train_one, cfg)
     progress = Reporter(config.get("progress"))
     for item in config["classes"]:

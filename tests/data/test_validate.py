@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -329,7 +330,12 @@ def _break(kind: str, d: Path) -> None:
         (d / "model_index.json").write_text("{not json")
     elif kind == "unsupported pipeline family":
         idx = json.loads((d / "model_index.json").read_text())
-        (d / "model_index.json").write_text(json.dumps({**idx, "_class_name": "StableDiffusionXLPipeline"}))
+        (d / "model_index.json").write_text(json.dumps({**idx, "_class_name": "FluxPipeline"}))
+    elif kind == "SDXL index without its second text encoder":
+        idx = json.loads((d / "model_index.json").read_text())
+        shutil.copytree(d / "tokenizer", d / "tokenizer_2")
+        (d / "model_index.json").write_text(json.dumps({**idx, "_class_name": "StableDiffusionXLPipeline",
+                                                        "tokenizer_2": idx["tokenizer"]}))
     elif kind == "unet config unparsable":
         (d / "unet" / "config.json").write_text("[")
     elif kind == "truncated weights":
@@ -346,7 +352,8 @@ def _break(kind: str, d: Path) -> None:
 
 MODEL_CASES = [
     ("broken model_index.json", "model_index.json is not valid JSON"),
-    ("unsupported pipeline family", "is a 'StableDiffusionXLPipeline'; supported: StableDiffusionPipeline"),
+    ("unsupported pipeline family", "is a 'FluxPipeline'; supported: StableDiffusionPipeline, StableDiffusionXLPipeline"),
+    ("SDXL index without its second text encoder", "names no text_encoder_2"),
     ("unet config unparsable", "unet/config.json is not valid JSON"),
     ("truncated weights", "truncated"),
     ("weights of another shape", "of the wrong shape"),

@@ -68,7 +68,9 @@ def _counts(cfg: Config, plans) -> dict:
     unit_samples = sh.max_samples or DEFAULT_UNIT_SAMPLES
     units = plan_units([(p.key, p.budget) for p in plans], unit_samples=unit_samples,
                        window_classes=g.adapter_cache_size, seed=None) if images else []
-    return {"classes": len(plans), "shots": sum(len(p.shots) for p in plans), "train_steps": len(plans) * cfg.train.steps,
+    # imagewise (LoFT) trains each shot's LoRA alone: train.steps per shot, not per class.
+    per_class = [cfg.train.steps * (len(p.shots) if cfg.lora.mode == "imagewise" else 1) for p in plans]
+    return {"classes": len(plans), "shots": sum(len(p.shots) for p in plans), "train_steps": sum(per_class),
             "trainer_runs": math.ceil(len(plans) / cfg.ray.classes_per_trainer) if cfg.lora.mode != "base" else 0,
             "images": images, "units": len(units), "unit_samples": [u.count for u in units]}
 
@@ -127,8 +129,8 @@ def _calibrate(cfg: Config, inputs, train_steps: int, log: Callable[[str], None]
                                   lora=cfg.lora, train=steps_cfg, resolution=cfg.model.resolution,
                                   precision=cfg.model.precision, on_step=lambda s, loss: stamps.append(time.perf_counter()))
             total = time.perf_counter() - t
-            step_s = (stamps[-1] - stamps[0]) / train_steps
-            out.update(train_step_s=round(step_s, 4), train_class_setup_s=round(max(0.0, total - (1 + train_steps)
+            step_s = (stamps[-1] - stamps[0]) / (len(stamps) - 1)  # imagewise: K adapters of 1 + n steps
+            out.update(train_step_s=round(step_s, 4), train_class_setup_s=round(max(0.0, total - len(stamps)
                                                                                     * step_s), 3),
                        adapter_bytes=sum(v.numel() * v.element_size() for v in res.state.values()),
                        trainable_params=res.report["trainable_params"])
@@ -203,7 +205,7 @@ def estimate_run(cfg: Config, *, calibrate: bool = True, train_steps: int = 5,
     train_device_s = 0.0
     if cfg.lora.mode != "base":
         train_device_s = (counts["trainer_runs"] * (TRAINER_FIXED_S + cal["model_load_s"])
-                          + counts["classes"] * (cal["train_class_setup_s"] + cfg.train.steps * cal["train_step_s"]))
+                          + counts["classes"] * cal["train_class_setup_s"] + counts["train_steps"] * cal["train_step_s"])
     gen_device_s = counts["images"] * cal["image_s"] + actors * (cal["model_load_s"] + GENERATE_FIXED_S)
     shards, shard_bytes = _shards(cfg, counts["unit_samples"], cal["sample_bytes"])
     adapters = counts["classes"] * cal.get("adapter_bytes", 0)

@@ -525,8 +525,11 @@ def build_builtin_toy_head(folder: Path) -> None:
 # FineMarks (`chimera_ray.toy.finegrained`) at its native 32 px, pretrained on the 8 head classes
 # and on generic captions of their images only: the tail marks are new to it, and the tail
 # names are tokens it never trained. Built on first use into the cache (not shipped).
+# One thread: on a shared 2-core machine two-thread OpenMP regions stall behind other processes
+# (measured here: 1.5 s per VAE step with two threads under load, against 0.04 s idle); one
+# thread costs ~1.5x on an idle machine and is part of what makes the weights reproducible.
 FINEMARKS_RECIPE = dataclasses.replace(DEFAULT_RECIPE, world="finemarks", render_size=32, pretrain_classes=8,
-                                       generic_captions=0.25)
+                                       generic_captions=0.25, num_threads=1)
 FINEMARKS_VERSION = VERSION + "-finemarks-head8-v1"
 
 

@@ -121,3 +121,15 @@ def test_tiny_oracle_is_deterministic_and_cached(tmp_path: Path) -> None:
     assert nuis.shape == (2, len(fm.NUISANCE_FIELDS)) and np.isfinite(nuis).all()
     # 64 px inputs are resized to the oracle's 32 px.
     assert oracle.predict_class(torch.nn.functional.interpolate(x, size=64)).shape == (2,)
+
+
+def test_finemarks_features_spec_is_the_oracles_feature_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from chimera_ray.eval import features
+
+    real_load = fo.load_finemarks_oracle
+    monkeypatch.setattr(fo, "load_finemarks_oracle", lambda cache_dir=None: real_load(cache_dir, TINY))
+    extractor = features.load_feature_extractor("builtin:finemarks-features", cache_dir=str(tmp_path))
+    oracle = real_load(str(tmp_path), TINY)
+    x, _, _ = fo.real_split("test", per_class=1, labels=[1, 10])
+    assert extractor.dim == 4 * TINY.width
+    np.testing.assert_allclose(extractor(x), oracle.features(x), rtol=1e-5, atol=1e-5)

@@ -51,8 +51,8 @@ from chimera_ray.toy.files import (
 )
 
 __all__ = ["VERSION", "GLYPHS", "PLACES", "PAIRS", "CLASSES", "HEAD", "TAIL", "GENERIC_CAPTION", "MarkClass",
-           "Nuisance", "caption", "sample_nuisance", "render", "sample_captioned", "class_metadata",
-           "build_finemarks", "NUISANCE_FIELDS"]
+           "Nuisance", "caption", "sample_nuisance", "render", "render_indexed", "sample_captioned",
+           "class_metadata", "build_finemarks", "NUISANCE_FIELDS", "MAX_ROTATION", "SCALE_RANGE"]
 
 # Bump whenever rendering or layout changes: summary.json carries it.
 VERSION = "finemarks-v1"

@@ -401,8 +401,12 @@ def synthetic_set_metrics(oracle: _Predictor, synthetic: torch.Tensor, label: in
 
 
 def evaluate_base_on_finemarks(pipe, oracle: _Predictor, n_per_class: int = 32, seed: int = 0, steps: int = 25,
-                               guidance: float = 5.0) -> dict:
+                               guidance: float = 5.0, keep_images: int = 0) -> dict:
     """Prompted generations of every FineMarks class, judged by the class oracle (the chance-level check).
+
+    Args:
+        keep_images: Also return the first this many generations per class under ``"images"``
+            (name -> float ``(keep, 3, R, R)`` in [-1, 1]; not JSON), e.g. for a grid.
 
     Returns:
         ``per_class`` accuracy, ``head_acc``, ``tail_acc`` (mean over classes), ``tail_sibling_rate``
@@ -410,9 +414,11 @@ def evaluate_base_on_finemarks(pipe, oracle: _Predictor, n_per_class: int = 32, 
     """
     names = [c.name for c in fm.CLASSES]
     pipe.set_progress_bar_config(disable=True)
-    per_class, sib, most = {}, {}, {}
+    per_class, sib, most, kept = {}, {}, {}, {}
     for label, name in enumerate(names):
         x = generate_class_images(pipe, name, n_per_class, seed * 1000 + label, steps, guidance)
+        if keep_images:
+            kept[name] = x[:keep_images]
         pred = oracle.predict_class(x)
         per_class[name] = class_fidelity(pred, label)
         most[name] = names[int(np.bincount(pred, minlength=len(names)).argmax())]
@@ -421,7 +427,8 @@ def evaluate_base_on_finemarks(pipe, oracle: _Predictor, n_per_class: int = 32, 
             sib[name] = conf
     accs = list(per_class.values())
     n_head = len(fm.HEAD)
-    return {
+    extra = {"images": kept} if keep_images else {}
+    return {**extra,
         "per_class": per_class,
         "head_acc": float(np.mean(accs[:n_head])),
         "tail_acc": float(np.mean(accs[n_head:])),

@@ -133,3 +133,19 @@ def test_finemarks_features_spec_is_the_oracles_feature_space(tmp_path: Path, mo
     x, _, _ = fo.real_split("test", per_class=1, labels=[1, 10])
     assert extractor.dim == 4 * TINY.width
     np.testing.assert_allclose(extractor(x), oracle.features(x), rtol=1e-5, atol=1e-5)
+
+
+def test_base_check_counts_oracle_votes_per_class() -> None:
+    from chimera_ray.toy.arch import build_tiny_pipeline
+    from chimera_ray.toy.base import caption_words
+
+    pipe = build_tiny_pipeline(seed=0, words=caption_words("finemarks"), max_length=16)
+
+    class SaysBeta:  # every image is "beta badge" (label 0), kappa's sibling
+        def predict_class(self, images: torch.Tensor) -> np.ndarray:
+            return np.zeros(len(images), dtype=np.int64)
+
+    out = fo.evaluate_base_on_finemarks(pipe, SaysBeta(), n_per_class=2, steps=1, keep_images=1)
+    assert out["per_class"]["beta badge"] == 1.0 and out["head_acc"] == 1 / 8 and out["tail_acc"] == 0.0
+    assert out["per_tail_sibling_rate"]["kappa badge"] == 1.0 and out["tail_sibling_rate"] == 1 / 8
+    assert out["chance"] == 1 / 16 and out["images"]["rho badge"].shape[0] == 1

@@ -7,7 +7,8 @@ family (``chimera_ray.families``: ``StableDiffusionPipeline``, ``StableDiffusion
 * a local folder: used in place;
 * an fsspec URL (``s3://bucket/sd``, ``gs://...``): copied once into the cache;
 * ``builtin:<name>``: a model this package builds itself, cached (the table ``_BUILTINS``:
-  ``tiny-random`` for tests, the embedded ``toy`` and ``toy-head`` bases of ``chimera_ray.toy``);
+  ``tiny-random`` for tests, the embedded ``toy``, ``toy-head`` and ``toy-finemarks`` bases of
+  ``chimera_ray.toy``);
 * anything else is a Hugging Face hub id, loaded by diffusers (offline: a clear error).
 
 Weights load with ``use_safetensors=True``; no remote code is ever executed.
@@ -78,6 +79,7 @@ _BUILTINS: dict[str, tuple[Callable[[Path], None], str]] = {
     "tiny-random": (build_tiny_random, "2"),
     "toy": (toy_base.build_builtin_toy, toy_base.VERSION),
     "toy-head": (toy_base.build_builtin_toy_head, toy_base.HEAD_VERSION),
+    "toy-finemarks": (toy_base.build_builtin_toy_finemarks, toy_base.FINEMARKS_VERSION),
 }
 
 

@@ -32,6 +32,7 @@ from chimera_ray.config import DataConfig
 from chimera_ray.data.boxes import Box, BoxError, parse_box
 from chimera_ray.data.keys import safe_key
 from chimera_ray.toy.digits import build_digits
+from chimera_ray.toy.finegrained import build_finemarks
 from chimera_ray.toy.world import build_toyworld
 
 __all__ = [
@@ -623,15 +624,19 @@ def read_dataset(source: str, data: DataConfig | None = None) -> Dataset:
 
 
 def resolve_dataset(source: str, cache_dir: str | None = None) -> str:
-    """``builtin:toyworld`` / ``builtin:digits`` -> the manifest of the cached build; else unchanged."""
+    """``builtin:toyworld`` / ``builtin:finemarks`` / ``builtin:digits`` -> the manifest of the cached build;
+    else unchanged."""
     if not source.startswith("builtin:"):
         return source
     name = source.split(":", 1)[1]
     root = cache_root(cache_dir) / "datasets" / name
     if name == "toyworld":
         build_toyworld(root, seed=0)
+    elif name == "finemarks":
+        build_finemarks(root, seed=0)
     elif name == "digits":
         build_digits(root, seed=0)
     else:
-        raise ValueError(f"unknown builtin dataset {source!r}; available: builtin:toyworld, builtin:digits")
+        raise ValueError(f"unknown builtin dataset {source!r}; available: builtin:toyworld, builtin:finemarks, "
+                         "builtin:digits")
     return str(root / "manifest.jsonl")

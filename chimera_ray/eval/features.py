@@ -7,6 +7,9 @@ mapping images ``(n, 3, H, W)`` in ``[-1, 1]`` to features ``(n, dim)``:
   project trains itself on fresh ToyWorld renders, once, then caches. It only knows
   ToyWorld; it exists so that the demo and the tests can measure fidelity and diversity
   with nothing downloaded. Its numbers are not comparable to published FID/KID.
+* ``builtin:finemarks-features``: the FineMarks class oracle's pooled features
+  (`chimera_ray.eval.finemarks_oracle`, 96-d, trained and cached on first use); only
+  meaningful on FineMarks images.
 * ``torchvision:<arch>=<weights>``: a torchvision classifier (``inception_v3``, 2048-d,
   the usual FID network; or a ResNet) built with ``weights=None`` and loaded from a state
   dict in ``.safetensors`` or ``.pth`` (``torch.load(weights_only=True)``), given as a local
@@ -42,7 +45,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 
 from chimera_ray.cache import build_folder, cache_root
-from chimera_ray.eval import probe
+from chimera_ray.eval import finemarks_oracle, probe
 from chimera_ray.toy import world as toyworld
 
 log = logging.getLogger(__name__)
@@ -61,7 +64,7 @@ __all__ = [
 TOY_FEATURES_VERSION = "toy-features-v1"
 
 _ACCEPTED = (
-    "'builtin:toy-features'; 'torchvision:<arch>=<weights.safetensors or .pth, local path or fsspec URL>' "
+    "'builtin:toy-features'; 'builtin:finemarks-features'; 'torchvision:<arch>=<weights.safetensors or .pth, local path or fsspec URL>' "
     "with arch one of {archs}; 'clip:<local Hugging Face CLIP folder>'"
 )
 
@@ -341,6 +344,18 @@ def _toy_extractor(spec: str, device, batch_size: int, cache_dir: str | None, re
                             resample="bicubic", device=device, batch_size=batch_size)
 
 
+def _finemarks_extractor(spec: str, device, batch_size: int, cache_dir: str | None) -> FeatureExtractor:
+    oracle = finemarks_oracle.load_finemarks_oracle(cache_dir)
+    recipe = oracle.meta["recipe"]
+
+    def embed(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return net.features(x).mean(dim=(2, 3))
+
+    # Trained on [-1, 1] pixels, like the toy network.
+    return FeatureExtractor(spec, 4 * recipe["width"], oracle.classifier, embed, recipe["resolution"], (0.5,) * 3,
+                            (0.5,) * 3, resample="bicubic", device=device, batch_size=batch_size)
+
+
 # ---- torchvision:<arch>=<weights> ----------------------------------------------------------
 
 
@@ -472,7 +487,7 @@ def load_feature_extractor(
 
     Args:
         spec: ``"builtin:toy-features"`` (the toy ToyWorld network, trained and cached on
-            first use), ``"torchvision:<arch>=<weights>"`` (``inception_v3`` or a ResNet;
+            first use), ``"builtin:finemarks-features"`` (the FineMarks class oracle, likewise), ``"torchvision:<arch>=<weights>"`` (``inception_v3`` or a ResNet;
             weights ``.safetensors``/``.pth``, local path or fsspec URL) or
             ``"clip:<local folder>"``.
         device: Torch device to run on.
@@ -499,6 +514,8 @@ def load_feature_extractor(
     kind, sep, rest = spec.partition(":")
     if spec == "builtin:toy-features":
         return _toy_extractor(spec, device, batch_size, cache_dir, toy_recipe, progress, rebuild)
+    if spec == "builtin:finemarks-features":
+        return _finemarks_extractor(spec, device, batch_size, cache_dir)
     if sep and kind == "torchvision":
         return _torchvision_extractor(spec, rest, device, batch_size)
     if sep and kind == "clip" and rest:

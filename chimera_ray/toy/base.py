@@ -50,11 +50,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from chimera_ray.toy import finegrained as finemarks
 from chimera_ray.toy import world as toyworld
 from chimera_ray.toy.arch import build_sd_pipeline
 
-__all__ = ["ToyRecipe", "DEFAULT_RECIPE", "HEAD_RECIPE", "VERSION", "HEAD_VERSION", "PROMPT_TEMPLATE", "build_toy_base",
-           "build_toy_pipeline", "render_pool", "build_builtin_toy", "build_builtin_toy_head"]
+__all__ = ["ToyRecipe", "DEFAULT_RECIPE", "HEAD_RECIPE", "FINEMARKS_RECIPE", "VERSION", "HEAD_VERSION",
+           "FINEMARKS_VERSION", "PROMPT_TEMPLATE", "build_toy_base", "build_toy_pipeline", "render_pool",
+           "build_builtin_toy", "build_builtin_toy_head", "build_builtin_toy_finemarks"]
 
 # Bump when the recipe or architecture changes (written into the built folder).
 VERSION = "toy-base-v1"
@@ -102,9 +104,13 @@ class ToyRecipe:
         min_snr_gamma: Min-SNR-gamma loss weighting; 0 disables it.
         num_threads: torch intra-op threads during the build (part of what
             makes the result reproducible).
-        pretrain_classes: Pretrain on the first N ToyWorld classes (the long tail's
+        pretrain_classes: Pretrain on the first N classes of the world (the long tail's
             largest); 16 = all. With 8, the tail classes' concepts are new to the base
             model, as a rare class is new to Stable Diffusion (``builtin:toy-head``).
+        world: Where the pool comes from: "toyworld" (`chimera_ray.toy.world`) or
+            "finemarks" (`chimera_ray.toy.finegrained`).
+        generic_captions: Fraction of the pool captioned with the world's generic caption
+            ("a photo of a badge") instead of the class's (finemarks only).
     """
 
     resolution: int = 32
@@ -133,6 +139,14 @@ class ToyRecipe:
     min_snr_gamma: float = 5.0
     num_threads: int = 2
     pretrain_classes: int = 16
+    world: str = "toyworld"
+    generic_captions: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.world not in ("toyworld", "finemarks"):
+            raise ValueError(f"ToyRecipe.world must be 'toyworld' or 'finemarks', got {self.world!r}")
+        if self.world == "toyworld" and self.generic_captions:
+            raise ValueError("ToyRecipe.generic_captions needs world='finemarks' (ToyWorld has no generic caption)")
 
     @property
     def latent_size(self) -> int:
@@ -163,11 +177,17 @@ DEFAULT_RECIPE = ToyRecipe()
 # ---------------------------------------------------------------------------
 
 
-def caption_words() -> list[str]:
-    """Every word of every ToyWorld caption (the tokenizer gives each one token)."""
+def caption_words(world: str = "toyworld") -> list[str]:
+    """Every word of every caption of `world`, all classes included, so that a tail class's
+    name is one (untrained) token, as a rare word is for Stable Diffusion."""
     words: set[str] = set()
-    for cls in toyworld.CLASSES:
-        words.update(PROMPT_TEMPLATE.format(name=cls.name).split())
+    if world == "finemarks":
+        names = [c.name for c in finemarks.CLASSES]
+        words.update(finemarks.GENERIC_CAPTION.split())
+    else:
+        names = [c.name for c in toyworld.CLASSES]
+    for name in names:
+        words.update(PROMPT_TEMPLATE.format(name=name).split())
     return sorted(words)
 
 def build_toy_pipeline(recipe: ToyRecipe = DEFAULT_RECIPE, seed: int = 0):
@@ -186,7 +206,7 @@ def build_toy_pipeline(recipe: ToyRecipe = DEFAULT_RECIPE, seed: int = 0):
         layers_per_block=recipe.layers_per_block, vae_channels=recipe.vae_channels, vae_norm_groups=16,
         # Self-attention in the VAE's mid block costs more than it helps at 16x16.
         vae_mid_attention=False, text_width=recipe.text_width, text_intermediate=4 * recipe.text_width,
-        text_layers=recipe.text_layers, words=caption_words(), max_length=recipe.max_length,
+        text_layers=recipe.text_layers, words=caption_words(recipe.world), max_length=recipe.max_length,
     )
 
 
@@ -340,7 +360,7 @@ class _EMA:
             p.copy_(s)
 
 
-def _train_denoiser(pipe, latents: tuple[torch.Tensor, torch.Tensor], labels: list[str], recipe: ToyRecipe,
+def _train_denoiser(pipe, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], recipe: ToyRecipe,
                     gen: torch.Generator, bar) -> dict:
     """Joint UNet + text-encoder training with the epsilon loss; leaves EMA weights in place."""
     from diffusers import DDPMScheduler
@@ -353,12 +373,12 @@ def _train_denoiser(pipe, latents: tuple[torch.Tensor, torch.Tensor], labels: li
     loss_w = torch.clamp(snr, max=recipe.min_snr_gamma) / snr if recipe.min_snr_gamma > 0 else torch.ones_like(snr)
 
     # Captions of the pool are a few distinct strings: tokenize each once.
-    captions = sorted(set(labels))
-    prompts = [PROMPT_TEMPLATE.format(name=c) for c in captions] + [""]
+    distinct = sorted(set(captions))
+    prompts = distinct + [""]
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     empty = len(prompts) - 1
-    label_idx = torch.tensor([captions.index(lab) for lab in labels])
+    label_idx = torch.tensor([distinct.index(c) for c in captions])
     label_idx = torch.cat([label_idx, label_idx])  # the mirrored half of the latent pool
     mean, std = latents
     scale = float(pipe.vae.config.scaling_factor)
@@ -439,14 +459,19 @@ def build_toy_base(
             # depend on anything torch does.
             rng = np.random.default_rng([seed, 0x70A])
             images: list[Image.Image] = []
-            labels: list[str] = []
+            captions: list[str] = []
             for _ in range(recipe.pool_size):
-                image, _, label = toyworld.sample_captioned(rng, recipe.render_size,
-                                                            toyworld.CLASSES[: recipe.pretrain_classes])
+                if recipe.world == "finemarks":
+                    image, text, _ = finemarks.sample_captioned(rng, recipe.render_size,
+                                                                finemarks.CLASSES[: recipe.pretrain_classes],
+                                                                recipe.generic_captions)
+                else:
+                    image, text, _ = toyworld.sample_captioned(rng, recipe.render_size,
+                                                               toyworld.CLASSES[: recipe.pretrain_classes])
                 if recipe.render_size != recipe.resolution:
                     image = image.resize((recipe.resolution, recipe.resolution), Image.Resampling.BICUBIC)
                 images.append(image)
-                labels.append(label)
+                captions.append(text)
                 bar.update(1)
             pool = _to_tensor(images)
             del images
@@ -464,7 +489,7 @@ def build_toy_base(
             report["seconds"]["vae"] = time.perf_counter() - t1
 
             t2 = time.perf_counter()
-            report.update(_train_denoiser(pipe, latents, labels, recipe, gen, bar))
+            report.update(_train_denoiser(pipe, latents, captions, recipe, gen, bar))
             report["seconds"]["unet"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
@@ -495,3 +520,19 @@ HEAD_VERSION = VERSION + "-head8"
 def build_builtin_toy_head(folder: Path) -> None:
     """``builtin:toy-head``: `HEAD_RECIPE`, seed 0."""
     build_toy_base(folder, seed=0, recipe=HEAD_RECIPE)
+
+
+# FineMarks (`chimera_ray.toy.finegrained`) at its native 32 px, pretrained on the 8 head classes
+# and on generic captions of their images only: the tail marks are new to it, and the tail
+# names are tokens it never trained. Built on first use into the cache (not shipped).
+# One thread: on a shared 2-core machine two-thread OpenMP regions stall behind other processes
+# (measured here: 1.5 s per VAE step with two threads under load, against 0.04 s idle); one
+# thread costs ~1.5x on an idle machine and is part of what makes the weights reproducible.
+FINEMARKS_RECIPE = dataclasses.replace(DEFAULT_RECIPE, world="finemarks", render_size=32, pretrain_classes=8,
+                                       generic_captions=0.25, num_threads=1)
+FINEMARKS_VERSION = VERSION + "-finemarks-head8-v1"
+
+
+def build_builtin_toy_finemarks(folder: Path) -> None:
+    """``builtin:toy-finemarks``: `FINEMARKS_RECIPE`, seed 0."""
+    build_toy_base(folder, seed=0, recipe=FINEMARKS_RECIPE)

@@ -5,7 +5,8 @@ A built dataset looks like::
     out_dir/
       train/<class_dir>/<image_id>.png    # ImageFolder layout, long-tailed
       test/<class_dir>/<image_id>.png     # balanced, test_per_class each
-      manifest.jsonl                      # path, label, split, boxes per image
+      val/<class_dir>/<image_id>.png      # only datasets that have one (FineMarks)
+      manifest.jsonl                      # path, label, split, boxes (+ attributes) per image
       manifest.csv                        # same rows; boxes JSON-encoded
       classes.json                        # class names in label-id order
       summary.json                        # build parameters and counts
@@ -27,10 +28,12 @@ from PIL import Image
 
 from chimera_ray.cache import build_folder
 
-__all__ = ["SPLITS", "Box", "LabelledImage", "class_dir", "longtail_counts", "longtail_summary",
+__all__ = ["SPLITS", "WRITABLE_SPLITS", "Box", "LabelledImage", "class_dir", "longtail_counts", "longtail_summary",
            "materialize_dataset", "load_manifest"]
 
 SPLITS = ("train", "test")
+# Splits the writer accepts: a dataset may add a validation split to the two above.
+WRITABLE_SPLITS = ("train", "val", "test")
 
 Box = tuple[float, float, float, float]
 
@@ -103,11 +106,13 @@ class LabelledImage:
     """One image to write, with its split, label and boxes.
 
     Attributes:
-        split: "train" or "test".
+        split: One of `WRITABLE_SPLITS`.
         label_id: Index into the dataset's class list.
         index: Index of the image within (split, label); makes the file name.
         image: The RGB image.
         boxes: Pixel xyxy boxes of the objects in the image.
+        attributes: Per-image ground truth beyond the label (FineMarks: nuisance values),
+            written to ``manifest.jsonl`` under ``"attributes"``; None writes nothing.
     """
 
     split: str
@@ -115,6 +120,7 @@ class LabelledImage:
     index: int
     image: Image.Image
     boxes: list[Box]
+    attributes: dict | None = None
 
 
 def _read_summary(out_dir: Path) -> dict | None:
@@ -176,7 +182,7 @@ def _writer(class_names: Sequence[str], summary: dict, samples: Iterable[Labelle
     def write(tmp: Path) -> None:
         rows = []
         for s in samples:
-            if s.split not in SPLITS:
+            if s.split not in WRITABLE_SPLITS:
                 raise ValueError(f"unknown split {s.split!r}")
             name = class_names[s.label_id]
             rel = f"{s.split}/{class_dir(name)}/{s.split}-{s.label_id:03d}-{s.index:05d}.png"
@@ -184,7 +190,10 @@ def _writer(class_names: Sequence[str], summary: dict, samples: Iterable[Labelle
             # Fixed PNG parameters and no metadata: same pixels -> same bytes.
             s.image.save(tmp / rel, format="PNG", compress_level=6)
             boxes = [[round(float(v), 2) for v in b] for b in s.boxes]
-            rows.append({"path": rel, "label": name, "split": s.split, "boxes": boxes})
+            row = {"path": rel, "label": name, "split": s.split, "boxes": boxes}
+            if s.attributes is not None:
+                row["attributes"] = s.attributes
+            rows.append(row)
         with open(tmp / "manifest.jsonl", "w", encoding="utf-8", newline="\n") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

@@ -12,7 +12,16 @@ import os as _os
 _os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from chimera_ray.config import Config, ConfigError, load_config  # noqa: E402
-from chimera_ray.lora.layer import MultiHeadLoRALinear  # noqa: E402
+
+
+def __getattr__(name: str):
+    # The layer needs torch; importing the package (or `chimera-ray --help`) should not.
+    if name == "MultiHeadLoRALinear":
+        from chimera_ray.lora.layer import MultiHeadLoRALinear
+
+        return MultiHeadLoRALinear
+    raise AttributeError(f"module 'chimera_ray' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 __all__ = ["Config", "ConfigError", "load_config", "MultiHeadLoRALinear", "__version__"]

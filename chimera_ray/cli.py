@@ -22,6 +22,19 @@ from chimera_ray.config import (
     load_config,
 )
 from chimera_ray.console import setup_logging
+from chimera_ray.data.boxes import parse_box
+from chimera_ray.data.ingest import IMAGE_EXTENSIONS, ImageRow
+from chimera_ray.data.keys import safe_key
+from chimera_ray.io import write_json
+from chimera_ray.plan import (
+    ClassPlan,
+    class_counts,
+    format_plan,
+    plan_classes,
+    subsample_shots,
+    summarize,
+)
+from chimera_ray.sampling import mixture_weights
 
 __all__ = ["main", "build_parser"]
 
@@ -213,13 +226,8 @@ def _load(args, preset: tuple[str, ...] = ()) -> Config:
 def _cmd_train(args) -> int:
     import fsspec
 
-    from chimera_ray.data.boxes import parse_box
-    from chimera_ray.data.ingest import IMAGE_EXTENSIONS, ImageRow
-    from chimera_ray.data.keys import safe_key
-    from chimera_ray.io import write_json
     from chimera_ray.local import train_one
     from chimera_ray.models import load_pipeline, resolve_device, resolve_dtype
-    from chimera_ray.plan import ClassPlan, subsample_shots
 
     cfg = _load(args)
     fs, root = fsspec.core.url_to_fs(args.images)
@@ -254,7 +262,6 @@ def _cmd_generate(args) -> int:
     from chimera_ray.generate import Generator
     from chimera_ray.local import generate_local
     from chimera_ray.lora.adapter import load_adapter
-    from chimera_ray.plan import ClassPlan
 
     overrides = list(args.overrides or [])
     if args.num is not None:
@@ -282,7 +289,6 @@ def _cmd_generate(args) -> int:
 
 def _cmd_export(args) -> int:
     from chimera_ray.lora.adapter import export_lora, load_adapter
-    from chimera_ray.sampling import mixture_weights
 
     state, meta = load_adapter(args.adapter)
     if args.weights is not None:
@@ -302,7 +308,6 @@ def _cmd_export(args) -> int:
 
 def _cmd_validate(args) -> int:
     from chimera_ray.data.validate import format_problems, validate
-    from chimera_ray.plan import class_counts, format_plan, plan_classes, summarize
 
     try:
         cfg = _load(args)
@@ -376,7 +381,6 @@ def _cmd_reproduce(args) -> int:
 
 def _cmd_plan(args) -> int:
     from chimera_ray.estimate import estimate_run, format_estimate
-    from chimera_ray.io import write_json
 
     cfg = _load(args, SMOKE_RUN if args.smoke_test else ())
     est = estimate_run(cfg, calibrate=not args.no_calibration, train_steps=args.train_steps,
@@ -433,12 +437,12 @@ def _cmd_toy(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from chimera_ray.models import BaseModelError
-
     parser = build_parser()
     # Overrides may follow options (`run CONFIG --smoke-test train.steps=5`): argparse stops a
     # positional list at the first option, so the rest arrives as "unrecognized".
     args, extra = parser.parse_known_args(argv)
+    # After parsing: `--help` exits above without importing torch (models needs it).
+    from chimera_ray.models import BaseModelError
     if extra:
         if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -34,3 +34,98 @@ def test_ablations_reuse_the_chimera_adapters_for_alpha_only(reproduce):
     alpha = [name for name, (_, extra) in abl.items() if any(e.startswith("generate.adapters=") for e in extra)]
     assert sorted(alpha) == ["chimera_alpha0.1", "chimera_alpha10"]
     assert all(mode == "chimera" for mode, _ in abl.values())
+
+
+def test_paired_differences_by_hand(reproduce):
+    # chimera vs classwise on three seeds, listed in different orders: pairing is by seed.
+    runs = {"chimera": [dict(_run(0.80), seed=0), dict(_run(0.70), seed=1), dict(_run(0.90), seed=2)],
+            "classwise": [dict(_run(0.85), seed=2), dict(_run(0.75), seed=0), dict(_run(0.72), seed=1)],
+            "base": [dict(_run(0.5), seed=0)]}
+    p = reproduce.paired_differences(runs, "chimera")
+    d = p["classwise"]["tail_acc"]
+    # differences per seed 0, 1, 2: 0.05, -0.02, 0.05; mean 0.08 / 3, sample sd by hand
+    diffs = [0.05, -0.02, 0.05]
+    mean = sum(diffs) / 3
+    sd = (sum((x - mean) ** 2 for x in diffs) / 2) ** 0.5
+    half = 4.302652729911275 * sd / 3 ** 0.5  # Student t, 2 degrees of freedom, 97.5 % quantile
+    assert d["seeds"] == [0, 1, 2] and d["values"] == pytest.approx(diffs) and d["wins"] == 2 and d["n"] == 3
+    assert d["mean"] == pytest.approx(mean) and d["std"] == pytest.approx(sd)
+    assert d["ci"] == pytest.approx([mean - half, mean + half])
+    # one shared seed: a difference, no interval
+    assert p["base"]["tail_acc"]["values"] == pytest.approx([0.3]) and p["base"]["tail_acc"]["ci"] is None
+    table = reproduce.paired_markdown(p)
+    assert "| classwise | +2.7 [" in table and "(2/3)" in table
+    assert reproduce.paired_differences(runs, "imagewise") == {}
+
+
+def test_sibling_confusion_reads_the_classifier_rows(reproduce):
+    from chimera_ray.toy import finegrained as fm
+
+    kappa = fm.TAIL[0]
+    down = {"predicted": {kappa.name: {kappa.sibling: 16, kappa.name: 40, fm.HEAD[3].name: 8}},
+            "n_test": {kappa.name: 64, fm.TAIL[1].name: 0}}
+    out = reproduce.sibling_confusion(down, [kappa.name, fm.TAIL[1].name])
+    assert out["per_class"] == {kappa.name: 0.25} and out["mean"] == 0.25
+
+
+def test_oracle_metrics_on_copies_of_the_real_images(tmp_path, reproduce):
+    """Synthetic tail images that are the real test images themselves: the oracle (here a stand-in
+    that reads the truth from a pixel) scores fidelity 1, sibling confusion 0 and full coverage."""
+    import io
+    import json
+
+    import numpy as np
+
+    from chimera_ray.data.ingest import Dataset, ImageRow
+    from chimera_ray.shards import Sample, UnitWriter, write_index
+    from chimera_ray.toy import finegrained as fm
+
+    names = [c.name for c in fm.CLASSES]
+    tail = [fm.TAIL[0].name, fm.TAIL[5].name]
+    rows, samples = [], []
+    for name in tail:
+        label = names.index(name)
+        for i in range(6):
+            image, _, _ = fm.render_indexed(0, "test", label, i, 32)
+            path = tmp_path / f"{label}_{i}.png"
+            image.save(path)
+            rows.append(ImageRow(path=str(path), label=name, split="test"))
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            meta = {"class_name": name, "class_key": name.replace(" ", "_"), "label": label}
+            samples.append(Sample(key=f"{meta['class_key']}__{i:08d}", ext="png", image=buf.getvalue(), label=label,
+                                  metadata=json.dumps(meta), class_key=meta["class_key"]))
+    out = str(tmp_path / "shards")
+    with UnitWriter(out, 0, prefix="shard") as w:
+        for s in samples:
+            w.add(s)
+    write_index(out, w.entries, complete=True)
+    dataset = Dataset(rows=rows, classes=names)
+
+    class Truth:  # the class from which tail image it is (label order), features = the pixels
+        def __init__(self, called):
+            self.called = called
+
+        def predict_class(self, x):
+            return np.full(len(x), self.called, dtype=np.int64)
+
+        def features(self, x):
+            return x.flatten(1).numpy()
+
+        def nuisance(self, x, standardized=False):
+            return x.mean(dim=(2, 3)).numpy().astype(np.float64)
+
+    for name in tail:
+        label = names.index(name)
+        m = reproduce.oracle_metrics(out, Dataset(rows=[r for r in rows if r.label == name], classes=names), [name],
+                                     Truth(label))
+        c = m["per_class"][name]
+        assert c["fidelity"] == 1.0 and c["sibling_confusion"] == 0.0
+        assert c["feature_coverage"] == 1.0 and c["feature_recall"] == 1.0 and c["nuisance_recall"] == 1.0
+        assert c["n_synthetic"] == 6 and c["n_real"] == 6  # the class's own images only
+    sib = names.index(fm.TAIL[0].sibling)
+    m = reproduce.oracle_metrics(out, dataset, tail[:1], Truth(sib))
+    assert m["mean"]["fidelity"] == 0.0 and m["mean"]["sibling_confusion"] == 1.0
+    assert reproduce.oracle_metrics(str(tmp_path / "none"), dataset, tail, Truth(0)) is None
+    with pytest.raises(ValueError, match="not a FineMarks class"):
+        reproduce.oracle_metrics(out, Dataset(rows=rows, classes=names + ["cat"]), ["cat"], Truth(0))

@@ -202,7 +202,8 @@ def train_classifier(
 @torch.no_grad()
 def evaluate_classifier(model: torch.nn.Module, test, class_names: Sequence[str], tail: set[str],
                         device: str | torch.device = "cpu", batch: int = 256) -> dict:
-    """Accuracy on real test images: overall (per image), head/tail (mean of per-class) and per class.
+    """Accuracy on real test images: overall (per image), head/tail (mean of per-class) and per class,
+    and ``predicted``: per class, what its test images were classified as (class name -> count).
 
     Head and tail accuracies are means over classes so that a big head class does not hide
     the tail; ``overall_acc`` is the plain per-image accuracy, ``all_acc`` the mean over classes.
@@ -213,12 +214,16 @@ def evaluate_classifier(model: torch.nn.Module, test, class_names: Sequence[str]
         x = test.images[i:i + batch].float().div_(127.5).sub_(1.0).to(device)
         preds.append(model(x).argmax(1).cpu())
     pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
-    per_class, n_test = {}, {}
+    per_class, n_test, predicted = {}, {}, {}
     for c, name in enumerate(class_names):
         m = test.labels == c
         n_test[name] = int(m.sum())
         if n_test[name]:
             per_class[name] = round(float((pred[m] == c).float().mean()), 4)
+            # Sparse confusion row: what this class's test images were called (names -> counts).
+            # At most n_test entries per class, so it grows with the test set, not classes^2.
+            labels, counts = torch.unique(pred[m], return_counts=True)
+            predicted[name] = {class_names[int(j)]: int(n) for j, n in zip(labels, counts)}
     head = [a for n, a in per_class.items() if n not in tail]
     tail_accs = [a for n, a in per_class.items() if n in tail]
 
@@ -227,4 +232,4 @@ def evaluate_classifier(model: torch.nn.Module, test, class_names: Sequence[str]
 
     return {"overall_acc": round(float((pred == test.labels).float().mean()), 4) if len(test) else None,
             "all_acc": mean(list(per_class.values())), "head_acc": mean(head), "tail_acc": mean(tail_accs),
-            "per_class": per_class, "n_test": n_test}
+            "per_class": per_class, "n_test": n_test, "predicted": predicted}

@@ -1,19 +1,35 @@
 """The method comparison's aggregation (``chimera-ray reproduce``): the methods and ablations it
-runs, how far a method's images move from the base model's, and mean / sample std over seeds as
-JSON and a markdown table. No Ray: the driver is ``chimera_ray.pipelines.job_reproduce``.
+runs, how far a method's images move from the base model's, mean / sample std over seeds and
+paired differences between methods (same seed = same shots, noise and classifier
+initialisation) as JSON and markdown tables. On FineMarks (`chimera_ray.toy.finegrained`) also
+the oracle's view of each run's images (`oracle_metrics`) and how often the classifier calls a
+tail class its head sibling (`sibling_confusion`). No Ray: the driver is
+``chimera_ray.pipelines.job_reproduce``.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+from scipy import stats
 
-from chimera_ray.shards import iter_samples
+from chimera_ray.eval.downstream import load_real, load_synthetic
+from chimera_ray.eval.finemarks_oracle import synthetic_set_metrics
+from chimera_ray.shards import iter_samples, shard_urls
+from chimera_ray.toy import finegrained as fm
 
-__all__ = ["METHODS", "KEYS", "METRICS", "ablations", "pixel_change", "summarize", "markdown"]
+__all__ = ["METHODS", "KEYS", "METRICS", "ORACLE_METRICS", "ablations", "pixel_change", "oracle_metrics",
+           "sibling_confusion", "paired_differences", "summarize", "markdown", "paired_markdown",
+           "oracle_markdown"]
 
 METHODS = ("real_only", "base", "classwise", "imagewise", "chimera")
 KEYS = ("tail_acc", "all_acc", "head_acc", "overall_acc")
 METRICS = ("fd", "kid", "precision", "recall", "density", "coverage", "diversity_synthetic")
+# FineMarks only: the oracle's view of the synthetic tail images (means over tail classes) and the
+# downstream classifier's tail -> head-sibling confusion.
+ORACLE_METRICS = ("fidelity", "sibling_confusion", "nuisance_recall", "nuisance_coverage", "feature_recall",
+                  "feature_coverage")
 
 
 def ablations(seed: int, root: str) -> dict[str, tuple[str, list[str]]]:
@@ -46,24 +62,171 @@ def pixel_change(root: str, seed: int, name: str) -> float | None:
     return float(np.mean([np.abs(base[k] - other[k]).mean() for k in common])) if common else None
 
 
+def oracle_metrics(shards_dir: str, dataset, tail: list[str], oracle, split: str = "test", size: int = 32,
+                   k: int = 3) -> dict | None:
+    """The FineMarks oracle's view of one run's synthetic tail images, per tail class and mean.
+
+    Per class, `chimera_ray.eval.finemarks_oracle.synthetic_set_metrics` of the run's synthetic
+    images of the class against the class's real `split` images (read from the dataset, as the
+    downstream classifier reads them): class fidelity, confusion with the head sibling, and
+    precision/recall/density/coverage in nuisance and in feature space.
+
+    Args:
+        shards_dir: The run's shards folder (local or fsspec URL).
+        dataset: The run's `Dataset` (class names, split rows).
+        tail: Tail class names (those with synthetic images).
+        oracle: A `FineMarksOracle`.
+
+    Returns:
+        ``{"per_class": {name: metrics}, "mean": {metric: mean over classes}, "split"}``, or None when
+        the run has no shards (real-only).
+    """
+    try:
+        urls = shard_urls(shards_dir)
+    except FileNotFoundError:
+        return None
+    names = dataset.classes
+    syn = load_synthetic(urls, names, size)
+    real = load_real({n: dataset.by_class(split)[n] for n in tail}, names, size)
+
+    def images(s, label):
+        return s.images[s.labels == label].float().div(127.5).sub(1.0)
+
+    per_class = {}
+    for name in tail:
+        label = fm_label(name)
+        if label is None:
+            raise ValueError(f"class {name!r} is not a FineMarks class; oracle metrics need data.source=builtin:finemarks")
+        x_syn, x_real = images(syn, names.index(name)), images(real, names.index(name))
+        if len(x_syn) < k + 1 or len(x_real) < k + 1:
+            raise ValueError(f"class {name!r}: {len(x_syn)} synthetic and {len(x_real)} real {split!r} images; the "
+                             f"oracle metrics need at least {k + 1} of each")
+        m = synthetic_set_metrics(oracle, x_syn, label, x_real, k=k)
+        per_class[name] = {key: v for key, v in m.items() if key != "label"}
+    mean = {m: float(np.mean([v[m] for v in per_class.values() if v.get(m) is not None])) for m in ORACLE_METRICS}
+    return {"per_class": per_class, "mean": mean, "split": split, "n_skipped_synthetic": len(syn.skipped),
+            "n_skipped_real": len(real.skipped)}
+
+
+def fm_label(name: str) -> int | None:
+    """FineMarks label id of a class name (None if it is not one): the oracle's output index."""
+    names = [c.name for c in fm.CLASSES]
+    return names.index(name) if name in names else None
+
+
+def sibling_confusion(downstream: dict, tail: list[str]) -> dict:
+    """Per FineMarks tail class, the share of its real test images the classifier called its head
+    sibling (from ``downstream["predicted"]``), and the mean over tail classes."""
+    sibling = {c.name: c.sibling for c in fm.CLASSES if c.sibling}
+    per = {}
+    for name in tail:
+        row, n = downstream["predicted"].get(name, {}), downstream["n_test"].get(name, 0)
+        if name in sibling and n:
+            per[name] = row.get(sibling[name], 0) / n
+    return {"per_class": per, "mean": float(np.mean(list(per.values()))) if per else None}
+
+
+# name in the summary -> how to read it from one run's result.json
+def _scalars(r: dict) -> dict[str, float]:
+    out = {k: r["downstream"][k] for k in KEYS if r["downstream"].get(k) is not None}
+    for m in METRICS:
+        if r.get("metrics") and r["metrics"]["mean"].get(m) is not None:
+            out[m] = r["metrics"]["mean"][m]
+    if r.get("pixel_change_vs_base") is not None:
+        out["pixel_change_vs_base"] = r["pixel_change_vs_base"]
+    if r.get("downstream_sibling_confusion") is not None:
+        out["downstream_sibling_confusion"] = r["downstream_sibling_confusion"]
+    for m in ORACLE_METRICS:
+        if r.get("oracle") and r["oracle"]["mean"].get(m) is not None:
+            out[f"oracle_{m}"] = r["oracle"]["mean"][m]
+    return {k: float(v) for k, v in out.items()}
+
+
+def _stats(v: list[float]) -> dict:
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "values": v}
+
+
 def summarize(runs: dict[str, list[dict]]) -> dict:
-    """Mean, sample std and values per accuracy and (mean-over-classes) metric."""
+    """Mean, sample std and values (in seed order) per accuracy and (mean-over-classes) metric."""
     out = {}
     for name, results in runs.items():
-        entry = {"n_seeds": len(results)}
-        for k in KEYS:
-            v = [r["downstream"][k] for r in results]
-            entry[k] = {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "values": v}
-        for m in METRICS:
-            v = [r["metrics"]["mean"][m] for r in results if r.get("metrics") and r["metrics"]["mean"].get(m) is not None]
-            if v:
-                entry[m] = {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "values": v}
-        v = [r["pixel_change_vs_base"] for r in results if r.get("pixel_change_vs_base") is not None]
-        if v:
-            entry["pixel_change_vs_base"] = {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-                                             "values": v}
+        entry: dict = {"n_seeds": len(results), "seeds": [r.get("seed") for r in results]}
+        per_run = [_scalars(r) for r in results]
+        for key in dict.fromkeys(k for s in per_run for k in s):
+            entry[key] = _stats([s[key] for s in per_run if key in s])
         out[name] = entry
     return out
+
+
+def paired_differences(runs: dict[str, list[dict]], reference: str = "chimera", confidence: float = 0.95) -> dict:
+    """``reference`` minus every other method, seed by seed (a seed fixes shots, noise and the
+    classifier's initialisation across methods), for every scalar both have.
+
+    Returns:
+        ``{other: {key: {"mean", "std", "ci": [lo, hi], "n", "values", "seeds", "wins"}}}``: the
+        mean paired difference with its two-sided Student-t interval over seeds (None for n < 2),
+        and on how many seeds the reference was ahead.
+    """
+    if reference not in runs:
+        return {}
+    ref = {r["seed"]: _scalars(r) for r in runs[reference]}
+    out: dict = {}
+    for name, results in runs.items():
+        if name == reference:
+            continue
+        other = {r["seed"]: _scalars(r) for r in results}
+        seeds = sorted(set(ref) & set(other))
+        entry = {}
+        for key in dict.fromkeys(k for s in seeds for k in ref[s] if k in other[s]):
+            d = [ref[s][key] - other[s][key] for s in seeds if key in ref[s] and key in other[s]]
+            n = len(d)
+            mean, sd = float(np.mean(d)), float(np.std(d, ddof=1)) if n > 1 else 0.0
+            half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)) if n > 1 else None
+            entry[key] = {"mean": mean, "std": sd, "ci": None if half is None else [mean - half, mean + half], "n": n,
+                          "values": d, "seeds": seeds, "wins": int(sum(x > 0 for x in d))}
+        if entry:
+            out[name] = entry
+    return out
+
+
+def paired_markdown(paired: dict, reference: str = "chimera",
+                    keys: tuple[str, ...] = ("tail_acc", "downstream_sibling_confusion", "oracle_fidelity",
+                                             "oracle_sibling_confusion", "oracle_nuisance_coverage",
+                                             "oracle_feature_coverage")) -> str:
+    """Paired differences ``reference - other`` as a table: mean [95 % CI] (reference ahead on k of n seeds).
+    Accuracies and rates in points (x100)."""
+    present = [k for k in keys if any(k in e for e in paired.values())]
+    if not present:
+        return ""
+    pct = {"tail_acc", "all_acc", "head_acc", "overall_acc", "downstream_sibling_confusion"} | {
+        f"oracle_{m}" for m in ORACLE_METRICS}
+
+    def cell(e, k):
+        if k not in e:
+            return "-"
+        f = 100.0 if k in pct else 1.0
+        d = e[k]
+        ci = "" if d["ci"] is None else f" [{d['ci'][0] * f:+.1f}, {d['ci'][1] * f:+.1f}]"
+        return f"{d['mean'] * f:+.1f}{ci} ({d['wins']}/{d['n']})"
+
+    lines = [f"| {reference} minus | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
+    for name, e in paired.items():
+        lines.append(f"| {name} | " + " | ".join(cell(e, k) for k in present) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def oracle_markdown(summary: dict) -> str:
+    """FineMarks: downstream tail accuracy and sibling confusion, and the oracle's view of the
+    synthetic tail images, mean ± std over seeds (points)."""
+    cols = ["tail_acc", "downstream_sibling_confusion"] + [f"oracle_{m}" for m in ORACLE_METRICS]
+    if not any(f"oracle_{ORACLE_METRICS[0]}" in e for e in summary.values()):
+        return ""
+    head = ["tail acc", "tail called sibling"] + [m.replace("_", " ") for m in ORACLE_METRICS]
+    lines = ["| run | seeds | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, e in summary.items():
+        cells = [f"{e[c]['mean'] * 100:.1f} ± {e[c]['std'] * 100:.1f}" if c in e else "-" for c in cols]
+        lines.append(f"| {name} | {e['n_seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(summary: dict) -> str:

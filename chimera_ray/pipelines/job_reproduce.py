@@ -13,7 +13,16 @@ concentration (alpha), semantic boosting off, LoRA rank. Every run lives in its 
 Dotted overrides are positional: put them first, or after a flag such as --no-ablations, never
 right after --seeds/--methods (those take lists and would swallow them).
 
-Writes <out>/results.json (mean, std and values per method and ablation) and <out>/results.md.
+Every seed fixes the shots, the noise and the classifier's initialisation across methods, so
+methods are compared seed by seed: results.json's ``paired`` holds ``--reference`` (chimera) minus
+every other run per seed, with a 95 % Student-t interval. With ``data.source=builtin:finemarks``
+(jobs/configs/finemarks.yaml) each run is also judged by the FineMarks oracles: class fidelity,
+sibling confusion and coverage of the real split in nuisance and feature space, and how often the
+classifier calls a tail class its head sibling. ``downstream.test_split=val`` evaluates on the
+validation split instead (for choosing recipes; the test split is for the final numbers only).
+
+Writes <out>/results.json (mean, std and values per method and ablation, paired differences) and
+<out>/results.md.
 Exit codes: 0 done; 1 a run failed; 2 bad config or input.
 """
 
@@ -31,10 +40,16 @@ from chimera_ray.eval.comparison import (
     METHODS,
     ablations,
     markdown,
+    oracle_markdown,
+    oracle_metrics,
+    paired_differences,
+    paired_markdown,
     pixel_change,
+    sibling_confusion,
     summarize,
 )
 from chimera_ray.eval.features import load_feature_extractor
+from chimera_ray.eval.finemarks_oracle import load_finemarks_oracle
 from chimera_ray.inputs import ingest_for_run
 from chimera_ray.io import atomic_write, write_json
 from chimera_ray.pipelines.common import USER_ERRORS, init_ray, quiet_console
@@ -90,6 +105,10 @@ def reproduce(args: argparse.Namespace, display: Display) -> dict:
     rows = inputs.dataset.by_class(base_cfg.data.split)
     init_ray(base_cfg)
     extractor = load_feature_extractor(base_cfg.downstream.features, cache_dir=base_cfg.model.cache_dir)
+    # FineMarks: its oracles judge every run's images (built and cached on first use).
+    finemarks = base_cfg.data.source == "builtin:finemarks"
+    oracle = load_finemarks_oracle(base_cfg.model.cache_dir) if finemarks else None
+    tail = [p.name for p in inputs.plans]
 
     def run(name: str, seed: int, mode: str, extra: list[str]) -> dict:
         out = f"{root}/seed{seed}/{name}"
@@ -116,8 +135,15 @@ def reproduce(args: argparse.Namespace, display: Display) -> dict:
         t_gen = time.time() - t - t_train
         downstream, metrics = evaluate_run(cfg, inputs, extractor, log=lambda m: None)
         result = {"name": name, "seed": seed, "mode": mode, "overrides": extra, "downstream": downstream,
-                  "metrics": metrics, "seconds": {"train": round(t_train, 1), "generate": round(t_gen, 1),
-                                                  "evaluate": round(time.time() - t - t_train - t_gen, 1)}}
+                  "metrics": metrics}
+        if oracle is not None:
+            sib = sibling_confusion(downstream, tail)
+            result["downstream_sibling_confusion"], result["downstream_sibling_per_class"] = sib["mean"], sib["per_class"]
+            if not real_only:
+                result["oracle"] = oracle_metrics(f"{out}/shards", inputs.dataset, tail, oracle,
+                                                  split=cfg.downstream.test_split, k=cfg.downstream.prdc_k)
+        result["seconds"] = {"train": round(t_train, 1), "generate": round(t_gen, 1),
+                             "evaluate": round(time.time() - t - t_train - t_gen, 1)}
         write_json(f"{out}/eval/downstream.json", downstream)
         if metrics:
             write_json(f"{out}/eval/metrics.json", metrics)
@@ -140,15 +166,25 @@ def reproduce(args: argparse.Namespace, display: Display) -> dict:
             if r["mode"] not in ("real_only", "base"):
                 r["pixel_change_vs_base"] = pixel_change(root, r["seed"], name)
     summary = summarize(runs)
+    reference = args.reference
+    paired = paired_differences(runs, reference)
     results = {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
-               "tail_classes": [p.name for p in inputs.plans], "feature_extractor": extractor.name,
-               "methods": summary, "seconds": round(time.time() - t0, 1),
+               "tail_classes": tail, "feature_extractor": extractor.name, "test_split": base_cfg.downstream.test_split,
+               "methods": summary, "paired": {"reference": reference, "differences": paired},
+               "per_run_seconds": {name: [r.get("seconds") for r in results] for name, results in runs.items()},
+               "seconds": round(time.time() - t0, 1),
                "command": "chimera-ray reproduce " + " ".join(
                    (["--config", args.config] if args.config != DEFAULT_CONFIG else [])
                    + ["--out", root, "--seeds", *map(str, args.seeds)] + (["--no-ablations"] if args.no_ablations else [])
+                   + (["--reference", reference] if reference != "chimera" else [])
                    + args.overrides)}
     write_json(f"{root}/results.json", results)
     table = markdown(summary)
+    if oracle is not None:
+        table += "\nFineMarks (points; oracle columns judge the synthetic tail images):\n\n" + oracle_markdown(summary)
+    if paired:
+        table += (f"\nPaired differences, {reference} minus each run: mean [95 % t-interval] "
+                  f"({reference} ahead on k of n seeds):\n\n" + paired_markdown(paired, reference))
     with open(f"{root}/results.md", "w") as f:
         f.write(table)
     display.print(table)

@@ -176,6 +176,9 @@ def test_accuracy_table_matches_hand_computation():
     assert r["all_acc"] == pytest.approx(round((0.75 + 0.5 + 0.0) / 3, 4))
     assert r["head_acc"] == 0.75 and r["tail_acc"] == 0.25
     assert r["n_test"] == {"red thing": 4, "blue thing": 2, "green thing": 1}
+    # The sparse confusion rows, by hand from `preds`.
+    assert r["predicted"] == {"red thing": {"red thing": 3, "blue thing": 1},
+                              "blue thing": {"blue thing": 1, "red thing": 1}, "green thing": {"blue thing": 1}}
 
 
 @pytest.mark.parametrize("use_synthetic,share", [(False, 0.0), (True, 0.5)])

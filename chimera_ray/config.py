@@ -344,6 +344,9 @@ class RayConfig:
     gen_actors_max: int = 2
     gen_cpus: float = 1.0
     gen_gpus: float = 0.0
+    # CPUs per downstream classifier worker (`chimera-ray evaluate`, reproduce); Ray sets the
+    # worker's torch threads from it, so on an otherwise idle machine give it all the cores.
+    downstream_cpus: float = 1.0
     # Ray Train's run storage (local path or s3://); null: <output>/ray.
     storage: str | None = None
     faults: FaultConfig = field(default_factory=FaultConfig)
@@ -553,6 +556,7 @@ class Config:
               f"ray.max_concurrent_trainers must be >= 0, 0 means the cluster's size (got {ry.max_concurrent_trainers})")
         check(ry.train_cpus >= 0 and ry.train_gpus >= 0 and ry.gen_cpus >= 0 and ry.gen_gpus >= 0,
               "ray.train_cpus/train_gpus/gen_cpus/gen_gpus must be >= 0")
+        check(ry.downstream_cpus > 0, f"ray.downstream_cpus must be > 0 (got {ry.downstream_cpus})")
         check(1 <= ry.gen_actors_min <= ry.gen_actors_max,
               f"ray.gen_actors_min/max must satisfy 1 <= min <= max (got {ry.gen_actors_min}, {ry.gen_actors_max})")
         check(ry.max_failures >= 0 and ry.class_attempts >= 1, "ray.max_failures must be >= 0 and ray.class_attempts >= 1")

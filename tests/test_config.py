@@ -44,11 +44,12 @@ def test_overrides_are_typed_and_nested(tmp_path):
 def test_every_problem_reported_at_once():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["train.steps=0", "lora.rank=-1", "generate.dirichlet_concentration=0",
-                           "lora.mode=foo", "generate.image_format=gif"])
+                           "lora.mode=foo", "generate.image_format=gif", "ray.downstream_cpus=0"])
     msg = str(e.value)
-    for part in ("train.steps", "lora.rank", "generate.dirichlet_concentration", "lora.mode", "generate.image_format"):
+    for part in ("train.steps", "lora.rank", "generate.dirichlet_concentration", "lora.mode", "generate.image_format",
+                 "ray.downstream_cpus"):
         assert part in msg
-    assert len(e.value.errors) == 5
+    assert len(e.value.errors) == 6
 
 
 def test_type_and_key_errors_are_listed_together():

@@ -59,12 +59,12 @@ def main() -> None:
 
 def _shot_paths(root: str, name: str) -> list[str]:
     """The class's training shots as the runs read them (plan.json, shared by every run)."""
-    with open(f"{root}/seed0/chimera/plan.json") as f:
+    with open(f"{root}/seed0/real_only/plan.json") as f:
         plan = json.load(f)
     for p in plan["classes"]:
         if p["name"] == name:
             return list(p["shots"])[:4]
-    raise KeyError(f"{name!r} not in {root}/seed0/chimera/plan.json")
+    raise KeyError(f"{name!r} not in {root}/seed0/real_only/plan.json")
 
 
 if __name__ == "__main__":

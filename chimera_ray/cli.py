@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ablations", action="store_true", help="skip the alpha / boosting / rank ablations")
     p.add_argument("--reference", default="chimera",
                    help="method the paired differences are taken against (default: chimera)")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="only aggregate the runs already finished under --out into results.json/.md (no Ray)")
 
     p = sub.add_parser("train", help="fine-tune one class's adapters on this machine",
                        description="Fine-tune one class (a folder of its images, optional boxes) into <output>/adapters/<key>.")

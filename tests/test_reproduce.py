@@ -129,3 +129,29 @@ def test_oracle_metrics_on_copies_of_the_real_images(tmp_path, reproduce):
     assert reproduce.oracle_metrics(str(tmp_path / "none"), dataset, tail, Truth(0)) is None
     with pytest.raises(ValueError, match="not a FineMarks class"):
         reproduce.oracle_metrics(out, Dataset(rows=rows, classes=names + ["cat"]), ["cat"], Truth(0))
+
+
+def test_summarize_only_aggregates_finished_runs_without_ray(tmp_path, capsys):
+    import json
+
+    from chimera_ray.cli import main
+
+    def write(seed, name, tail):
+        r = {"name": name, "seed": seed, "mode": name, "overrides": [],
+             "downstream": {**_run(tail)["downstream"], "classes": [{"name": "kappa badge", "group": "tail"}]},
+             "metrics": None}
+        (tmp_path / f"seed{seed}/{name}/eval").mkdir(parents=True)
+        (tmp_path / f"seed{seed}/{name}/eval/result.json").write_text(json.dumps(r))
+
+    args = ["reproduce", "--out", str(tmp_path), "--seeds", "0", "1", "--methods", "real_only", "chimera",
+            "--no-ablations", "--summarize-only"]
+    assert main(args) == 2 and "no finished runs" in capsys.readouterr().err
+    write(0, "chimera", 0.6)
+    write(1, "chimera", 0.7)
+    write(0, "real_only", 0.5)
+    assert main(args) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["missing"] == ["real_only seed 1"] and res["tail_classes"] == ["kappa badge"]
+    assert res["methods"]["chimera"]["tail_acc"]["values"] == [0.6, 0.7]
+    assert res["paired"]["differences"]["real_only"]["tail_acc"]["values"] == pytest.approx([0.1])
+    assert "| chimera | 2 | 65.0 ± 7.1 |" in (tmp_path / "results.md").read_text()

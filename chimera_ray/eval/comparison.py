@@ -94,7 +94,7 @@ def oracle_metrics(shards_dir: str, dataset, tail: list[str], oracle, split: str
 
     per_class = {}
     for name in tail:
-        label = fm_label(name)
+        label = _finemarks_label(name)
         if label is None:
             raise ValueError(f"class {name!r} is not a FineMarks class; oracle metrics need data.source=builtin:finemarks")
         x_syn, x_real = images(syn, names.index(name)), images(real, names.index(name))
@@ -108,7 +108,7 @@ def oracle_metrics(shards_dir: str, dataset, tail: list[str], oracle, split: str
             "n_skipped_real": len(real.skipped)}
 
 
-def fm_label(name: str) -> int | None:
+def _finemarks_label(name: str) -> int | None:
     """FineMarks label id of a class name (None if it is not one): the oracle's output index."""
     names = [c.name for c in fm.CLASSES]
     return names.index(name) if name in names else None

@@ -82,8 +82,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     error, code = "", 0
     with quiet_console(root, args.verbose, name="reproduce") as (display, log_path):
         try:
-            reproduce(args, display)
+            (summarize_finished if args.summarize_only else reproduce)(args, display)
         except USER_ERRORS as e:
+            error, code = f"error: {e}", 2
+        except (FileNotFoundError if args.summarize_only else ()) as e:  # --summarize-only: nothing finished
             error, code = f"error: {e}", 2
         except Exception as e:  # noqa: BLE001 - one line for the user, the traceback in the log
             print(traceback.format_exc(), file=sys.stderr)
@@ -161,6 +163,13 @@ def reproduce(args: argparse.Namespace, display: Display) -> dict:
         for name, (mode, extra) in ablations(seed, root).items():
             runs.setdefault(name, []).append(run(name, seed, mode, extra))
 
+    return _aggregate(args, runs, tail, extractor.name, base_cfg.downstream.test_split, display, t0)
+
+
+def _aggregate(args: argparse.Namespace, runs: dict[str, list[dict]], tail: list[str], extractor_name: str,
+               test_split: str, display: Display, t0: float) -> dict:
+    """Pixel change, summary, paired differences -> <out>/results.json and results.md."""
+    root = args.out.rstrip("/")
     for name, results in runs.items():
         for r in results:
             if r["mode"] not in ("real_only", "base"):
@@ -169,7 +178,7 @@ def reproduce(args: argparse.Namespace, display: Display) -> dict:
     reference = args.reference
     paired = paired_differences(runs, reference)
     results = {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
-               "tail_classes": tail, "feature_extractor": extractor.name, "test_split": base_cfg.downstream.test_split,
+               "tail_classes": tail, "feature_extractor": extractor_name, "test_split": test_split,
                "methods": summary, "paired": {"reference": reference, "differences": paired},
                "per_run_seconds": {name: [r.get("seconds") for r in results] for name, results in runs.items()},
                "seconds": round(time.time() - t0, 1),
@@ -180,7 +189,7 @@ def reproduce(args: argparse.Namespace, display: Display) -> dict:
                    + args.overrides)}
     write_json(f"{root}/results.json", results)
     table = markdown(summary)
-    if oracle is not None:
+    if any(r.get("downstream_sibling_confusion") is not None for rs in runs.values() for r in rs):
         table += "\nFineMarks (points; oracle columns judge the synthetic tail images):\n\n" + oracle_markdown(summary)
     if paired:
         table += (f"\nPaired differences, {reference} minus each run: mean [95 % t-interval] "
@@ -190,3 +199,34 @@ def reproduce(args: argparse.Namespace, display: Display) -> dict:
     display.print(table)
     display.print(f"written: {root}/results.json, {root}/results.md")
     return results
+
+
+def summarize_finished(args: argparse.Namespace, display: Display) -> dict:
+    """``--summarize-only``: results.json / results.md from the runs already finished under ``--out``
+    (no Ray; nothing is trained, generated or evaluated). Unfinished method x seed runs are listed."""
+    root = args.out.rstrip("/")
+    t0 = time.time()
+    names = list(args.methods) + ([] if args.no_ablations else list(ablations(args.seeds[0], root)))
+    runs: dict[str, list[dict]] = {}
+    missing = []
+    for name in names:
+        for seed in args.seeds if name in METHODS else args.seeds[:1]:
+            path = f"{root}/seed{seed}/{name}/eval/result.json"
+            if os.path.exists(path):
+                with open(path) as f:
+                    runs.setdefault(name, []).append(json.load(f))
+            else:
+                missing.append(f"{name} seed {seed}")
+    if not runs:
+        raise FileNotFoundError(f"no finished runs under {root}/seed<S>/<method>/eval/result.json for seeds "
+                                f"{args.seeds}; run `chimera-ray reproduce` without --summarize-only first")
+    if missing:
+        display.print(f"not finished (left out): {', '.join(missing)}")
+    first = next(iter(runs.values()))[0]
+    tail = [c["name"] for c in first["downstream"].get("classes", []) if c.get("group") == "tail"]
+    metrics = next((r["metrics"] for rs in runs.values() for r in rs if r.get("metrics")), None) or {}
+    split = metrics.get("reference_split") or "test"
+    out = _aggregate(args, runs, tail, metrics.get("feature_extractor", ""), split, display, t0)
+    out["missing"] = missing
+    write_json(f"{root}/results.json", out)
+    return out

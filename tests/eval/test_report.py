@@ -206,9 +206,13 @@ def test_comparison_of_a_reproduce_run(run_dir, tmp_path):
 
     run = tmp_path / "seed0" / "chimera"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("adapters", "results.json", "report.html"))
-    shutil.copy(run_dir / "results.json", tmp_path / "results.json")
+    res = json.loads((run_dir / "results.json").read_text())
+    res["paired"] = {"reference": "chimera", "differences": {"real only": {"tail_acc": {
+        "mean": 0.14, "std": 0.02, "ci": [0.09, 0.19], "n": 3, "wins": 3, "values": [0.13, 0.13, 0.16]}}}}
+    (tmp_path / "results.json").write_text(json.dumps(res))
     page = build_report(str(run), samples=0, sweep=False)
     assert "Method comparison (../../results.json)" in page and 'alt="method comparison"' in page
+    assert "chimera minus" in page and "+0.14 [+0.09, +0.19] (3/3)" in page
 
 
 def test_cli_out_and_errors(run_dir, tmp_path, capsys):

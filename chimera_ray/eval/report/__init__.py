@@ -356,6 +356,21 @@ def _eval_section(run_dir: str, plan: dict, report: dict | None) -> str:
 
         out.append(_table(["method"] + metrics_seen, [[k] + [cell(v.get(m)) for m in metrics_seen]
                                                       for k, v in methods.items()]))
+        paired = (res.get("paired") or {}).get("differences") or {}
+        if paired:
+            ref = res["paired"].get("reference", "chimera")
+            keys = [m for m in metrics_seen if any(isinstance(d.get(m), dict) for d in paired.values())]
+
+            def diff(d):
+                if not isinstance(d, dict) or d.get("mean") is None:
+                    return "–"
+                ci = d.get("ci")
+                return (f"{d['mean']:+.4g}" + (f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else "")
+                        + f" ({d.get('wins', 0)}/{d.get('n', 0)})")
+
+            out.append(f'<p class="hint">Paired differences, {e(ref)} minus each run, seed by seed: mean '
+                       f'[95 % t-interval] ({e(ref)} ahead on k of n seeds).</p>')
+            out.append(_table([f"{ref} minus"] + keys, [[k] + [diff(d.get(m)) for m in keys] for k, d in paired.items()]))
         break
     out.append("</section>")
     return "".join(out)

@@ -39,7 +39,7 @@ from PIL import Image
 from chimera_ray.config import load_config
 from chimera_ray.data.boxes import Box
 from chimera_ray.data.crops import boosted_view
-from chimera_ray.data.ingest import load_image, read_dataset
+from chimera_ray.data.ingest import load_image, read_dataset, resolve_dataset
 from chimera_ray.eval.metrics import prdc
 from chimera_ray.generate import Generator
 from chimera_ray.io import atomic_write
@@ -239,7 +239,7 @@ def probe_run(run_dir: str, *, classes: Sequence[str] = (), seeds: int = 4, alph
     except FileNotFoundError:
         raise FileNotFoundError(f"{run_dir!r} is not a run directory: it has no plan.json (run `chimera-ray run` "
                                 "first)") from None
-    dataset = read_dataset(cfg.data.source, cfg.data)
+    dataset = read_dataset(resolve_dataset(cfg.data.source, cfg.model.cache_dir), cfg.data)
     held = dataset.by_class(cfg.downstream.test_split)
     gen = Generator(model=cfg.model, generate=cfg.generate, mode=cfg.lora.mode, adapter_root=f"{run_dir}/adapters",
                     pipe=pipe)

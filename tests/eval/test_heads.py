@@ -138,3 +138,37 @@ def test_probe_run_writes_figures_and_grids(tiny_pipe, shots, tmp_path):
     assert saved["summary"]["classes"] == 1 and saved["summary"]["chance"] == pytest.approx(1 / 3)
     for g in ("heads", "interpolation", "alpha"):
         assert Image.open(run / "probe" / f"rs-{g}.png").size[0] > 16
+
+
+def test_probe_run_resolves_builtin_datasets(tiny_pipe, shots, tmp_path, monkeypatch):
+    """A run on an embedded dataset (data.source=builtin:...) keeps that name in its config.yaml;
+    the probe resolves it as the pipeline does instead of reading 'builtin:...' as a path. The
+    builtin build is stood in for by a small ImageFolder (building FineMarks takes minutes)."""
+    data = tmp_path / "data"
+    rng = np.random.default_rng(1)
+    paths = []
+    for split, n in (("train", 2), ("test", 3)):
+        (data / split / "red star").mkdir(parents=True)
+        for i in range(n):
+            p = data / split / "red star" / f"{split}-{i}.png"
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(p)
+            if split == "train":
+                paths.append(str(p))
+    asked = []
+
+    def resolve(source, cache_dir=None):
+        asked.append((source, cache_dir))
+        return str(data) if source == "builtin:finemarks" else source
+
+    monkeypatch.setattr("chimera_ray.eval.heads.resolve_dataset", resolve)
+    run = tmp_path / "run"
+    for s, p in zip(shots, paths):
+        s.image, s.shot_id = Image.open(p).convert("RGB"), p.rsplit("/", 1)[-1]
+    _adapter(tiny_pipe, shots[:2], run / "adapters", identical=False)
+    cfg = Config(data=DataConfig(source="builtin:finemarks"), generate=GenerateConfig(num_inference_steps=2, batch_size=8),
+                 output=str(run))
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    (run / "plan.json").write_text(json.dumps({"classes": [{"name": "red star", "key": "rs", "shots": paths}]}))
+    res = probe_run(str(run), seeds=2, alphas=(1.0,), per_alpha=2, pipe=tiny_pipe)
+    assert asked == [("builtin:finemarks", cfg.model.cache_dir)]
+    assert res["classes"]["rs"]["heldout_real"] == 3

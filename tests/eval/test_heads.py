@@ -108,19 +108,25 @@ def test_probe_on_generated_images(tiny_pipe, shots, tmp_path, identical):
     assert set(figs["coverage"]) == {"0.1", "10.0"} and grids["heads"].size[1] > grids["interpolation"].size[1]
 
 
-def test_probe_run_writes_figures_and_grids(tiny_pipe, shots, tmp_path):
-    """A run directory as `chimera-ray run` leaves it: config.yaml, plan.json, adapters; an
-    ImageFolder dataset with train and test splits."""
-    data = tmp_path / "data"
-    rng = np.random.default_rng(0)
+def _image_folder(data, n_train: int, n_test: int, seed: int) -> list[str]:
+    """An ImageFolder dataset of one class, "red star", with train and test splits; the train paths."""
+    rng = np.random.default_rng(seed)
     paths = []
-    for split, n in (("train", 3), ("test", 4)):
+    for split, n in (("train", n_train), ("test", n_test)):
         (data / split / "red star").mkdir(parents=True)
         for i in range(n):
             p = data / split / "red star" / f"{split}-{i}.png"
             Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(p)
             if split == "train":
                 paths.append(str(p))
+    return paths
+
+
+def test_probe_run_writes_figures_and_grids(tiny_pipe, shots, tmp_path):
+    """A run directory as `chimera-ray run` leaves it: config.yaml, plan.json, adapters; an
+    ImageFolder dataset with train and test splits."""
+    data = tmp_path / "data"
+    paths = _image_folder(data, 3, 4, seed=0)
     run = tmp_path / "run"
     for s, p in zip(shots, paths):
         s.image, s.shot_id = Image.open(p).convert("RGB"), p.rsplit("/", 1)[-1]
@@ -145,15 +151,7 @@ def test_probe_run_resolves_builtin_datasets(tiny_pipe, shots, tmp_path, monkeyp
     the probe resolves it as the pipeline does instead of reading 'builtin:...' as a path. The
     builtin build is stood in for by a small ImageFolder (building FineMarks takes minutes)."""
     data = tmp_path / "data"
-    rng = np.random.default_rng(1)
-    paths = []
-    for split, n in (("train", 2), ("test", 3)):
-        (data / split / "red star").mkdir(parents=True)
-        for i in range(n):
-            p = data / split / "red star" / f"{split}-{i}.png"
-            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(p)
-            if split == "train":
-                paths.append(str(p))
+    paths = _image_folder(data, 2, 3, seed=1)
     asked = []
 
     def resolve(source, cache_dir=None):

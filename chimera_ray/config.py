@@ -200,8 +200,18 @@ class GenerateConfig:
     # Optional table (JSONL or Parquet; columns class_key, sample_index, weights) replacing the
     # plan's rows and Dirichlet draws: generate exactly these samples with these mixtures.
     weights_table: str | None = None
-    # Adapters kept in memory per generator; batches may mix classes.
+    # Classes that share a *window*: their samples are mixed into the same units and shards
+    # (with shards.shuffle). Part of the plan: changing it re-plans every unit. A window's
+    # units start generating as soon as its classes' adapters are committed, so small windows
+    # start generation sooner; 16 keeps shards well mixed.
+    window_classes: int = 16
+    # Adapters a generation actor keeps in memory (a memory bound only: changing it never
+    # regenerates anything). >= window_classes avoids reloading adapters inside a window.
     adapter_cache_size: int = 16
+    # Samples per generation unit, the piece of work committed at once (a unit may write
+    # several shards; a shard never spans units). 0: a few GPU-minutes of work, from the model
+    # family, resolution and denoising steps (units.default_unit_samples). Part of the plan.
+    unit_samples: int = 0
     # Folder/URL of trained class adapters; None: <output>/adapters. Lets one set of adapters
     # feed several generation runs (an alpha sweep) with their own outputs.
     adapters: str | None = None
@@ -328,9 +338,9 @@ class RayConfig:
     # trainer costs ~10 s of fixed setup (controller, worker group, base model load), more
     # than a few-shot class takes to train on a small model (docs/benchmarks.md).
     classes_per_trainer: int = 4
-    # Trainers running at once; each holds one worker with the resources below. 0 (default):
-    # as many as the cluster holds, i.e. its GPUs // train_gpus (or CPUs // train_cpus on a CPU
-    # cluster), so adding nodes adds trainers without editing the config.
+    # Most trainers running at once (an optional cap); each holds one worker with the resources
+    # below. 0 (default): no cap. Every waiting trainer is shown to Ray as resource demand, so
+    # an autoscaling cluster adds nodes for it, and trainers start as nodes join.
     max_concurrent_trainers: int = 0
     train_cpus: float = 1.0
     # GPUs per training worker (1 on a GPU cluster; fractional values share a GPU).
@@ -339,9 +349,11 @@ class RayConfig:
     max_failures: int = 2
     # A class whose training raises is retried this many times, then reported as failed.
     class_attempts: int = 2
-    # Generation actor pool size (autoscales between min and max).
+    # Generation actor pool size (Ray Data autoscales it between min and max). max 0 (default):
+    # as many actors as the cluster can hold (the pool grows while units wait and the cluster
+    # has room; an autoscaling cluster adds nodes for it). Neither changes any output byte.
     gen_actors_min: int = 1
-    gen_actors_max: int = 2
+    gen_actors_max: int = 0
     gen_cpus: float = 1.0
     gen_gpus: float = 0.0
     # CPUs per downstream classifier worker (`chimera-ray evaluate`, reproduce); Ray sets the
@@ -349,6 +361,12 @@ class RayConfig:
     downstream_cpus: float = 1.0
     # Ray Train's run storage (local path or s3://); null: <output>/ray.
     storage: str | None = None
+    # Local paths (output, ray.storage) are on a filesystem every node mounts at the same path
+    # (NFS, EFS, Lustre), or the cluster is this one machine. Without it, a run on a cluster of
+    # several nodes (or one with an autoscaler, which adds them) refuses a local output before
+    # any work: workers on other nodes would write to their own disks and the driver would
+    # never see their adapters or shards.
+    shared_fs: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
 
 
@@ -521,6 +539,9 @@ class Config:
         check(1 <= g.quality <= 100, f"generate.quality must be in 1..100 (got {g.quality})")
         check(g.samples_per_class >= 0, f"generate.samples_per_class must be >= 0 (got {g.samples_per_class})")
         check(g.adapter_cache_size >= 1, f"generate.adapter_cache_size must be >= 1 (got {g.adapter_cache_size})")
+        check(g.window_classes >= 1, f"generate.window_classes must be >= 1 (got {g.window_classes})")
+        check(g.unit_samples >= 0,
+              f"generate.unit_samples must be >= 0, 0 picks a few GPU-minutes of work (got {g.unit_samples})")
         check("{name}" in g.prompt_template, f"generate.prompt_template must contain '{{name}}' (got {g.prompt_template!r})")
         check(self.data.tail_max_images >= 1, f"data.tail_max_images must be >= 1 (got {self.data.tail_max_images})")
         check(self.data.max_classes >= 0, f"data.max_classes must be >= 0, 0 means all (got {self.data.max_classes})")
@@ -557,8 +578,9 @@ class Config:
         check(ry.train_cpus >= 0 and ry.train_gpus >= 0 and ry.gen_cpus >= 0 and ry.gen_gpus >= 0,
               "ray.train_cpus/train_gpus/gen_cpus/gen_gpus must be >= 0")
         check(ry.downstream_cpus > 0, f"ray.downstream_cpus must be > 0 (got {ry.downstream_cpus})")
-        check(1 <= ry.gen_actors_min <= ry.gen_actors_max,
-              f"ray.gen_actors_min/max must satisfy 1 <= min <= max (got {ry.gen_actors_min}, {ry.gen_actors_max})")
+        check(ry.gen_actors_min >= 1 and (ry.gen_actors_max == 0 or ry.gen_actors_min <= ry.gen_actors_max),
+              f"ray.gen_actors_min/max must satisfy 1 <= min <= max, max 0 meaning as many as the cluster holds "
+              f"(got {ry.gen_actors_min}, {ry.gen_actors_max})")
         check(ry.max_failures >= 0 and ry.class_attempts >= 1, "ray.max_failures must be >= 0 and ray.class_attempts >= 1")
         check(ry.faults.generate_once in ("", "raise", "kill"),
               f"ray.faults.generate_once must be '', raise or kill (got {ry.faults.generate_once!r})")

@@ -16,7 +16,7 @@ The arithmetic, per phase (``device`` = a GPU, or the CPUs a CPU worker holds):
   model load; per class, its measured setup + ``train.steps`` x the measured step time;
   wall time = device time / trainers at once (the cluster's GPUs or CPUs, at most the runs);
 * generation: ``images`` x the measured seconds per image + one model load per actor +
-  ``GENERATE_FIXED_S``; wall time = device time / actors at once (``ray.gen_actors_max``, at
+  ``GENERATE_FIXED_S``; wall time = device time / actors at once (``ray.gen_actors_max``, 0: the cluster; at
   most the units);
 * storage: the measured tar bytes per sample (image + label + metadata, tar headers) x images,
   shards per unit from ``shards.max_bytes`` / ``shards.max_samples``, plus one adapter per class.
@@ -44,7 +44,7 @@ from chimera_ray.models import load_pipeline, resolve_device, resolve_dtype
 from chimera_ray.progress import format_bytes, format_seconds
 from chimera_ray.shards import RECORD, Sample, sample_tar_size, tar_size
 from chimera_ray.train import train_class
-from chimera_ray.units import DEFAULT_UNIT_SAMPLES, plan_units
+from chimera_ray.units import plan_units, resolve_unit_samples
 
 __all__ = ["estimate_run", "format_estimate", "TRAINER_FIXED_S", "GENERATE_FIXED_S"]
 
@@ -63,11 +63,11 @@ def _n(count: int, word: str, plural: str | None = None) -> str:
 
 
 def _counts(cfg: Config, plans) -> dict:
-    g, sh = cfg.generate, cfg.shards
+    g = cfg.generate
     images = sum(p.budget for p in plans)
-    unit_samples = sh.max_samples or DEFAULT_UNIT_SAMPLES
+    unit_samples = resolve_unit_samples(g, cfg.model)
     units = plan_units([(p.key, p.budget) for p in plans], unit_samples=unit_samples,
-                       window_classes=g.adapter_cache_size, seed=None) if images else []
+                       window_classes=g.window_classes, seed=None) if images else []
     # imagewise (LoFT) trains each shot's LoRA alone: train.steps per shot, not per class.
     per_class = [cfg.train.steps * (len(p.shots) if cfg.lora.mode == "imagewise" else 1) for p in plans]
     return {"classes": len(plans), "shots": sum(len(p.shots) for p in plans), "train_steps": sum(per_class),
@@ -86,7 +86,7 @@ def _concurrency(cfg: Config, device: torch.device, counts: dict) -> tuple[int, 
         have, what = float(r.num_cpus or os.cpu_count() or 1), "CPUs"
         per_trainer, per_actor = r.train_cpus or 1.0, r.gen_cpus or 1.0
     trainers = r.max_concurrent_trainers or max(1, int(have // per_trainer))
-    actors = max(1, min(r.gen_actors_max, int(have // per_actor)))
+    actors = max(1, min(r.gen_actors_max or 1 << 30, int(have // per_actor)))
     trainers, actors = min(trainers, max(1, counts["trainer_runs"])), min(actors, max(1, counts["units"]))
     return trainers, actors, (f"{have:g} {what}: {_n(trainers, 'trainer')}, {_n(actors, 'generation actor')} "
                               "at once")

@@ -110,6 +110,9 @@ class RunProgress:
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.phase: str | None = None
+        # Phases started and not ended: training and generation overlap (a window generates as
+        # soon as its classes are trained), so both can be in progress at once.
+        self.active: set[str] = set()
         self.train = _Train()
         self.generate = _Generate()
         self._lock = threading.Lock()
@@ -123,6 +126,10 @@ class RunProgress:
 
     def _apply(self, e: dict) -> None:
         kind, now, t, g = e["kind"], self.clock(), self.train, self.generate
+        if kind.endswith("_start"):
+            self.active.add(kind[:-6])
+        elif kind.endswith("_end"):
+            self.active.discard(kind[:-4])
         if kind == "train_start":
             self.phase = "train"
             self.train = _Train(total=int(e["total"]), steps=max(1, int(e.get("steps", 1))),
@@ -180,33 +187,39 @@ class RunProgress:
                 return float(self.generate.images_done()), self.generate.images
             return 0.0, 0
 
-    def line(self) -> str:
-        """One line on the current phase, e.g. ``train 3/10 classes: 2 done, 0 failed, ...``."""
+    def line(self, phase: str | None = None) -> str:
+        """One line on ``phase`` (default: the current one; a line each while training and
+        generation overlap), e.g. ``train 3/10 classes: 2 done, 0 failed, ...``."""
         with self._lock:
-            now = self.clock()
-            if self.phase == "train":
-                t = self.train
-                finished = t.committed + len(t.done) + len(t.failed)
-                parts = [f"train     {finished}/{t.total} classes"]
-                detail = [f"{len(t.done)} trained", f"{len(t.failed)} failed", f"{len(t.running)} running"]
-                if t.committed:
-                    detail.insert(0, f"{t.committed} already committed")
-                parts.append(", ".join(detail))
-                losses = [loss for _, loss in t.running.values()] or list(t.done.values())[-3:]
-                losses = [x for x in losses if x == x]
-                if losses:
-                    parts.append(f"loss {sum(losses) / len(losses):.4f}")
-                parts.append(self._times(t, now))
-                return " | ".join(parts)
-            if self.phase == "generate":
-                g = self.generate
-                elapsed = (g.ended or now) - g.started
-                rate = (g.images_done() - g.at_start) / elapsed if elapsed > 0 else 0.0
-                parts = [f"generate  {g.images_done()}/{g.images} images", f"{rate:.1f} images/s",
-                         f"{g.shards} shard{'' if g.shards == 1 else 's'} committed ({format_bytes(g.bytes)})",
-                         self._times(g, now)]
-                return " | ".join(parts)
-            return ""
+            if phase is None and self.active == {"train", "generate"}:
+                return self._line("train") + "\n" + self._line("generate")
+            return self._line(phase or self.phase)
+
+    def _line(self, phase: str | None) -> str:
+        now = self.clock()
+        if phase == "train":
+            t = self.train
+            finished = t.committed + len(t.done) + len(t.failed)
+            parts = [f"train     {finished}/{t.total} classes"]
+            detail = [f"{len(t.done)} trained", f"{len(t.failed)} failed", f"{len(t.running)} running"]
+            if t.committed:
+                detail.insert(0, f"{t.committed} already committed")
+            parts.append(", ".join(detail))
+            losses = [loss for _, loss in t.running.values()] or list(t.done.values())[-3:]
+            losses = [x for x in losses if x == x]
+            if losses:
+                parts.append(f"loss {sum(losses) / len(losses):.4f}")
+            parts.append(self._times(t, now))
+            return " | ".join(parts)
+        if phase == "generate":
+            g = self.generate
+            elapsed = (g.ended or now) - g.started
+            rate = (g.images_done() - g.at_start) / elapsed if elapsed > 0 else 0.0
+            parts = [f"generate  {g.images_done()}/{g.images} images", f"{rate:.1f} images/s",
+                     f"{g.shards} shard{'' if g.shards == 1 else 's'} committed ({format_bytes(g.bytes)})",
+                     self._times(g, now)]
+            return " | ".join(parts)
+        return ""
 
     @staticmethod
     def _times(phase: _Train | _Generate, now: float) -> str:
@@ -233,6 +246,7 @@ class Display:
         self._console = None
         self._live = None
         self._last_line = ""
+        self._last_by_phase: dict[str, str] = {}
         self._last_time = 0.0
         self._last_fraction = 0.0
         self._lock = threading.RLock()
@@ -255,7 +269,7 @@ class Display:
             if kind in ("train_start", "generate_start"):
                 self._start_phase()
             elif kind in ("train_end", "generate_end"):
-                self._end_phase()
+                self._end_phase(kind[:-4])
             elif not self.live:
                 self._maybe_line()
 
@@ -277,9 +291,11 @@ class Display:
         else:
             self._emit(self.progress.line())
 
-    def _end_phase(self) -> None:
+    def _end_phase(self, phase: str) -> None:
         self.close()
-        self._emit(self.progress.line())  # the phase's final state stays on screen
+        self._emit(self.progress.line(phase))  # the phase's final state stays on screen
+        if self.progress.active:  # the other phase goes on (training and generation overlap)
+            self._start_phase()
 
     def _renderable(self):
         done, total = self.progress.counts()
@@ -295,7 +311,10 @@ class Display:
             self._emit(self.progress.line())
 
     def _emit(self, line: str) -> None:
-        if not line or line == self._last_line:
+        # One line per phase while training and generation overlap: print only those that changed.
+        new = [x for x in line.splitlines() if x and self._last_by_phase.get(x.split()[0]) != x]
+        if not new:
             return
+        self._last_by_phase.update((x.split()[0], x) for x in new)
         self._last_line, self._last_time, self._last_fraction = line, self.clock(), self.progress.fraction()
-        self.print(line)
+        self.print("\n".join(new))

@@ -53,11 +53,15 @@ def run_summary(report: dict, *, config: str | None = None, log_path: str | None
     if gen and gen.get("units_skipped"):
         lines.append(f"  generation {_n(gen['units_generated'], 'unit')} generated, {gen['units_skipped']} kept from an "
                      "earlier attempt")
+    if gen and gen.get("units_held"):
+        lines.append(f"  generation {_n(gen['units_held'], 'unit')} held back: they hold classes that failed training "
+                     "(a rerun that trains them generates exactly these units)")
     lines.append(f"  report     {out}/report.json  (plan: {out}/plan.json, config: {out}/config.yaml)")
     if log_path:
         lines.append(f"  log        {log_path}  (Ray's and the libraries' own output)")
-    phases = [(name, sec[key]) for name, key in (("ingest", "ingest"), ("train", "train"), ("generate", "generate"))
-              if key in sec]
+    # Training and generation overlap: "train + generate" is their wall time together.
+    phases = [(name, sec[key]) for name, key in (("ingest", "ingest"), ("train", "train"), ("generate", "generate"),
+                                                 ("train + generate", "train_and_generate")) if key in sec]
     if phases:
         lines.append("  time       " + ", ".join(f"{n} {format_seconds(s)}" for n, s in phases))
     if failed:

@@ -38,7 +38,11 @@ from chimera_ray.sampling import derive_seed
 __all__ = [
     "DEFAULT_UNIT_SAMPLES",
     "ORDER_VERSION",
+    "UNIT_FIELDS",
     "Unit",
+    "default_unit_samples",
+    "resolve_unit_samples",
+    "unit_salt",
     "plan_units",
     "plan_units_from_rows",
     "unit_rows",
@@ -53,9 +57,34 @@ _ROUNDS = 6  # Feistel rounds; 4 already mix well, 6 is cheap insurance for tiny
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64 finaliser
 
 
-# Samples per unit when shards.max_samples is 0 (unbounded shards): small enough that a killed
-# run loses little work, large enough that per-unit overhead (a manifest, a Ray task) is noise.
+# Samples per unit of the small built-in models (and the floor of the sized default): small
+# enough that a killed run loses little work, large enough that per-unit overhead (a manifest,
+# a Ray task) is noise.
 DEFAULT_UNIT_SAMPLES = 256
+
+# A unit is about this much accelerator time: a lost node or a killed driver throws away at most
+# this much, and the per-unit overhead (a manifest, a Ray call, ~0.1-1 s) stays under 1 %.
+UNIT_TARGET_S = 120.0
+# Denoiser evaluations of one image per second on one A100/H100-class GPU in fp16, batched, at
+# each family's native resolution (ours, order of magnitude: SD 1.5/2.1 at 512 px renders ~4-5
+# images/s at 50 steps with guidance, i.e. ~440 image-steps/s; SDXL and SD3 at 1024 px ~4-5x
+# fewer). Only the unit's size depends on it, never its bytes.
+_FAMILY_RATES = {"sd": (512, 440.0), "sdxl": (1024, 100.0), "sd3": (1024, 80.0)}
+_UNIT_BOUNDS = (DEFAULT_UNIT_SAMPLES // 4, 4096)
+
+# The settings that decide the bytes of a unit (its rows, images and shard cuts): a unit's
+# signature covers exactly these, so that everything else (generate.batch_size, the actor
+# counts and resources, generate.adapter_cache_size, ray.*) can change between a run and its
+# rerun without regenerating anything. An allow-list: a new setting is outside the signature
+# until it is named here.
+UNIT_FIELDS = {
+    "generate": ("dirichlet_concentration", "imagewise_mix", "imagewise_weight", "num_inference_steps",
+                 "guidance_scale", "image_format", "quality", "seed", "prompt_template", "negative_prompt",
+                 "window_classes", "adapters"),
+    "model": ("base", "family", "resolution", "precision"),
+    "lora": ("mode",),
+    "shards": ("prefix", "max_bytes", "max_samples", "shuffle"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +163,42 @@ def _units_of_windows(windows: list[list[tuple[str, int]]], unit_samples: int, s
             count = min(unit_samples, total - start)
             units.append(Unit(len(units), w, start, count, _signature(digest, len(units), start, count)))
     return units
+
+
+def default_unit_samples(family: str, resolution: int | None, steps: int, guidance_scale: float) -> int:
+    """Samples in a unit of about ``UNIT_TARGET_S`` accelerator-seconds (``generate.unit_samples=0``).
+
+    Args:
+        family: ``model.family`` (``"auto"`` is read from the resolution: >= 1024 px as SDXL).
+        resolution: image side in pixels (None: the family's native size); cost grows with its square.
+        steps: denoising steps per image; guidance > 1 doubles the denoiser's batch.
+
+    Returns:
+        An int in ``[64, 4096]``; e.g. SD at 512 px, 50 steps, guidance 2 -> 528 (paper.yaml);
+        the toy models at 32-64 px hit the upper bound.
+    """
+    if family not in _FAMILY_RATES:
+        family = "sdxl" if (resolution or 0) >= 1024 else "sd"
+    native, rate = _FAMILY_RATES[family]
+    resolution = resolution or native  # model.resolution null: the model's own size
+    per_image_s = steps * (2 if guidance_scale > 1 else 1) * (resolution / native) ** 2 / rate
+    n = int(UNIT_TARGET_S / max(per_image_s, 1e-9))
+    return int(min(max(n, _UNIT_BOUNDS[0]), _UNIT_BOUNDS[1]))
+
+
+def resolve_unit_samples(generate, model) -> int:
+    """``generate.unit_samples``, or the sized default when it is 0 (from the config's
+    ``generate`` and ``model`` sections)."""
+    return int(generate.unit_samples) or default_unit_samples(model.family, model.resolution,
+                                                              generate.num_inference_steps, generate.guidance_scale)
+
+
+def unit_salt(sections: Mapping[str, Mapping], unit_samples: int, extra: Mapping | None = None) -> str:
+    """The part of every unit signature that comes from the settings: the ``UNIT_FIELDS`` of
+    ``sections`` (``config_to_dict(cfg)``), the resolved unit size and ``extra`` (e.g. a digest
+    of a weight table), as canonical JSON."""
+    picked = {sec: {k: sections[sec][k] for k in keys} for sec, keys in UNIT_FIELDS.items()}
+    return json.dumps({**picked, "unit_samples": int(unit_samples), "extra": dict(extra or {})}, sort_keys=True)
 
 
 def plan_units(classes: ClassBudgets, *, unit_samples: int, window_classes: int, seed: int | None,

@@ -46,9 +46,9 @@ def test_every_job_refuses_a_bad_config_with_exit_2(sub, tmp_path, capsys):
 def test_plan_without_calibration_gives_counts_and_a_storage_bound(tmp_path):
     out = tmp_path / "est.json"
     res = run(["-m", "chimera_ray.cli", "plan", "jobs/configs/tiny.yaml", "--no-calibration", "--json", str(out),
-               "generate.samples_per_class=1500", "data.max_classes=3", "shards.max_samples=1000"])
+               "generate.samples_per_class=1500", "data.max_classes=3", "generate.unit_samples=1000"])
     est = json.loads(out.read_text())
-    # 3 classes x 1500 images in units of <= 1000 samples of <= adapter_cache_size classes.
+    # 3 classes x 1500 images in units of <= 1000 samples of <= generate.window_classes classes.
     assert est["counts"]["classes"] == 3 and est["counts"]["images"] == 4500
     assert est["counts"]["units"] == 5 and est["storage"]["shards"] >= 5
     assert "plan:    3 classes" in res.stdout and "shards" in res.stdout

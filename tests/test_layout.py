@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "chimera_ray"
 
-LEAVES = {"chimera_ray.config", "chimera_ray.io", "chimera_ray.cache", "chimera_ray.sampling"}
+LEAVES = {"chimera_ray.config", "chimera_ray.io", "chimera_ray.cache", "chimera_ray.sampling", "chimera_ray.lease",
+          "chimera_ray.storage"}
 
 
 def _module_name(path: Path) -> str:

@@ -30,7 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from chimera_ray.cache import cache_root
 from chimera_ray.config import DataConfig
 from chimera_ray.data.boxes import Box, BoxError, parse_box
-from chimera_ray.data.keys import safe_key
+from chimera_ray.data.keys import class_keys
 from chimera_ray.toy.digits import build_digits
 from chimera_ray.toy.finegrained import build_finemarks
 from chimera_ray.toy.world import build_toyworld
@@ -108,15 +108,9 @@ class Dataset:
         return {c: out.get(c, []) for c in self.classes}
 
     def keys(self) -> dict[str, str]:
-        """Original class name -> safe key; raises if two names collide."""
-        keys: dict[str, str] = {}
-        seen: dict[str, str] = {}
-        for c in self.classes:
-            k = safe_key(c)
-            if k in seen:
-                raise ValueError(f"class names {seen[k]!r} and {c!r} map to the same key {k!r}; rename one")
-            keys[c], seen[k] = k, c
-        return keys
+        """Original class name -> key, distinct for every class (``class_keys``: names that
+        sanitise alike, "red star" and "red_star", both train, each under its own key)."""
+        return class_keys(self.classes)
 
 
 # ---------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from chimera_ray.data.ingest import (
     resolve_dataset,
     source_format,
 )
-from chimera_ray.data.keys import MAX_KEY_LEN, safe_key
+from chimera_ray.data.keys import MAX_KEY_LEN, class_keys, safe_key
 from chimera_ray.models import check_base
 from chimera_ray.plan import (
     class_counts,
@@ -53,7 +53,7 @@ SEVERITIES = ("fatal", "skip", "warn")
 # Problems of the run as a whole (storage, model, config, classes): skipping rows cannot help.
 RUN_LEVEL_CODES = frozenset({
     "source_missing", "source_unreadable", "path_missing", "path_unreadable", "model_missing", "model_invalid", "model_unreadable",
-    "output_unwritable", "detector_missing", "no_tail_classes", "split_empty", "unknown_class", "key_collision",
+    "output_unwritable", "detector_missing", "no_tail_classes", "split_empty", "unknown_class",
     "bad_class_name", "class_name_collision", "class_list_missing",
 })
 _MODE_NAMES = {"P": "palette", "PA": "palette with alpha", "CMYK": "CMYK", "I;16": "16-bit grey", "I;16B": "16-bit grey",
@@ -251,19 +251,25 @@ def _unsafe_reasons(name: str) -> str:
 def _class_problems(ds: Dataset, cfg: Config) -> list[Problem]:
     problems = []
     counts = class_counts(ds, cfg.data.split)
-    keys: dict[str, str] = {}
+    named = []
     for c in ds.classes:
         try:
-            k = safe_key(c)
+            safe_key(c)
         except ValueError as e:
             problems.append(Problem("fatal", "bad_class_name", repr(c), str(e)))
             continue
-        if k in keys:
-            problems.append(Problem("fatal", "key_collision", c, f"class names {keys[k]!r} and {c!r} both map to the key "
-                                    f"{k!r}; rename one of them"))
-        keys.setdefault(k, c)
+        named.append(c)
+    keys = class_keys(named)
+    for c in named:
+        k = keys[c]
+        if k != safe_key(c):
+            # Both classes train and generate; say which key is whose, since the folder names differ.
+            twins = sorted(o for o in named if o != c and safe_key(o) == safe_key(c)) or ["another class"]
+            problems.append(Problem("warn", "key_collision", c, f"class name {c!r} sanitises like "
+                                    f"{', '.join(map(repr, twins))} to {safe_key(c)!r}: its folder/shard key is {k!r} "
+                                    "(the original name is kept in metadata)"))
         # Spaces alone map to underscores ("red star" -> "red_star"): routine, not worth a warning.
-        if k != c and k != c.strip().replace(" ", "_"):
+        elif k != c and k != c.strip().replace(" ", "_"):
             problems.append(Problem("warn", "unsafe_class_name", c, f"class name {c!r} has {_unsafe_reasons(c)}: "
                                     f"its folder/shard key is {k!r} (the original name is kept in metadata)"))
         if counts.get(c, 0) == 0:

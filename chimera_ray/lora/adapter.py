@@ -22,7 +22,7 @@ from chimera_ray.lora.layer import mixture_factors
 from chimera_ray.sampling import check_weights
 
 __all__ = ["ADAPTER_WEIGHTS", "ADAPTER_META", "TEXT_ENCODER_PREFIX", "AdapterMeta", "tensor_digest", "save_adapter",
-           "load_adapter", "split_layers", "text_encoder_state", "export_lora"]
+           "committed_adapters", "load_adapter", "split_layers", "text_encoder_state", "export_lora"]
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
@@ -85,6 +85,16 @@ def save_adapter(directory: str, state: dict[str, torch.Tensor], meta: AdapterMe
     atomic_write(f"{directory}/{ADAPTER_WEIGHTS}", blob)
     atomic_write(f"{directory}/{ADAPTER_META}", meta.to_json().encode())
     return meta.digest
+
+
+def committed_adapters(root: str) -> set[str]:
+    """Names of the adapter folders under ``root`` that hold a committed adapter (their
+    ``adapter.json`` exists: ``save_adapter`` writes it last). One listing, no adapter read: the
+    digest is verified where an adapter is loaded (``load_adapter``)."""
+    fs, path = fsspec.core.url_to_fs(root.rstrip("/"))
+    if not fs.exists(path):
+        return set()
+    return {p.rstrip("/").rsplit("/", 2)[-2] for p in fs.glob(f"{path}/*/{ADAPTER_META}")}
 
 
 def load_adapter(directory: str, verify: bool = True) -> tuple[dict[str, torch.Tensor], AdapterMeta]:

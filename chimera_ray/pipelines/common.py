@@ -4,6 +4,7 @@ thing on every worker, and a job's console (its display; Ray's own output in a l
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -16,19 +17,26 @@ import pyarrow.fs
 import ray
 import ray.data
 
+# Private but pinned (Ray 2.60): the key under which Ray's autoscaler publishes its status; Ray
+# has no public "does this cluster autoscale" call.
+from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+from ray.experimental.internal_kv import _internal_kv_get
+
 from chimera_ray.cache import CacheError
 from chimera_ray.config import Config, ConfigError
 from chimera_ray.console import captured_output, setup_logging
 from chimera_ray.data.validate import DataError
+from chimera_ray.lease import LeaseHeld
 from chimera_ray.models import BaseModelError
 from chimera_ray.pipelines import watchdog
 from chimera_ray.progress import Display
+from chimera_ray.storage import check_output_reachable
 
-__all__ = ["init_ray", "absolute_url", "absolute_config", "arrow_fs", "worker_logging", "quiet_console",
+__all__ = ["init_ray", "cluster_shape", "check_storage_reachable", "absolute_url", "absolute_config", "arrow_fs", "worker_logging", "quiet_console",
            "USER_ERRORS"]
 
 # Errors in what the user gave (config, data, base model, storage): exit code 2, one message.
-USER_ERRORS = (ConfigError, DataError, BaseModelError, CacheError)
+USER_ERRORS = (ConfigError, DataError, BaseModelError, CacheError, LeaseHeld)
 
 
 def absolute_url(url: str) -> str:
@@ -73,6 +81,33 @@ def init_ray(cfg: Config) -> None:
         # The instance is ours alone: it must not outlive this driver, even a SIGKILLed one.
         # (ray._private: the session folder has no public accessor in Ray 2.60, which is pinned.)
         watchdog.start(os.getpid(), ray._private.worker._global_node.get_session_dir_path())
+
+
+def cluster_shape() -> tuple[int, bool]:
+    """``(alive nodes, whether an autoscaler may add more)`` of the cluster Ray is connected to.
+
+    Every Ray head runs a monitor that publishes the autoscaler's report in the GCS key-value
+    store; with an autoscaling config (``ray up``, KubeRay, Ray's fake multi-node cluster) it
+    names the node types of that config, while a plain ``ray start`` / ``ray.init`` names each
+    node ``node_<id>`` after itself. (Private key, pinned Ray: 2.60 has no public "does this
+    cluster autoscale" call.)
+    """
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    try:
+        status = json.loads(_internal_kv_get(DEBUG_AUTOSCALING_STATUS) or b"{}")
+    except ValueError:
+        status = {}
+    types = ((status.get("autoscaler_report") or {}).get("node_type_mapping") or {}).values()
+    return nodes, any(not str(t).startswith("node_") for t in types)
+
+
+def check_storage_reachable(cfg: Config) -> None:
+    """Refuses (``StorageError``, exit code 2) a node-local output or Ray Train storage on a
+    cluster of several nodes, or one that may add nodes, unless ``ray.shared_fs`` says every
+    node mounts it."""
+    nodes, may_grow = cluster_shape()
+    for param, url in (("output", cfg.output), ("ray.storage", cfg.ray.storage or cfg.output)):
+        check_output_reachable(url, nodes=nodes, shared=cfg.ray.shared_fs, may_grow=may_grow, param=param)
 
 
 def arrow_fs(url: str):

@@ -21,8 +21,10 @@ Exit codes: 0 done; 1 the run failed (report.json and failures/ say why); 2 bad 
 
 import argparse
 import sys
+import threading
 import time
 import traceback
+from concurrent.futures import Future
 
 import yaml
 
@@ -35,8 +37,10 @@ from chimera_ray.config import (
 )
 from chimera_ray.inputs import ingest_for_run
 from chimera_ray.io import atomic_write, write_json
+from chimera_ray.lease import LeaseHeld, OutputLease
 from chimera_ray.pipelines import generate_shards, init_ray, train_classes
-from chimera_ray.pipelines.common import USER_ERRORS, quiet_console
+from chimera_ray.pipelines.common import USER_ERRORS, check_storage_reachable, quiet_console
+from chimera_ray.pipelines.generate import ClassGate
 from chimera_ray.progress import Display
 from chimera_ray.summary import run_summary
 
@@ -47,10 +51,17 @@ class RunFailed(RuntimeError):
     """The run cannot go on; the message is the one-line cause."""
 
 
-def run(cfg: Config, report: dict, display: Display | None = None) -> None:
+def run(cfg: Config, report: dict, display: Display | None = None, lease: OutputLease | None = None) -> None:
     """Runs the job on a validated config, filling ``report`` stage by stage (it is written even on
-    failure); ``display`` shows the plan and the progress (default: plain lines on stdout)."""
+    failure); ``display`` shows the plan and the progress (default: plain lines on stdout);
+    ``lease``: the run's lease on its output, checked as progress comes in (a run that lost it
+    to another stops writing)."""
     display = display or Display(sys.stdout, live=False)
+    show = display.event
+    if lease is not None:
+        def show(e: dict) -> None:
+            lease.check()
+            display.event(e)
     t0, out = time.time(), cfg.output.rstrip("/")
     seconds = report["seconds"] = {}
     report["stage"] = "ingest"
@@ -63,31 +74,62 @@ def run(cfg: Config, report: dict, display: Display | None = None) -> None:
     report.update(classes=len(inputs.plans), requested={p.key: p.budget for p in inputs.plans}, **inputs.report())
     seconds["ingest"] = round(time.time() - t0, 1)
 
-    report["stage"] = "train"
+    # Training and generation share the cluster: a window of classes generates as soon as its
+    # classes are committed, while the others still train (no barrier between the phases).
+    report["stage"] = "train + generate" if cfg.lora.mode != "base" else "generate"
     init_ray(cfg)
+    check_storage_reachable(cfg)  # before any work: a local output on several nodes cannot work
     t = time.time()
-    trained = (train_classes(cfg, inputs.plans, inputs.dataset.by_class(cfg.data.split), on_event=display.event)
-               if cfg.lora.mode != "base" else {})
+    plans = inputs.plans
+    if cfg.lora.mode == "base":
+        trained, index = {}, generate_shards(cfg, plans, on_event=show)
+    else:
+        gate, training = ClassGate(), Future()
+
+        def train_in_background() -> None:
+            try:
+                training.set_result(_train(cfg, plans, inputs.dataset.by_class(cfg.data.split), show, gate))
+                seconds["train"] = round(time.time() - t, 1)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the driver's thread below
+                training.set_exception(e)
+
+        # A daemon thread: if generation fails, the driver exits with the error and Ray stops the
+        # trainers (a pool's thread would be joined at exit, i.e. wait for every class to train).
+        threading.Thread(target=train_in_background, name="chimera-train", daemon=True).start()
+        try:
+            index = generate_shards(cfg, plans, on_event=show, gate=gate)
+            trained = training.result()
+        finally:
+            gate.close()
     failed = sorted(k for k, v in trained.items() if v["status"] == "failed")
     report.update(train=trained, failed_classes=failed)
-    seconds["train"] = round(time.time() - t, 1)
-    ready = [p for p in inputs.plans if cfg.lora.mode == "base" or trained[p.key]["status"] != "failed"]
-    if not ready:
-        first = trained[failed[0]]["error"] if failed else "no class was planned"
+    seconds["train_and_generate"] = round(time.time() - t, 1)
+    if len(failed) == len(plans) and plans:
+        first = trained[failed[0]]["error"]
         raise RunFailed(f"no class is left to generate: all {len(failed)} planned classes failed training "
-                        f"(first: {failed[0] if failed else '-'}: {first}); see {out}/failures/")
+                        f"(first: {failed[0]}: {first}); see {out}/failures/")
 
-    report["stage"] = "generate"
-    t = time.time()
-    index = generate_shards(cfg, ready, on_event=display.event)
     written = index["totals"]["class_counts"]
-    seconds.update(generate=round(time.time() - t, 1), total=round(time.time() - t0, 1), **index.get("timing", {}))
+    # "generate": from the first window ready to the last unit (it overlaps "train").
+    seconds.update(total=round(time.time() - t0, 1), generate=index["timing"]["generate_s"], **index["timing"])
     report.update(
         written={p.key: written.get(p.key, 0) for p in inputs.plans},
         shards={"count": index["totals"]["shards"], "bytes": index["totals"]["bytes"], "index": f"{out}/shards/index.json"},
         generation=index["generation"],  # units planned / already committed (skipped) / generated now
     )
+    if lease is not None:
+        lease.check()
     report["stage"] = "done"
+
+
+def _train(cfg: Config, plans, rows, show, gate: ClassGate) -> dict:
+    """Trains every class, telling ``gate`` about each one as it is resolved; whatever happens,
+    every class ends resolved (a class never resolved would keep its window waiting)."""
+    try:
+        return train_classes(cfg, plans, rows, on_event=show, on_class=gate.resolve)
+    finally:
+        for p in plans:
+            gate.resolve(p.key, False)  # no-op for classes already resolved (the first word wins)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -102,11 +144,17 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = cfg.output.rstrip("/")
+    try:
+        # One driver per output, taken before anything is written there (the log included).
+        lease = OutputLease(out).acquire()
+    except LeaseHeld as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     report: dict = {"config": args.config, "output": out, "status": "running"}
     error, code = "", 0
-    with quiet_console(out, args.verbose) as (display, log_path):
+    with lease, quiet_console(out, args.verbose) as (display, log_path):
         try:
-            run(cfg, report, display)
+            run(cfg, report, display, lease)
             report["status"] = "ok"
             write_json(f"{out}/report.json", report)
             display.close()

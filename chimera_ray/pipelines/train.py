@@ -1,9 +1,13 @@
-"""Per-class fine-tunes on Ray Train.
+"""Per-class fine-tunes on Ray Train, filling the cluster as it grows.
 
 Classes are packed into groups (``ray.classes_per_trainer``); each group is one ``TorchTrainer``
 run with one worker (GPU per config) that loads the base model once and trains its classes in
-turn with the plain per-class trainer. Runs go through a bounded thread pool
-(``ray.max_concurrent_trainers``; 0: as many as the cluster's GPUs, or CPUs, hold). Per class: checkpoints under ``<output>/checkpoints/<key>``
+turn with the plain per-class trainer. The driver starts trainers as the cluster has room for
+them (re-read as nodes join) and shows Ray every group still waiting as a pending placement
+group of one trainer's resources: an autoscaling cluster adds nodes for that demand, and the
+next trainers start on them (``_Demand``). ``ray.max_concurrent_trainers`` is an optional cap.
+Each class is reported to ``on_class`` as soon as it is committed or has failed, so generation
+can start on it while other classes still train. Per class: checkpoints under ``<output>/checkpoints/<key>``
 (fsspec: local or s3://), the adapter committed atomically to ``<output>/adapters/<key>``
 (``adapter.json`` with the digest is written last and is the "done" marker), failures recorded
 in ``<output>/failures/<key>.json``. Ray Train restarts a dead worker (``FailureConfig``); the
@@ -16,21 +20,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict
 
 import fsspec
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
 from chimera_ray.config import Config, RayConfig, config_from_dict, config_to_dict
 from chimera_ray.data.boxes import Box
 from chimera_ray.data.ingest import ImageRow
 from chimera_ray.io import write_json
 from chimera_ray.local import adapter_done, train_one
+from chimera_ray.lora.adapter import committed_adapters
 from chimera_ray.models import load_pipeline, resolve_device, resolve_dtype
 from chimera_ray.pipelines.common import (
     absolute_config,
@@ -42,7 +50,7 @@ from chimera_ray.pipelines.faults import wrap_train_one
 from chimera_ray.pipelines.progress import Reporter, progress_feed
 from chimera_ray.plan import ClassPlan
 
-__all__ = ["train_classes"]
+__all__ = ["train_classes", "trainer_bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +79,9 @@ def _train_group_loop(config: dict) -> None:
 
         for attempt in range(cfg.ray.class_attempts):
             try:
+                started = time.time()
                 report = train(pipe, plan, rows, cfg, progress=False, on_step=on_step)
+                report.update(started_at=started, ended_at=time.time())  # wall clock: overlap figures
                 write_json(f"{out}/reports/train-{plan.key}.json", report)
                 log.info("[train] %s: loss %.4f, %.1fs, resumed from step %d", plan.key, report["final_loss"],
                          report["seconds"], report["resumed_from_step"])
@@ -97,27 +107,67 @@ def _group_name(keys: list[str]) -> str:
     return "train-" + hashlib.blake2b("\x1f".join(keys).encode(), digest_size=6).hexdigest()
 
 
-def concurrent_trainers(ray_cfg: RayConfig, resources: dict[str, float]) -> int:
-    """Trainers to run at once: ``ray.max_concurrent_trainers`` when set (> 0), else as many as
-    the cluster's resources hold (``GPU // train_gpus``, or ``CPU // train_cpus`` on CPU), at least 1.
+def trainer_bundle(ray_cfg: RayConfig) -> dict[str, float]:
+    """The resources one trainer's worker holds (``ray.train_cpus``, ``ray.train_gpus``)."""
+    bundle = {"CPU": ray_cfg.train_cpus, "GPU": ray_cfg.train_gpus} if ray_cfg.train_gpus > 0 else {"CPU": ray_cfg.train_cpus}
+    return {k: float(v) for k, v in bundle.items() if v > 0}
 
-    Args:
-        ray_cfg: the config's ``ray`` section.
-        resources: the cluster's resources (``ray.cluster_resources()``).
+
+def _fits(resources: dict[str, float], bundle: dict[str, float]) -> int:
+    """How many ``bundle``s the cluster's total ``resources`` hold (the cluster as it is now)."""
+    return int(min((resources.get(k, 0.0) // v for k, v in bundle.items()), default=1 << 30))
+
+
+# Trainers started beyond what the cluster holds now: they wait in Ray's queue, so a node that
+# frees up (or joins) gets a trainer at once, without waiting for the driver's next look.
+LOOKAHEAD_TRAINERS = 2
+# Most placement groups standing for waiting trainers (GCS entries, no processes): more than the
+# training GPUs of any cluster this project targets, few enough to list every second.
+MAX_DEMAND = 1024
+# How often the driver looks at the cluster and the demand while trainers run.
+POLL_S = 1.0
+
+
+class _Demand:
+    """Pending placement groups of one trainer's resources, one per group still waiting to start.
+
+    Ray's autoscaler adds nodes for pending placement groups (as for pending tasks and actors),
+    so this is how the groups that wait in the driver's queue become visible demand without a
+    process each (a waiting ``TorchTrainer`` would hold a controller process). A marker that
+    gets placed means there is room now: it is removed at once (it must not hold resources a
+    trainer needs) and the driver starts a trainer instead. Markers belong to the driver's job,
+    so Ray removes them if the driver dies.
     """
-    if ray_cfg.max_concurrent_trainers:
-        return int(ray_cfg.max_concurrent_trainers)
-    if ray_cfg.train_gpus > 0:
-        n = resources.get("GPU", 0) // ray_cfg.train_gpus
-    elif ray_cfg.train_cpus > 0:
-        n = resources.get("CPU", 0) // ray_cfg.train_cpus
-    else:
-        n = resources.get("CPU", 1)
-    return max(1, int(n))
+
+    def __init__(self, bundle: dict[str, float]):
+        self.bundle, self.markers = bundle, []
+
+    def set(self, n: int) -> int:
+        """Keeps ``n`` markers pending; returns how many had been placed (room seen)."""
+        placed = 0
+        if self.markers:
+            table = placement_group_table()
+            keep = []
+            for pg in self.markers:
+                if table.get(pg.id.hex(), {}).get("state") == "CREATED":
+                    remove_placement_group(pg)
+                    placed += 1
+                else:
+                    keep.append(pg)
+            self.markers = keep
+        while len(self.markers) > n:
+            remove_placement_group(self.markers.pop())
+        while len(self.markers) < n and self.bundle:
+            self.markers.append(placement_group([self.bundle]))
+        return placed
+
+    def clear(self) -> None:
+        self.set(0)
 
 
 def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, list],
-                  on_event: Callable[[dict], None] | None = None) -> dict[str, dict]:
+                  on_event: Callable[[dict], None] | None = None,
+                  on_class: Callable[[str, bool], None] | None = None) -> dict[str, dict]:
     """Fine-tunes every planned class on the Ray cluster; returns a status per class key.
 
     Args:
@@ -126,16 +176,38 @@ def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, 
         rows_by_class: class name -> its ``ImageRow``s (shots are looked up by path).
         on_event: called on the driver with progress events (``chimera_ray.progress``), from a
             background thread while the trainers run.
+        on_class: called on the driver with ``(class_key, committed)`` once per class, as soon as
+            it is known: committed before (at the start), committed or failed now (as its
+            trainer says so, confirmed by a listing when the trainer ends).
     """
     cfg = absolute_config(cfg)
     out = cfg.output.rstrip("/")
     status: dict[str, dict] = {}
+    resolved: set[str] = set()
+    lock = threading.Lock()
+    emit = on_event or (lambda e: None)
+
+    def resolve(key: str, ok: bool) -> None:
+        with lock:
+            if key in resolved:
+                return
+            resolved.add(key)
+        if on_class is not None:
+            on_class(key, ok)
+
+    committed = committed_adapters(f"{out}/adapters")  # one listing; digests are checked where loaded
     todo = []
     for p in plans:
-        if adapter_done(cfg, p.key):
+        if p.key in committed:
             status[p.key] = {"status": "skipped (already committed)"}
+            resolve(p.key, True)
         else:
             todo.append(p)
+    # A failure record of an earlier run says nothing about this one (the class trains again).
+    fs, failures = fsspec.core.url_to_fs(f"{out}/failures")
+    for p in todo:
+        if fs.exists(f"{failures}/{p.key}.json"):
+            fs.rm(f"{failures}/{p.key}.json")
     groups = [todo[i : i + cfg.ray.classes_per_trainer] for i in range(0, len(todo), cfg.ray.classes_per_trainer)]
     storage_fs, storage_path = arrow_fs(absolute_url(cfg.ray.storage or f"{out}/ray"))
     cfg_dict = config_to_dict(cfg)
@@ -166,26 +238,51 @@ def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, 
         except Exception as e:  # noqa: BLE001 - the group's classes are reported below
             log.warning("[train] group %s ended with an error: %s: %s", name, type(e).__name__, str(e)[:300])
 
-    n_trainers = concurrent_trainers(cfg.ray, ray.cluster_resources())
-    log.info("[train] %d groups, %d trainers at a time", len(groups), n_trainers)
-    emit = on_event or (lambda e: None)
-    emit({"kind": "train_start", "total": len(plans), "committed": len(plans) - len(todo), "steps": cfg.train.steps})
-    with progress_feed(on_event) as sink, ThreadPoolExecutor(max_workers=n_trainers) as pool:
-        list(pool.map(lambda g: run_group(g, sink), groups))
+    def group_ended(group: list[ClassPlan]) -> None:
+        """The trainer's word is final now: a listing says which of its classes are committed."""
+        done = committed_adapters(f"{out}/adapters") & {p.key for p in group}
+        for p in group:
+            if p.key in done:
+                status[p.key] = {"status": "trained"}
+                resolve(p.key, True)
+                continue
+            path = f"{failures}/{p.key}.json"
+            if fs.exists(path):
+                with fs.open(path, "r") as f:
+                    err = json.load(f)["error"]
+            else:
+                err = "training run ended before this class finished (see the Ray Train logs)"
+            status[p.key] = {"status": "failed", "error": err}
+            emit({"kind": "class_failed", "class": p.key, "error": err})  # also those whose worker never said so
+            resolve(p.key, False)
 
-    for p in todo:
-        if adapter_done(cfg, p.key):
-            status[p.key] = {"status": "trained"}
-            continue
-        fs, path = fsspec.core.url_to_fs(f"{out}/failures/{p.key}.json")
-        if fs.exists(path):
-            with fs.open(path, "r") as f:
-                err = json.load(f)["error"]
-        else:
-            err = "training run ended before this class finished (see the Ray Train logs)"
-        status[p.key] = {"status": "failed", "error": err}
-        emit({"kind": "class_failed", "class": p.key, "error": err})  # also those whose worker never said so
+    def on_worker_event(e: dict) -> None:
+        # Fast path: a class is ready for generation as soon as its trainer says it is
+        # committed (a failure waits for the trainer's end: Ray Train may still restart it).
+        if e.get("kind") == "class_done":
+            resolve(e["class"], True)
+        emit(e)
+
+    cap = cfg.ray.max_concurrent_trainers or len(groups)
+    bundle = trainer_bundle(cfg.ray)
+    log.info("[train] %d groups of up to %d classes; trainers start as the cluster has room%s", len(groups),
+             cfg.ray.classes_per_trainer, f" (at most {cap} at once)" if cfg.ray.max_concurrent_trainers else "")
+    emit({"kind": "train_start", "total": len(plans), "committed": len(plans) - len(todo), "steps": cfg.train.steps})
+    demand = _Demand(bundle)
+    waiting = list(groups)
+    running: dict[Future, list[ClassPlan]] = {}
+    with progress_feed(on_worker_event) as sink, ThreadPoolExecutor(max_workers=max(1, min(cap, 256))) as pool:
+        try:
+            while waiting or running:
+                room = _fits(ray.cluster_resources(), bundle) + LOOKAHEAD_TRAINERS
+                while waiting and len(running) < min(cap, max(1, room)):
+                    group = waiting.pop(0)
+                    running[pool.submit(run_group, group, sink)] = group
+                demand.set(min(len(waiting), max(0, cap - len(running)), MAX_DEMAND))
+                finished, _ = wait(list(running), timeout=POLL_S, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    group_ended(running.pop(f))
+        finally:
+            demand.clear()
     emit({"kind": "train_end"})
     return status
-
-

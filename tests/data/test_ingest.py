@@ -254,3 +254,20 @@ def test_folder_names_are_kept_and_never_merged(tmp_path):
     with pytest.raises(SourceError, match="'red star' and 'red_star' both mean the class 'red star'"):
         read_dataset(str(root), load_config(None, ["data.folder_names=underscores_to_spaces"]).data)
 
+
+def test_folders_that_sanitise_alike_are_both_classes_with_distinct_keys(tmp_path):
+    root = tmp_path / "twins"
+    _imagefolder(str(root), {"red star": 2, "red_star": 3, "blue": 2})
+    cfg = load_config(None, [f"data.source={root}", "data.tail_max_images=10", f"output={tmp_path}/o"])
+    v = validate(cfg)
+    assert not [p for p in v.problems if p.severity == "fatal"], v.problems
+    keys = v.dataset.keys()
+    assert keys["red_star"] == "red_star" and keys["blue"] == "blue" and keys["red star"].startswith("red_star-")
+    (warn,) = [p for p in v.problems if p.code == "key_collision"]
+    assert warn.severity == "warn" and warn.where == "red star" and keys["red star"] in warn.message
+    inputs = ingest_for_run(cfg)
+    plans = {p.name: p for p in inputs.plans}
+    assert set(plans) == {"red star", "red_star", "blue"}  # every class trains, under its own name
+    assert {n: p.key for n, p in plans.items()} == keys
+    assert (plans["red star"].num_real, plans["red_star"].num_real) == (2, 3)
+

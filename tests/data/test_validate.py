@@ -280,8 +280,10 @@ def test_dataset_level_fatal_problems(tmp_path):
                                               for i, c in enumerate(["red star", "red_star", "blue"])))
     v = validate(load_config(None, [f"data.source={tmp_path}/m.jsonl", "data.classes=[blue, green]", f"output={tmp_path}/o"]))
     fatal = {p.code: p.message for p in v.problems if p.severity == "fatal"}
-    assert set(fatal) == {"key_collision", "unknown_class"}
-    assert fatal["key_collision"] == "class names 'red star' and 'red_star' both map to the key 'red_star'; rename one of them"
+    assert set(fatal) == {"unknown_class"}  # "red star" and "red_star" both train, each under its own key
+    (p,) = [p for p in v.problems if p.code == "key_collision"]
+    assert p.severity == "warn" and p.message == ("class name 'red star' sanitises like 'red_star' to 'red_star': its "
+                                                  "folder/shard key is 'red_star-67d23557' (the original name is kept in metadata)")
     assert "data.classes names classes that are not in the dataset: ['green']" in fatal["unknown_class"]
     v = validate(load_config(None, [f"data.source={tmp_path}/m.jsonl", "data.tail_max_images=0"], validate=False))
     (p,) = [p for p in v.problems if p.code == "no_tail_classes"]

@@ -51,7 +51,7 @@ def _cfg(tmp_path, *extra):
         f"output={tmp_path / 'run'}", f"model.cache_dir={tmp_path / 'cache'}", "train.steps=4", "train.checkpoint_every=2",
         "ray.classes_per_trainer=2", "ray.max_concurrent_trainers=1", "ray.train_cpus=1", "ray.train_gpus=1",
         "ray.gen_gpus=1", "ray.gen_cpus=0.5", "ray.gen_actors_min=1", "ray.gen_actors_max=2",
-        "generate.batch_size=4", "shards.max_samples=4", "shards.max_bytes=16384", *extra])
+        "generate.batch_size=4", "generate.unit_samples=4", "shards.max_samples=4", "shards.max_bytes=16384", *extra])
 
 
 def _read_shards(out):

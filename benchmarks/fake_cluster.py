@@ -47,6 +47,7 @@ def autoscaling_cluster(max_workers: int, worker_cpus: int = 1, head_cpus: int =
     cannot train) and ``worker_cpus``-CPU worker nodes from 0 to ``max_workers``."""
     if ray.is_initialized():
         ray.shutdown()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local test cluster (../shared/RAY_NOTES.md)
     bin_dir = str(Path(sys.executable).parent)  # the `ray` command of this environment
     old_path = os.environ.get("PATH", "")
     os.environ["PATH"] = bin_dir + os.pathsep + old_path

@@ -345,10 +345,16 @@ class RayConfig:
     train_cpus: float = 1.0
     # GPUs per training worker (1 on a GPU cluster; fractional values share a GPU).
     train_gpus: float = 0.0
-    # Ray Train restarts a worker group this many times after a worker dies.
+    # A class whose training worker dies under it (its process or its node lost) is restarted
+    # from its last checkpoint this many times, then reported as failed. There is no run-wide
+    # cap: a long spot run loses nodes routinely, and each loss costs one restart of one class.
     max_failures: int = 2
     # A class whose training raises is retried this many times, then reported as failed.
     class_attempts: int = 2
+    # A generation unit is attempted at most this many times (an attempt lost with its node
+    # counts), then reported as failed while the others go on. Lost nodes are otherwise routine:
+    # actors and trainers restart without a run-wide cap.
+    unit_attempts: int = 3
     # Generation actor pool size (Ray Data autoscales it between min and max). max 0 (default):
     # as many actors as the cluster can hold (the pool grows while units wait and the cluster
     # has room; an autoscaling cluster adds nodes for it). Neither changes any output byte.
@@ -582,6 +588,7 @@ class Config:
               f"ray.gen_actors_min/max must satisfy 1 <= min <= max, max 0 meaning as many as the cluster holds "
               f"(got {ry.gen_actors_min}, {ry.gen_actors_max})")
         check(ry.max_failures >= 0 and ry.class_attempts >= 1, "ray.max_failures must be >= 0 and ray.class_attempts >= 1")
+        check(ry.unit_attempts >= 1, f"ray.unit_attempts must be >= 1 (got {ry.unit_attempts})")
         check(ry.faults.generate_once in ("", "raise", "kill"),
               f"ray.faults.generate_once must be '', raise or kill (got {ry.faults.generate_once!r})")
         ds = self.downstream

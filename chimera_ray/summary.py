@@ -53,6 +53,9 @@ def run_summary(report: dict, *, config: str | None = None, log_path: str | None
     if gen and gen.get("units_skipped"):
         lines.append(f"  generation {_n(gen['units_generated'], 'unit')} generated, {gen['units_skipped']} kept from an "
                      "earlier attempt")
+    if gen and gen.get("units_failed"):
+        lines.append(f"  generation {_n(gen['units_failed'], 'unit')} failed after ray.unit_attempts attempts (errors in "
+                     f"{out}/shards/index.json -> generation.failed_units; rerun the same command to retry them)")
     if gen and gen.get("units_held"):
         lines.append(f"  generation {_n(gen['units_held'], 'unit')} held back: they hold classes that failed training "
                      "(a rerun that trains them generates exactly these units)")

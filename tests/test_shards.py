@@ -1,19 +1,26 @@
-"""WebDataset shards: bounds, determinism, exactly-once, index, and standard readers."""
+"""WebDataset shards: bounds, determinism, exactly-once, index, and standard readers; commits that suit an
+object store (issue #32: attempt-unique parts, first manifest wins, bulk removal, an O(new units) index)."""
 
+import contextlib
 import hashlib
 import io
 import json
+import re
 import tarfile
+import threading
 from collections import Counter
 
+import fsspec
 import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
 
 from chimera_ray.generate import encode_image, sample_key
+from chimera_ray.io import atomic_write
 from chimera_ray.shards import (
     BackgroundWriter,
+    IndexWriter,
     Sample,
     UnitWriter,
     committed_units,
@@ -100,7 +107,10 @@ def test_unit_writer_cuts_like_plan_shards_and_encodes_like_encode_tar(tmp_path,
     entries = _write_unit(tmp_path, 3, samples, max_bytes=max_bytes, max_samples=max_samples)
     ref = _reference_cut(samples, max_bytes, max_samples)
     by_key = {s.key: s for s in samples}
-    assert [e["name"] for e in entries] == [f"shard-000003-{p:03d}.tar" for p in range(len(ref))]
+    attempt = entries[0]["name"].rsplit("-", 1)[1].removesuffix(".tar")
+    assert re.fullmatch("[0-9a-f]{8}", attempt)  # one attempt, its token in every part's name
+    assert [e["name"] for e in entries] == [f"shard-000003-{p:03d}-{attempt}.tar" for p in range(len(ref))]
+    assert [e["part"] for e in entries] == list(range(len(ref)))
     for e, group in zip(entries, ref):
         data = (tmp_path / e["name"]).read_bytes()
         assert data == encode_tar(by_key[g.key] for g in group)  # byte-identical to the one encoder
@@ -129,16 +139,29 @@ def test_unit_writer_rejects_oversized_samples_and_bad_keys_without_writing(tmp_
         UnitWriter(str(tmp_path), 0, prefix="a/b", max_samples=0)
 
 
-def test_retried_unit_gives_identical_files_and_one_manifest(tmp_path):
+def _content(entries):
+    """Entries without the attempt's token in the name: what must not depend on the attempt."""
+    return [{**e, "name": e["name"].rsplit("-", 1)[0]} for e in entries]
+
+
+def test_retried_unit_first_manifest_wins_and_content_is_the_same(tmp_path):
     samples = _samples()
-    first = _write_unit(tmp_path / "a", 7, samples, max_samples=4)
+    first = UnitWriter(str(tmp_path / "a"), 7, signature="sig7", max_samples=4)
+    for s in samples:
+        first.add(s)
+    assert first.close() == first.entries and first.committed is True
     before = {n: (tmp_path / "a" / n).read_bytes() for n in _unit_files(tmp_path / "a")}
-    again = _write_unit(tmp_path / "a", 7, samples, max_samples=4)  # the retry, into the same folder
-    elsewhere = _write_unit(tmp_path / "b", 7, samples, max_samples=4)
-    assert first == again == elsewhere
-    assert {n: (tmp_path / "a" / n).read_bytes() for n in _unit_files(tmp_path / "a")} == before
-    assert _unit_files(tmp_path / "a") == _unit_files(tmp_path / "b")
+    retry = UnitWriter(str(tmp_path / "a"), 7, signature="sig7", max_samples=4)  # after the commit, same folder
+    for s in samples:
+        retry.add(s)
+    assert retry.attempt != first.attempt
+    assert retry.close() == first.entries and retry.committed is False  # the winner's entries
+    assert {n: (tmp_path / "a" / n).read_bytes() for n in _unit_files(tmp_path / "a")} == before  # loser's parts gone
     assert [n for n in before if n.startswith("_units/")] == ["_units/000007.json"]
+    elsewhere = _write_unit(tmp_path / "b", 7, samples, max_samples=4)
+    assert _content(elsewhere) == _content(first.entries)  # names differ by attempt, bytes and bounds do not
+    assert [(tmp_path / "b" / e["name"]).read_bytes() for e in elsewhere] == [
+        (tmp_path / "a" / e["name"]).read_bytes() for e in first.entries]
 
 
 def test_abandoned_or_failed_unit_leaves_nothing_under_a_final_name(tmp_path):
@@ -149,7 +172,8 @@ def test_abandoned_or_failed_unit_leaves_nothing_under_a_final_name(tmp_path):
         w.add(s)
     del w
     files = _unit_files(tmp_path / "killed")
-    assert files and all(".tmp-" in f for f in files) and committed_units(str(tmp_path / "killed")) == {}
+    assert len(files) == 4 and not [f for f in files if f.startswith("_units")]  # 3 closed parts + the open one
+    assert committed_units(str(tmp_path / "killed")) == {}  # parts without a manifest: not committed
     assert remove_stale(str(tmp_path / "killed"), []) == files and _unit_files(tmp_path / "killed") == []
     # An exception inside the with-block aborts: not even temporary files remain.
     with pytest.raises(RuntimeError, match="boom"), UnitWriter(str(tmp_path / "raised"), 2, max_samples=3) as w:
@@ -227,7 +251,7 @@ def test_write_index_committed_units_and_remove_stale(tmp_path):
     out = tmp_path / "shards"
     e1 = _write_unit(out, 1, samples[10:], max_samples=4)
     e0 = _write_unit(out, 0, samples[:10], max_samples=4)
-    _write_unit(out, 5, samples[:2])  # a unit of an older plan
+    e5 = _write_unit(out, 5, samples[:2])  # a unit of an older plan
     (out / "shard-000000.tar").write_bytes(b"staging-era shard")
     (out / "shard-000009-000.tar.tmp-0a1b2c3d").write_bytes(b"partial")
     (out / "_units" / "000003.json.tmp-deadbeef").write_text("{")
@@ -238,7 +262,7 @@ def test_write_index_committed_units_and_remove_stale(tmp_path):
     assert sorted(units) == [0, 1, 5] and units[0]["shards"] == e0 and units[1]["signature"] == "sig1"
     keep = [e["name"] for e in e0 + e1]
     removed = remove_stale(str(out), keep, keep_units=[0, 1])
-    assert removed == ["_units/000005.json", "shard-000000.tar", "shard-000005-000.tar",
+    assert removed == ["_units/000005.json", "shard-000000.tar", e5[0]["name"],
                        "shard-000009-000.tar.tmp-0a1b2c3d", "_units/000003.json.tmp-deadbeef"]
     assert sorted(committed_units(str(out))) == [0, 1]
     assert (out / "timing.json").exists() and (out / "_staging" / "x.tar").exists()
@@ -288,7 +312,6 @@ def test_iter_samples_reads_committed_shards_of_a_folder_or_a_list(tmp_path):
 
 
 def test_unit_shards_on_s3(s3_bucket):
-    import fsspec
 
     samples = _samples()
     out = f"{s3_bucket}/run/shards"
@@ -296,7 +319,7 @@ def test_unit_shards_on_s3(s3_bucket):
     bg = BackgroundWriter(UnitWriter(out, 1, prefix="shard", max_bytes=30720, signature="sig1"), lambda b: b)
     bg.submit(samples[11:])
     e1 = bg.close()
-    _write_unit(out, 4, samples[:1])  # stale
+    e4 = _write_unit(out, 4, samples[:1])  # stale
     failed = UnitWriter(out, 3, max_samples=2)
     for s in samples[:5]:
         failed.add(s)
@@ -304,10 +327,10 @@ def test_unit_shards_on_s3(s3_bucket):
     fs = fsspec.filesystem("s3")
     fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(out.removeprefix("s3://")))
-    assert not [n for n in names if ".tmp-" in n or n.startswith("shard-000003")]
+    assert not [n for n in names if ".tmp-" in n or n.startswith("shard-000003")]  # the aborted unit left nothing
     assert sorted(committed_units(out)) == [0, 1, 4] and committed_units(out)[1]["shards"] == e1
     assert remove_stale(out, [e["name"] for e in e0 + e1], keep_units=[0, 1]) == [
-        "_units/000004.json", "shard-000004-000.tar"]
+        "_units/000004.json", e4[0]["name"]]
     write_index(out, e0 + e1, complete=True)
     got = list(iter_samples(out))
     assert [g["key"] for g in got] == [s.key for s in samples]
@@ -316,3 +339,247 @@ def test_unit_shards_on_s3(s3_bucket):
     for e in e0 + e1:  # what landed on S3 is what the entries say
         data = fs.cat_file(f"{out.removeprefix('s3://')}/{e['name']}")
         assert hashlib.sha256(data).hexdigest() == e["sha256"] and len(data) == e["bytes"]
+
+
+# ---- commits that suit an object store; an index updated at O(new units) (issue #32) ----------
+
+
+@contextlib.contextmanager
+def _s3_requests():
+    """Counts the S3 API calls made through the shared s3fs instance: ``Counter({operation: n})``."""
+    fs = fsspec.filesystem("s3")
+    fs.connect()
+    calls: Counter = Counter()
+
+    def count(model, **_):
+        calls[model.name] += 1
+
+    fs.s3.meta.events.register("before-call.s3", count)
+    try:
+        yield calls
+    finally:
+        fs.s3.meta.events.unregister("before-call.s3", count)
+
+
+def _old_protocol_commit(out: str, unit: int, groups, signature: str) -> None:
+    """What a unit commit did before issue #32 (git 0a895d7's UnitWriter), request for request:
+    ``makedirs``; every part written as ``<name>.tmp-<token>`` and ``fs.mv``-ed to its final name;
+    the manifest through ``io.atomic_write`` (temporary object + ``mv``)."""
+    fs, root = fsspec.core.url_to_fs(out)
+    fs.makedirs(root, exist_ok=True)
+    tmps, entries = [], []
+    for p, group in enumerate(groups):
+        name = f"shard-{unit:06d}-{p:03d}.tar"
+        with fs.open(f"{root}/{name}.tmp-0a1b2c3d", "wb") as f:
+            f.write(encode_tar(group))
+        tmps.append((f"{root}/{name}.tmp-0a1b2c3d", f"{root}/{name}"))
+        entries.append({"name": name, "unit": unit, "part": p})
+    for tmp, final in tmps:
+        fs.mv(tmp, final)
+    atomic_write(f"{out}/_units/{unit:06d}.json",
+                 json.dumps({"unit": unit, "signature": signature, "shards": entries}, indent=1).encode())
+
+
+@pytest.mark.parametrize("max_samples", [None, 8, 3])  # 1, 3 and 7 parts
+def test_s3_requests_per_committed_unit_before_and_after(s3_bucket, max_samples):
+    samples = _samples(3, 7)
+    groups = _reference_cut(samples, None, max_samples)
+    with _s3_requests() as old:
+        _old_protocol_commit(f"{s3_bucket}/old", 0, groups, "sig")
+    with _s3_requests() as new:
+        w = UnitWriter(f"{s3_bucket}/new", 0, max_samples=max_samples, signature="sig")
+        for s in samples:
+            w.add(s)
+        entries = w.close()
+    parts = len(groups)
+    assert len(entries) == parts and w.committed
+    print(f"S3 requests per committed unit of {parts} part(s): before {sum(old.values())} {dict(old)}, "
+          f"after {sum(new.values())} {dict(new)}")
+    assert new == Counter({"PutObject": parts + 1})  # the parts, then the manifest; no copy, delete or HEAD
+    assert old["CopyObject"] == old["DeleteObjects"] == parts + 1  # one rename per part and the manifest
+    assert sum(new.values()) < sum(old.values())
+
+
+def _attempt(out: str, unit: int, samples, barrier: threading.Barrier, results: list, signature: str = "sig"):
+    w = UnitWriter(out, unit, max_samples=4, signature=signature)
+    for s in samples:
+        w.add(s)
+    barrier.wait()  # every attempt has written its parts; all create the manifest at once
+    entries = w.close()
+    results.append((w.attempt, w.committed, entries))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_attempts_of_a_unit_exactly_one_commits(tmp_path, request, where):
+    out = str(tmp_path / "shards") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/shards"
+    fs, root = fsspec.core.url_to_fs(out)
+    samples = _samples(2, 5)
+    for rnd in range(3):
+        unit, n = rnd, 4
+        barrier, results = threading.Barrier(n), []
+        threads = [threading.Thread(target=_attempt, args=(out, unit, samples, barrier, results)) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [a for a, committed, _ in results if committed]
+        assert len(results) == n and len(winners) == 1, results
+        # Every attempt returns the winner's entries, which the manifest names.
+        manifest = committed_units(out)[unit]
+        assert all(entries == manifest["shards"] for _, _, entries in results)
+        assert all(e["name"].endswith(f"-{winners[0]}.tar") for e in manifest["shards"])
+        fs.invalidate_cache()
+        on_disk = sorted(p.rsplit("/", 1)[-1] for p in fs.find(root) if f"-{unit:06d}-" in p)
+        assert on_disk == sorted(e["name"] for e in manifest["shards"])  # the losers' parts are gone
+
+
+def test_a_loser_of_another_signature_deletes_its_parts_and_says_why(tmp_path):
+    out = str(tmp_path)
+    first = UnitWriter(out, 3, signature="old-plan")
+    first.add(_samples(1, 1)[0])
+    first.close()
+    late = UnitWriter(out, 3, signature="new-plan")
+    late.add(_samples(1, 1)[0])
+    with pytest.raises(ValueError, match="committed already with signature 'old-plan'.*remove_stale"):
+        late.close()
+    assert _unit_files(tmp_path) == sorted([first.entries[0]["name"], "_units/000003.json"])
+
+
+def test_killed_attempt_on_s3_is_removed_with_one_listing_and_one_bulk_delete(s3_bucket):
+    out = f"{s3_bucket}/run/shards"
+    samples = _samples(2, 6)
+    done = UnitWriter(out, 0, max_samples=3, signature="s")
+    for s in samples:
+        done.add(s)
+    done.close()
+    killed = UnitWriter(out, 1, max_samples=2, signature="s")
+    for s in samples[:9]:  # four parts uploaded, the fifth still in the buffer
+        killed.add(s)
+    killed._file.closed = True  # the process dies: the open part is never uploaded  # noqa: SLF001
+    del killed
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    leftovers = sorted(p.rsplit("/", 1)[-1] for p in fs.find(out) if "-000001-" in p)
+    assert len(leftovers) == 4
+    with _s3_requests() as calls:
+        removed = remove_stale(out, [e["name"] for e in done.entries], keep_units=[0])
+    assert removed == leftovers
+    assert calls == Counter({"ListObjectsV2": 1, "DeleteObjects": 1}), calls
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(out)) == sorted(
+        [e["name"] for e in done.entries] + ["000000.json"])
+
+
+def test_readers_see_only_what_manifests_name(tmp_path):
+    """Killed, aborted and losing attempts leave or briefly hold parts under final-form names;
+    neither the index nor any reader ever lists one, and remove_stale deletes what is left."""
+    out = str(tmp_path / "shards")
+    samples = _samples(3, 6)
+    chunks = [samples[i:i + 6] for i in range(0, 18, 6)]
+    index = IndexWriter(out, min_interval_s=0, max_samples=4)
+    index.flush(complete=False)
+    for u, chunk in enumerate(chunks):
+        killed = UnitWriter(out, u, max_samples=4, signature="s")  # dies after its first part
+        for s in chunk[:5]:
+            killed.add(s)
+        aborted = UnitWriter(out, u, max_samples=4, signature="s")
+        for s in chunk[:5]:
+            aborted.add(s)
+        aborted.abort()
+        winner, loser = (UnitWriter(out, u, max_samples=4, signature="s") for _ in range(2))
+        for s in chunk:
+            winner.add(s)
+            loser.add(s)
+        index.add(winner.close())
+        assert loser.close() == winner.entries and not loser.committed
+        named = {e["name"] for m in committed_units(out).values() for e in m["shards"]}
+        listed = [url.rsplit("/", 1)[-1] for url in shard_urls(out)]
+        assert set(listed) <= named and set(listed) == {e["name"] for e in read_index(out)["shards"]}
+        on_disk = {p.name for p in (tmp_path / "shards").glob("*.tar")}
+        assert on_disk - named  # the killed attempt's part is there, under a final-form name, unlisted
+        killed._file.close()  # noqa: SLF001 - what the dying process's file object does on its own
+    final = index.flush(complete=True)
+    named = {e["name"] for m in committed_units(out).values() for e in m["shards"]}
+    assert {e["name"] for e in final["shards"]} == named
+    removed = remove_stale(out, named, keep_units=range(3))
+    assert removed and not set(removed) & named
+    assert {p.name for p in (tmp_path / "shards").glob("*.tar")} == named
+    urls = shard_urls(out, require_complete=True)
+    assert [s["key"] for s in iter_samples(out)] == [s.key for s in samples]
+    assert [r["__key__"] for r in wds.WebDataset(urls, shardshuffle=False)] == [s.key for s in samples]
+
+
+def _entry(unit: int) -> dict:
+    return {"name": f"shard-{unit:06d}-000-0a1b2c3d.tar", "samples": 64, "bytes": 3276800, "sha256": "ab" * 32,
+            "class_counts": {f"n{unit % 50:08d}": 64}, "first_key": f"n{unit % 50:08d}__{unit:08d}",
+            "last_key": f"n{unit % 50:08d}__{unit + 63:08d}", "unit": unit, "part": 0}
+
+
+def test_index_writer_writes_when_grown_or_late_never_more_often(tmp_path):
+    out, now = str(tmp_path), [0.0]
+    iw = IndexWriter(out, clock=lambda: now[0], extra={"plan_signature": "p"})
+    assert iw.flush(complete=False)["shards"] == []
+
+    def add(unit, at):
+        now[0] = at
+        return iw.add([_entry(unit)], extra={"units_done": unit + 1})
+
+    assert add(0, 1.0) is None  # within min_interval_s of the last write
+    assert read_index(out)["totals"]["units"] == 0
+    assert add(1, 5.0)["totals"]["units"] == 2 and read_index(out)["units_done"] == 2
+    for u in range(2, 16):
+        add(u, 5.0 + u)  # +50 % since the last write, once 5 s passed
+    assert iw.writes == 5 and read_index(out)["totals"]["units"] == 16
+    for u in range(16, 100):
+        add(u, 20.0 + u / 10)  # fast units: one write per 12.5 % of growth, every 5 s at most
+    assert read_index(out)["totals"]["units"] < 100
+    assert add(100, 40.0) is not None  # >= 12.5 % more
+    writes = iw.writes
+    assert add(101, 100.0) is None and add(102, 500.0) is None  # grown by 2 %: waits...
+    assert add(103, 641.0)["totals"]["units"] == 104 and iw.writes == writes + 1  # ... max_lag_s at most
+    index = iw.flush(complete=True)
+    assert index["complete"] is True and index["plan_signature"] == "p" and read_index(out) == index
+    assert [e["unit"] for e in index["shards"]] == list(range(104))
+    assert b"\n" not in (tmp_path / "index.json").read_bytes()  # compact
+    assert shard_urls(out, require_complete=True)[-1].endswith(_entry(103)["name"])
+    iw.add([_entry(5)])  # a unit added again replaces its entries rather than listing them twice
+    assert iw.flush(complete=True)["totals"]["shards"] == 104
+
+
+def test_index_writer_spaces_writes_by_their_duration(tmp_path):
+    now = [0.0]
+
+    def clock():  # every reading advances 1 s: a write (two readings) takes 1 s
+        now[0] += 1.0
+        return now[0]
+
+    iw = IndexWriter(str(tmp_path), clock=clock)
+    iw.flush(complete=False)
+    times = []
+    for u in range(200):
+        if iw.add([_entry(u)]) is not None:
+            times.append(now[0])
+    assert len(times) >= 2 and min(b - a for a, b in zip(times, times[1:])) >= 20  # 20 x the 1 s write
+
+
+def test_index_write_volume_is_linear_in_units(tmp_path):
+    """n units arriving steadily over a long run: the bytes written stay within (1 + g)/g x the
+    final index (plus the final flush), far below the fixed 5 s / 256-unit rule."""
+    n, now = 3000, [0.0]
+    iw = IndexWriter(str(tmp_path), clock=lambda: now[0], max_lag_s=None)
+    fixed_bytes = listed = since = 0
+    last = 0.0
+    for u in range(n):
+        now[0] = u * 2.0  # one unit per 2 s: a 100-minute run
+        iw.add([_entry(u)])
+        listed += len(json.dumps(_entry(u), indent=1)) + 2  # what the old indented index held for it
+        since += 1
+        if since >= 256 or now[0] - last >= 5:  # the rule IndexWriter replaces
+            fixed_bytes += listed
+            since, last = 0, now[0]
+    iw.flush(complete=True)
+    final = (tmp_path / "index.json").stat().st_size
+    print(f"index bytes written for {n} units: {iw.bytes_written} in {iw.writes} writes (final index {final}); "
+          f"fixed rule: {fixed_bytes}")
+    assert iw.bytes_written <= 9 * final + final and iw.writes < 80
+    assert iw.bytes_written * 50 < fixed_bytes

@@ -174,3 +174,43 @@ def test_rows_table_matches_budget_plan_and_covers_arbitrary_rows():
     again, _ = plan_units_from_rows(["x", "x", "y"], [7, 8, 1], **kw)
     assert other[0].signature != again[0].signature
     assert Counter(u.window for u in units) == Counter({0: 2, 1: 1})  # x+y: 5 rows, z: 1
+
+
+def test_unit_salt_covers_exactly_the_allow_listed_fields():
+    """Changing a memory bound, the batch size or anything in ``ray`` keeps every unit; a field
+    that decides bytes (guidance, window, shard bounds, the model) changes them."""
+    from dataclasses import replace
+
+    from chimera_ray.config import Config, config_to_dict
+    from chimera_ray.units import UNIT_FIELDS, unit_salt
+
+    base = Config()
+
+    def salt(cfg):
+        return unit_salt(config_to_dict(cfg), 64)
+
+    same = [replace(base, generate=replace(base.generate, batch_size=3)),
+            replace(base, generate=replace(base.generate, adapter_cache_size=1)),
+            replace(base, generate=replace(base.generate, samples_per_class=7)),
+            replace(base, ray=replace(base.ray, gen_actors_max=7, gen_actors_min=2, gen_cpus=3.0, max_concurrent_trainers=5))]
+    assert all(salt(c) == salt(base) for c in same)
+    differ = [replace(base, generate=replace(base.generate, guidance_scale=2.0)),
+              replace(base, generate=replace(base.generate, window_classes=4)),
+              replace(base, shards=replace(base.shards, max_bytes=10_000_000)),
+              replace(base, model=replace(base.model, resolution=64))]
+    assert len({salt(c) for c in differ} | {salt(base)}) == len(differ) + 1
+    assert unit_salt(config_to_dict(base), 64) != unit_salt(config_to_dict(base), 65)  # the unit size itself
+    assert "batch_size" not in UNIT_FIELDS["generate"] and "adapter_cache_size" not in UNIT_FIELDS["generate"]
+
+
+@pytest.mark.parametrize("family,resolution,steps,guidance,expect", [
+    ("sd", 512, 50, 2.0, 528),      # paper.yaml: ~2 GPU-minutes, not a 16-class window of 8000
+    ("auto", None, 50, 2.0, 528),   # resolution from the model: the family's native size
+    ("sdxl", 1024, 30, 5.0, 200),
+    ("auto", 32, 2, 3.0, 4096),     # tiny models: the upper bound
+    ("sd3", 1024, 1000, 7.0, 64),   # very slow images: the lower bound
+])
+def test_default_unit_samples_is_minutes_of_work(family, resolution, steps, guidance, expect):
+    from chimera_ray.units import default_unit_samples
+
+    assert default_unit_samples(family, resolution, steps, guidance) == expect

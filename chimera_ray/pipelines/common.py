@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -32,7 +33,7 @@ from chimera_ray.pipelines import watchdog
 from chimera_ray.progress import Display
 from chimera_ray.storage import check_output_reachable
 
-__all__ = ["init_ray", "cluster_shape", "check_storage_reachable", "absolute_url", "absolute_config", "arrow_fs", "worker_logging", "quiet_console",
+__all__ = ["Attempts", "init_ray", "cluster_shape", "check_storage_reachable", "absolute_url", "absolute_config", "arrow_fs", "worker_logging", "quiet_console",
            "USER_ERRORS"]
 
 # Errors in what the user gave (config, data, base model, storage): exit code 2, one message.
@@ -117,6 +118,35 @@ def arrow_fs(url: str):
         return None, url
     fs, path = fsspec.core.url_to_fs(url)
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
+class Attempts:
+    """Counts a unit's (or a class's) attempts across actors, restarts and nodes: every start
+    writes its own marker (``{name}-{random}``, holding the attempt's error if it fails), and the
+    count is one listing. No read-modify-write, so concurrent attempts count right on any store."""
+
+    def __init__(self, root: str):
+        self.fs, self.root = fsspec.core.url_to_fs(root)
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def start(self, name: str) -> tuple[str, int]:
+        """Records an attempt; returns its marker and ``name``'s attempts so far (this one included)."""
+        marker = f"{self.root}/{name}-{uuid.uuid4().hex[:8]}"
+        with self.fs.open(marker, "w") as f:
+            f.write("")
+        return marker, len(self.fs.glob(f"{self.root}/{name}-*"))
+
+    def fail(self, marker: str, error: str) -> None:
+        with contextlib.suppress(Exception):  # the count matters, the message is a courtesy
+            with self.fs.open(marker, "w") as f:
+                f.write(error)
+
+    def last_error(self, name: str) -> str:
+        errors = []
+        for path in sorted(self.fs.glob(f"{self.root}/{name}-*")):
+            with contextlib.suppress(Exception), self.fs.open(path, "r") as f:
+                errors.append(f.read())
+        return next((e for e in reversed(errors) if e), "an attempt ended without an error (its process or node was lost)")
 
 
 def worker_logging() -> None:

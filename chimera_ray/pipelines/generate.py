@@ -5,27 +5,33 @@ of them trained this time, so a rerun keeps the same windows and signatures), ke
 already committed by an earlier attempt (manifest signature = planned signature), deletes
 everything else from the shards folder and streams the remaining units through two stages:
 
-1. a read stage, one read task per window (``_UnitSource``): it waits on the ``ClassGate``
-   until every class of its window is committed or has failed training, then yields one block
-   per unit of the window that holds no failed class (the unit's rows and each row's mixture
-   weights, padded to ``unit_samples`` rows so the actor stage's integer batches never cut a
-   unit). Windows are ready as soon as their classes are, while other classes still train;
+1. a read stage, one read task per window (``_UnitSource``) that yields one block per unit of
+   the window that holds no failed class (the unit's rows and each row's mixture weights,
+   padded to ``unit_samples`` rows so the actor stage's integer batches never cut a unit);
 2. an actor pool (``_GenerateActor``) renders the unit in micro-batches, encodes and writes on a
    background thread (``BackgroundWriter`` -> ``UnitWriter``) and commits it (manifest last).
 
-Units that hold a class whose training failed are held back (counted in the index); the rerun
+The stream runs in *rounds*: each round takes every window whose classes are all resolved
+(committed, or failed training: the ``ClassGate`` that training fills) and ends when they are
+generated, so generation starts while other classes still train, and its actors never hold the
+cluster while they wait for training. A round that fails (a lost node) is followed by one with
+what is left. Units that hold a class whose training failed are held back (counted in the
+index); the rerun
 that trains the class generates exactly those units. The driver consumes the per-unit results
-as they stream and rewrites ``index.json`` every few seconds (``"complete": false``), then once
-more at the end (``"complete"``: whether every planned unit is committed).
+as they stream and rewrites ``index.json`` at intervals that grow with it (``"complete": false``;
+``shards.IndexWriter``), then once more at the end (``"complete"``: whether every planned unit is
+committed).
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import json
 import logging
+import os
+import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -37,22 +43,21 @@ import ray.data
 from ray.data import ActorPoolStrategy, DataContext
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from chimera_ray.config import Config, config_from_dict, config_to_dict
 from chimera_ray.generate import Generator, Rendered
-from chimera_ray.pipelines.common import absolute_config, absolute_url, worker_logging
+from chimera_ray.pipelines.common import Attempts, absolute_config, absolute_url, worker_logging
 from chimera_ray.pipelines.faults import check_generate_batch
 from chimera_ray.pipelines.progress import Reporter, progress_feed
 from chimera_ray.plan import ClassPlan
 from chimera_ray.sampling import row_weights
 from chimera_ray.shards import (
     BackgroundWriter,
+    IndexWriter,
     Sample,
     UnitWriter,
     committed_units,
     remove_stale,
-    write_index,
 )
 from chimera_ray.units import (
     Unit,
@@ -67,15 +72,17 @@ __all__ = ["LIGHT_CPUS", "ClassGate", "generate_shards"]
 
 log = logging.getLogger(__name__)
 
-# index.json is rewritten at most this often while a run streams (each rewrite lists every
-# committed shard, so per-unit rewrites would cost O(units^2) bytes over a run).
-INDEX_EVERY_S = 5.0
-INDEX_EVERY_UNITS = 256
 # Concurrent read tasks (one per window): each waits for its window's classes, then expands
 # units in milliseconds; they ask for no CPU (LIGHT_CPUS), so without a bound Ray Data would
 # start one per window at once. Windows become ready roughly in training order (both follow the
 # sorted class keys), so a few waiting at a time keep the actors fed.
 READ_TASKS = 4
+# How often the driver looks for windows whose classes are all trained, when none is.
+POLL_S = 2.0
+# Units an actor commits while the next one renders (each holds its parts' last buffers).
+COMMITS_IN_FLIGHT = 1
+# Rounds of the generation stream in a row that commit nothing before the error is final.
+STALLED_ROUNDS = 3
 
 # CPU request of the light stages (unit expansion, Dirichlet draws). They take milliseconds per
 # block; any CPU request lets a pool of generation actors that fills the node (2 actors x 1 CPU
@@ -141,16 +148,13 @@ def _unit_rows(unit: Unit, window_cls: list[tuple[str, int]], seed: int | None,
             [r[2] for r in rows])
 
 
-def _read_window(window_cls: list[tuple[str, int]], units: list[Unit], tables: list[str | None], *, gate,
+def _read_window(window_cls: list[tuple[str, int]], units: list[Unit], tables: list[str | None], *,
                  exclude: frozenset[str], seed: int | None, names: dict[str, str], labels: dict[str, int],
                  unit_samples: int, weights: _Weights):
-    """A read task: waits until the window's classes are resolved, then yields a block per unit
-    that holds no failed class."""
-    keys = [k for k, _ in window_cls]
-    failed = set(exclude) | (set(ray.get(gate.wait.remote(keys))) if gate is not None else set())
+    """A read task: a block per unit of the window that holds no failed class."""
     for unit, table in zip(units, tables):
         k, i, given = _unit_rows(unit, window_cls, seed, table)
-        if failed & set(k.tolist()):
+        if exclude & set(k.tolist()):
             continue  # held back: rendered by the rerun that trains the failed class
         block = _unit_block(unit, k, i, weights(k, i, given), names=names, labels=labels, unit_samples=unit_samples)
         yield BlockAccessor.batch_to_block(block)
@@ -173,85 +177,103 @@ class _UnitSource(Datasource):
                 for cls, units, tables in self.windows]
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
-class _Gate:
-    """Which classes are resolved (committed or failed); read tasks wait on it."""
+class ClassGate:
+    """Which classes are resolved (committed, or failed training), told by the training thread
+    while generation runs (driver side, thread-safe). The first word on a class wins."""
 
     def __init__(self):
         self.state: dict[str, bool] = {}
-        self.changed: asyncio.Condition | None = None
-
-    def _cond(self) -> asyncio.Condition:
-        if self.changed is None:  # created on the actor's event loop
-            self.changed = asyncio.Condition()
-        return self.changed
-
-    async def resolve(self, key: str, ok: bool) -> None:
-        async with self._cond():
-            self.state.setdefault(key, bool(ok))  # the first word wins: a later "failed" is a catch-all
-            self._cond().notify_all()
-
-    async def wait(self, keys: list[str]) -> list[str]:
-        """Returns the failed ones among ``keys`` once every one of them is resolved."""
-        async with self._cond():
-            await self._cond().wait_for(lambda: all(k in self.state for k in keys))
-            return [k for k in keys if not self.state[k]]
-
-    async def failed(self) -> list[str]:
-        return sorted(k for k, ok in self.state.items() if not ok)
-
-
-class ClassGate:
-    """Tells generation which classes are ready, while training runs (driver side).
-
-    Lives on the driver's node (the state of the run belongs to the driver; a lost worker node
-    must not take it along). ``resolve`` is fire-and-forget and safe from any driver thread.
-    """
-
-    def __init__(self):
-        here = ray.get_runtime_context().get_node_id()
-        self.handle = _Gate.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+        self._changed = threading.Condition()
 
     def resolve(self, key: str, ok: bool) -> None:
-        self.handle.resolve.remote(key, ok)
+        with self._changed:
+            if key not in self.state:
+                self.state[key] = bool(ok)
+                self._changed.notify_all()
+
+    def resolved(self, keys) -> bool:
+        with self._changed:
+            return all(k in self.state for k in keys)
 
     def failed(self) -> set[str]:
-        return set(ray.get(self.handle.failed.remote()))
+        with self._changed:
+            return {k for k, ok in self.state.items() if not ok}
 
-    def close(self) -> None:
-        ray.kill(self.handle)
+    def wait(self, timeout: float) -> None:
+        """Returns when a class is resolved, or after ``timeout`` seconds."""
+        with self._changed:
+            self._changed.wait(timeout)
+
+
+def _attempts_dir(out: str) -> str:
+    """Where generation attempts leave a marker per unit start: ``<output>/_attempts/units``."""
+    return f"{out}/_attempts/units"
 
 
 class _GenerateActor:
-    """Actor-pool stage: loads the base model once; renders, encodes and commits whole units."""
+    """Actor-pool stage: loads the base model once; renders, encodes and commits whole units.
+
+    A unit is attempted at most ``ray.unit_attempts`` times (counted in storage, so attempts
+    lost with a node count too); then the actor returns it as failed, and the others go on.
+
+    The accelerator never waits for the object store: Ray Data runs two calls per actor at once
+    (``COMMITS_IN_FLIGHT``), one unit renders at a time (``_render``, a lock) and a unit's
+    commit (encoding tail, uploads, manifest) runs outside the lock, so the next unit renders
+    while the previous one commits. A failed commit still drops its whole unit.
+    """
 
     def __init__(self, cfg_dict: dict, adapter_root: str | None, shards_dir: str, progress=None):
         worker_logging()
         self.progress = Reporter(progress)
         self.cfg = config_from_dict(cfg_dict)
         self.shards_dir = shards_dir
+        self.attempts = Attempts(_attempts_dir(self.cfg.output.rstrip("/")))
         self.gen = Generator(self.cfg.model, self.cfg.generate, mode=self.cfg.lora.mode, adapter_root=adapter_root)
+        self._render = threading.Lock()
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def _samples(self, rendered: Rendered) -> list[Sample]:
         cols = self.gen.encode(rendered)  # PNG encoding: runs on the writer thread
         return [Sample(str(cols["key"][r]), str(cols["ext"][r]), bytes(cols["image"][r]), int(cols["label"][r]),
                        str(cols["metadata"][r]), str(cols["class_key"][r])) for r in range(len(rendered.rows))]
 
-    def _unit(self, unit: int, signature: str, rows: dict[str, np.ndarray]) -> list[dict]:
+    def _unit(self, unit: int, signature: str, rows: dict[str, np.ndarray]) -> tuple[list[dict], float, float]:
+        """Renders and commits one unit; returns its entries and when its rendering started and
+        ended (wall clock: the accelerator's idle time between units is measured from them)."""
         sh, bs = self.cfg.shards, self.cfg.generate.batch_size
         writer = UnitWriter(self.shards_dir, unit, prefix=sh.prefix, max_bytes=sh.max_bytes,
                             max_samples=sh.max_samples or None, signature=signature)
-        with BackgroundWriter(writer, self._samples) as bg:
-            for s in range(0, len(rows["class_key"]), bs):
-                micro = {c: rows[c][s:s + bs] for c in _ROW_COLUMNS}
-                check_generate_batch(self.cfg, micro)  # ray.faults (tests): a no-op unless configured
-                bg.submit(self.gen.render(micro))  # encoding + writing overlap the next render
-                self.progress.send({"kind": "images", "unit": unit, "n": len(micro["class_key"]),
-                                    "of": len(rows["class_key"])})
-        return writer.entries
+        bg = BackgroundWriter(writer, self._samples)
+        try:
+            with self._render:
+                start = time.time()
+                for s in range(0, len(rows["class_key"]), bs):
+                    micro = {c: rows[c][s:s + bs] for c in _ROW_COLUMNS}
+                    check_generate_batch(self.cfg, micro)  # ray.faults (tests): a no-op unless configured
+                    bg.submit(self.gen.render(micro))  # encoding + writing overlap the next render
+                    self.progress.send({"kind": "images", "unit": unit, "n": len(micro["class_key"]),
+                                        "of": len(rows["class_key"])})
+                end = time.time()
+            return bg.close(), start, end  # the commit: outside the lock, while the next unit renders
+        except BaseException:
+            bg.abort()
+            raise
+
+    def _attempt(self, unit: int, signature: str, rows: dict[str, np.ndarray]) -> tuple[tuple | None, str]:
+        """``((entries, start, end), "")`` once committed, ``(None, error)`` when the unit is out
+        of attempts; raises (Ray retries the task) while attempts remain."""
+        marker, n = self.attempts.start(f"{unit:06d}")
+        if n > self.cfg.ray.unit_attempts:
+            return None, f"failed {n - 1} attempts; last: {self.attempts.last_error(f'{unit:06d}')[:500]}"
+        try:
+            return self._unit(unit, signature, rows), ""
+        except Exception as e:
+            self.attempts.fail(marker, f"{type(e).__name__}: {e}")
+            raise
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        units, out_units, out_entries, out_seconds = batch["unit"], [], [], []
+        units, out_units, out_entries, out_seconds, out_errors = batch["unit"], [], [], [], []
+        out_render = []
         for u in dict.fromkeys(int(x) for x in units):
             sel = units == u
             real = sel & batch["real"].astype(bool)
@@ -260,12 +282,15 @@ class _GenerateActor:
                 raise ValueError(f"unit {u}: the generation stage received {int(real.sum())} of its {count} rows "
                                  "(a batch cut the unit); each call must hold whole units (one block per unit)")
             t0 = time.perf_counter()
-            entries = self._unit(u, str(batch["signature"][sel][0]), {c: batch[c][real] for c in _ROW_COLUMNS})
+            done, error = self._attempt(u, str(batch["signature"][sel][0]), {c: batch[c][real] for c in _ROW_COLUMNS})
             out_units.append(u)
-            out_entries.append(json.dumps(entries))
+            out_entries.append(json.dumps(done[0] if done else None))
             out_seconds.append(time.perf_counter() - t0)
+            out_errors.append(error)
+            out_render.append([self.name, *(done[1:] if done else (0.0, 0.0))])
         return {"unit": np.array(out_units, dtype=np.int64), "entries": np.array(out_entries, dtype=object),
-                "seconds": np.array(out_seconds, dtype=np.float64)}
+                "seconds": np.array(out_seconds, dtype=np.float64), "error": np.array(out_errors, dtype=object),
+                "render": np.array([json.dumps(r) for r in out_render], dtype=object)}
 
 
 def _table_digest(url: str) -> str:
@@ -298,7 +323,7 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
     Args:
         plans: every planned class (the units, and so the shards, are planned from all of them).
         gate: while classes still train, says which are ready (``ClassGate``); a window's units
-            start once its classes are resolved. None: every class is ready now.
+            start in the first round after its classes are resolved. None: every class is ready now.
         exclude: classes that will not be ready (failed training): their units are held back.
 
     Returns:
@@ -356,13 +381,20 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
     held: list[int] = []
     log.info("[generate] %d units planned, %d already committed, %d to generate", len(units), skipped, len(todo))
 
+    # index.json: rewritten as units commit, at intervals that grow with its size (O(units)
+    # bytes over a run, shards.IndexWriter), and once more at the end.
+    index_writer = IndexWriter(shards_dir, entries=[e for es in entries.values() for e in es], extra=extra,
+                               max_bytes=sh.max_bytes, max_samples=sh.max_samples or None)
+
+    def generation() -> dict:
+        return {"generation": {"units_planned": len(units), "units_skipped": skipped,
+                               "units_generated": len(entries) - skipped, "units_held": len(held),
+                               "units_failed": len(unit_errors),
+                               "failed_units": {str(k): v for k, v in sorted(unit_errors.items())[:20]},
+                               "unit_samples": unit_samples}}
+
     def index_now(complete: bool, seconds: dict) -> dict:
-        return write_index(shards_dir, [e for es in entries.values() for e in es], complete=complete,
-                           max_bytes=sh.max_bytes, max_samples=sh.max_samples or None,
-                           extra={**extra, "generation": {"units_planned": len(units), "units_skipped": skipped,
-                                                          "units_generated": len(entries) - skipped,
-                                                          "units_held": len(held), "unit_samples": unit_samples},
-                                  "timing": seconds})
+        return index_writer.flush(complete=complete, extra={**generation(), "timing": seconds})
 
     emit = on_event or (lambda e: None)
     kept = [e for es in entries.values() for e in es]
@@ -371,35 +403,73 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
           "shards_committed": len(kept), "bytes_committed": sum(e["bytes"] for e in kept)})
     t_plan = t_gen = time.time()
     unit_seconds, t_first = 0.0, None
-    by_window: dict[int, list[Unit]] = {}
-    for u in todo:
-        by_window.setdefault(u.window, []).append(u)
+    unit_errors: dict[int, str] = {}
+    renders: list[list] = []  # [actor, render start, render end] per unit attempt that returned
     if todo:
         index_now(False, {})
-        if gate is not None:
-            # The actor pool starts with the graph: wait for a first window, so that the
-            # generation actors do not take the cluster's room from trainers with nothing to do.
-            first = [gate.handle.wait.remote([k for k, _ in windows[w]]) for w in list(by_window)[:8]]
-            ray.wait(first, num_returns=1)
-            t_gen = time.time()  # generation proper starts with the first ready window
+        # Attempt counts are per run: a rerun gives every uncommitted unit its attempts again.
+        afs, apath = fsspec.core.url_to_fs(_attempts_dir(out))
+        if afs.exists(apath):
+            afs.rm(apath, recursive=True)
+        stalled, started = 0, False
+        held_now: set[int] = set()
         with progress_feed(on_event) as sink:
-            source = _UnitSource([(windows[w], us, [tables.get(u.index) for u in us]) for w, us in by_window.items()],
-                                 _read_fn(cfg, plans, adapter_root, gate, exclude, seed, unit_samples))
-            ds = _unit_dataset(cfg, source, unit_samples, adapter_root, shards_dir, sink)
-            last_write, since_write = time.time(), 0
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-                for u, es, s in zip(batch["unit"], batch["entries"], batch["seconds"]):
-                    entries[int(u)] = json.loads(str(es))
-                    unit_seconds += float(s)
-                    since_write += 1
-                    t_first = t_first or time.time()
-                    emit({"kind": "unit_done", "unit": int(u), "samples": sum(e["samples"] for e in entries[int(u)]),
-                          "shards": len(entries[int(u)]), "bytes": sum(e["bytes"] for e in entries[int(u)])})
-                if since_write >= INDEX_EVERY_UNITS or time.time() - last_write >= INDEX_EVERY_S:
-                    index_now(False, {})
-                    last_write, since_write = time.time(), 0
+            while True:
+                # A round streams the units of every window whose classes are all resolved now and
+                # ends when they are done, so the generation actors never hold the cluster while
+                # they wait for training (on a full cluster that would starve the trainers they
+                # wait for); windows that become ready meanwhile go in the next round. A round
+                # whose stream fails (a lost node can surface as ActorUnavailableError) is
+                # followed by one with what is left, as long as rounds make progress.
+                left = [u for u in todo if u.index not in entries and u.index not in unit_errors
+                        and u.index not in held_now]
+                if not left:
+                    break
+                ready = {w for w in dict.fromkeys(u.window for u in left)
+                         if gate is None or gate.resolved(k for k, _ in windows[w])}
+                if not ready:
+                    gate.wait(timeout=POLL_S)
+                    continue
+                if not started:
+                    t_gen, started = time.time(), True  # generation proper starts with the first ready window
+                failed_now = set(exclude) | (gate.failed() if gate is not None else set())
+                round_units = [u for u in left if u.window in ready]
+                by_window: dict[int, list[Unit]] = {}
+                for u in round_units:
+                    by_window.setdefault(u.window, []).append(u)
+                source = _UnitSource([(windows[w], us, [tables.get(u.index) for u in us])
+                                      for w, us in by_window.items()],
+                                     _read_fn(cfg, plans, adapter_root, failed_now, seed, unit_samples))
+                ds = _unit_dataset(cfg, source, unit_samples, adapter_root, shards_dir, sink)
+                done_before = len(entries) + len(unit_errors)
+                try:
+                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+                        for u, es, s, err, r in zip(batch["unit"], batch["entries"], batch["seconds"], batch["error"],
+                                                    batch["render"]):
+                            renders.append(json.loads(str(r)))
+                            if err:
+                                unit_errors[int(u)] = str(err)
+                                log.warning("[generate] unit %d failed: %s", int(u), err)
+                                continue
+                            entries[int(u)] = json.loads(str(es))
+                            index_writer.add(entries[int(u)], extra=generation())
+                            unit_seconds += float(s)
+                            t_first = t_first or time.time()
+                            emit({"kind": "unit_done", "unit": int(u),
+                                  "samples": sum(e["samples"] for e in entries[int(u)]),
+                                  "shards": len(entries[int(u)]), "bytes": sum(e["bytes"] for e in entries[int(u)])})
+                except Exception as e:  # noqa: BLE001 - a new round resumes; no progress: re-raised
+                    progress = len(entries) + len(unit_errors) - done_before
+                    stalled = 0 if progress else stalled + 1
+                    if stalled >= STALLED_ROUNDS:
+                        raise
+                    log.warning("[generate] the generation stream failed after %d more units (%s: %s); streaming "
+                                "the units left in a new round", progress, type(e).__name__, str(e)[:300])
+                    continue
+                # The stream ended: the round's units that did not come back hold a failed class.
+                held_now |= {u.index for u in round_units if u.index not in entries and u.index not in unit_errors}
         failed = set(exclude) | (gate.failed() if gate is not None else set())
-        missing = [u for u in todo if u.index not in entries]
+        missing = [u for u in todo if u.index not in entries and u.index not in unit_errors]
         held = [u.index for u in missing if _holds(u, windows[u.window], seed, tables.get(u.index), failed)]
         lost = sorted(set(u.index for u in missing) - set(held))
         if lost:
@@ -407,17 +477,38 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
         if held:
             log.warning("[generate] %d units held back: they hold classes that failed training (%s); a rerun that "
                         "trains them generates exactly these units", len(held), ", ".join(sorted(failed)[:5]))
-        # Temporary parts of attempts that died mid-unit (their retries committed the unit).
+        # Parts of attempts that died mid-unit or lost their unit's commit: no manifest names them.
         remove_stale(shards_dir, [e["name"] for es in entries.values() for e in es], keep_units=entries)
     # plan + resume checks on the driver; the streamed generation (from the first ready window); the
     # actors' time inside units.
     timing = {"generate_plan_s": round(t_plan - t_start, 2), "generate_s": round(time.time() - t_gen, 2),
               "generate_units_sum_s": round(unit_seconds, 2)}
+    gaps = _idle_gaps(renders)
+    if gaps:
+        # Between two units of one actor that rendered back to back (the next was waiting): the
+        # accelerator's idle time at a unit boundary (a commit on the render path shows here).
+        timing["unit_boundary_idle_s"] = {"median": round(float(np.median(gaps)), 3),
+                                          "max": round(float(max(gaps)), 3), "boundaries": len(gaps)}
     if t_first is not None:
         timing["first_unit_at"] = round(t_first, 3)  # wall clock (s since the epoch): overlap figures
-    index = index_now(not held, timing)
+    index = index_now(not held and not unit_errors, timing)
     emit({"kind": "generate_end"})
     return index
+
+
+def _idle_gaps(renders: list[list]) -> list[float]:
+    """Seconds each actor spent between the end of one unit's rendering and the start of the
+    next, for consecutive units of one actor (an actor whose input ran dry is not waiting on
+    a commit, but the gap counts it too: read it as an upper bound)."""
+    by_actor: dict[str, list[tuple[float, float]]] = {}
+    for name, start, end in renders:
+        if end > 0:
+            by_actor.setdefault(name, []).append((start, end))
+    gaps = []
+    for spans in by_actor.values():
+        spans.sort()
+        gaps += [max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:])]
+    return gaps
 
 
 def _holds(unit: Unit, window_cls: list[tuple[str, int]], seed: int | None, table: str | None,
@@ -428,13 +519,12 @@ def _holds(unit: Unit, window_cls: list[tuple[str, int]], seed: int | None, tabl
     return bool(classes & set(keys.tolist()))
 
 
-def _read_fn(cfg: Config, plans: list[ClassPlan], adapter_root: str | None, gate: ClassGate | None,
-             exclude, seed: int | None, unit_samples: int):
+def _read_fn(cfg: Config, plans: list[ClassPlan], adapter_root: str | None, exclude, seed: int | None,
+             unit_samples: int):
     g = cfg.generate
     weights = _Weights(adapter_root, cfg.lora.mode, g.dirichlet_concentration, g.seed, g.imagewise_mix,
                        g.imagewise_weight)
-    return functools.partial(_read_window, gate=gate.handle if gate is not None else None,
-                             exclude=frozenset(exclude), seed=seed, names={p.key: p.name for p in plans},
+    return functools.partial(_read_window, exclude=frozenset(exclude), seed=seed, names={p.key: p.name for p in plans},
                              labels={p.key: p.label for p in plans}, unit_samples=unit_samples, weights=weights)
 
 
@@ -442,25 +532,34 @@ def _unit_dataset(cfg: Config, source: _UnitSource, unit_samples: int, adapter_r
                   shards_dir: str, sink=None) -> ray.data.Dataset:
     """The Ray Data graph: one read task per window -> a block per unit -> committed unit results."""
     ctx = DataContext.get_current()
-    # Retry a unit whose generation raised (actor death is retried by Ray anyway); bounded by
-    # max_task_retries below so a deterministic error still fails the run instead of looping.
+    # Retry a unit whose generation raised (actor death is retried by Ray anyway); a unit's
+    # attempts are bounded by ray.unit_attempts (_GenerateActor), so a deterministic error ends
+    # as a failed unit instead of looping.
     ctx.actor_task_retry_on_errors = True
-    ds = ray.data.read_datasource(source, num_cpus=LIGHT_CPUS, concurrency=min(READ_TASKS, len(source.windows)))
-    # max_restarts/max_task_retries bound Ray Data's default of infinite retries, so a
-    # deterministic error fails the run. Ray 2.60 flags them as deprecated "ray_remote_args"
-    # but documents them as the way to override those defaults.
+    # override_num_blocks = the read tasks: otherwise Ray Data splits each task's output to reach
+    # its default parallelism, cutting units into pieces (the actor stage needs whole units).
+    ds = ray.data.read_datasource(source, num_cpus=LIGHT_CPUS, concurrency=min(READ_TASKS, len(source.windows)),
+                                  override_num_blocks=len(source.windows))
+    # Ray 2.60 flags max_restarts/max_task_retries as deprecated "ray_remote_args" but documents
+    # them as the way to set them.
     warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
     return ds.map_batches(
         _GenerateActor,
         fn_constructor_kwargs={"cfg_dict": config_to_dict(cfg), "adapter_root": adapter_root, "shards_dir": shards_dir,
                                "progress": sink},
         # gen_actors_max 0: no upper bound, the pool grows while units wait and the cluster has room.
-        compute=ActorPoolStrategy(min_size=cfg.ray.gen_actors_min, max_size=cfg.ray.gen_actors_max or None),
+        compute=ActorPoolStrategy(min_size=cfg.ray.gen_actors_min, max_size=cfg.ray.gen_actors_max or None,
+                                  # the next unit renders while the previous one commits (_GenerateActor)
+                                  max_tasks_in_flight_per_actor=COMMITS_IN_FLIGHT + 1,
+                                  max_concurrent_calls_per_actor=COMMITS_IN_FLIGHT + 1,
+                                  enable_true_multi_threading=True),
         # Every block holds exactly unit_samples rows (a padded unit), so integer batches of
         # that size (needed with num_gpus) are whole units.
         batch_size=unit_samples,
         num_cpus=cfg.ray.gen_cpus,
         num_gpus=cfg.ray.gen_gpus or None,
-        max_restarts=3,
-        max_task_retries=3,
+        # No cap on restarts and retries: a lost node is routine in a long spot run, and every
+        # unit's own attempts are bounded by ray.unit_attempts (counted in storage).
+        max_restarts=-1,
+        max_task_retries=-1,
     )

@@ -57,11 +57,12 @@ def run(cfg: Config, report: dict, display: Display | None = None, lease: Output
     ``lease``: the run's lease on its output, checked as progress comes in (a run that lost it
     to another stops writing)."""
     display = display or Display(sys.stdout, live=False)
-    show = display.event
-    if lease is not None:
-        def show(e: dict) -> None:
+
+    def show(e: dict) -> None:
+        if lease is not None:
             lease.check()
-            display.event(e)
+        display.event(e)
+
     t0, out = time.time(), cfg.output.rstrip("/")
     seconds = report["seconds"] = {}
     report["stage"] = "ingest"
@@ -88,19 +89,17 @@ def run(cfg: Config, report: dict, display: Display | None = None, lease: Output
 
         def train_in_background() -> None:
             try:
-                training.set_result(_train(cfg, plans, inputs.dataset.by_class(cfg.data.split), show, gate))
+                result = _train(cfg, plans, inputs.dataset.by_class(cfg.data.split), show, gate)
                 seconds["train"] = round(time.time() - t, 1)
+                training.set_result(result)
             except BaseException as e:  # noqa: BLE001 - re-raised on the driver's thread below
                 training.set_exception(e)
 
         # A daemon thread: if generation fails, the driver exits with the error and Ray stops the
         # trainers (a pool's thread would be joined at exit, i.e. wait for every class to train).
         threading.Thread(target=train_in_background, name="chimera-train", daemon=True).start()
-        try:
-            index = generate_shards(cfg, plans, on_event=show, gate=gate)
-            trained = training.result()
-        finally:
-            gate.close()
+        index = generate_shards(cfg, plans, on_event=show, gate=gate)
+        trained = training.result()
     failed = sorted(k for k, v in trained.items() if v["status"] == "failed")
     report.update(train=trained, failed_classes=failed)
     seconds["train_and_generate"] = round(time.time() - t, 1)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 __all__ = ["progress_feed", "Reporter"]
 
@@ -44,7 +45,9 @@ def progress_feed(on_event: Callable[[dict], None] | None) -> Iterator[object | 
     if on_event is None:
         yield None
         return
-    sink = _Sink.remote()
+    # On the driver's node: a worker node may be lost (a spot preemption), the driver's may not.
+    here = ray.get_runtime_context().get_node_id()
+    sink = _Sink.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
     stop = threading.Event()
 
     def drain() -> None:

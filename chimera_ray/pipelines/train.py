@@ -41,6 +41,7 @@ from chimera_ray.local import adapter_done, train_one
 from chimera_ray.lora.adapter import committed_adapters
 from chimera_ray.models import load_pipeline, resolve_device, resolve_dtype
 from chimera_ray.pipelines.common import (
+    Attempts,
     absolute_config,
     absolute_url,
     arrow_fs,
@@ -65,12 +66,26 @@ def _train_group_loop(config: dict) -> None:
                          dtype=resolve_dtype(cfg.model.precision, device), family=cfg.model.family)
     train = wrap_train_one(train_one, cfg)
     progress = Reporter(config.get("progress"))
+    attempts = Attempts(_class_attempts_dir(out))
     for item in config["classes"]:
         plan = ClassPlan(**{**item["plan"], "shots": tuple(item["plan"]["shots"])})
         rows = [ImageRow(r["path"], plan.name, "train", tuple(Box(*b) for b in r["boxes"])) for r in item["rows"]]
         if adapter_done(cfg, plan.key):
             ray.train.report({"class": plan.key, "status": "skipped (committed)"})
             progress.send({"kind": "class_done", "class": plan.key, "loss": float("nan")})
+            continue
+        failure = f"{out}/failures/{plan.key}.json"
+        ffs, fpath = fsspec.core.url_to_fs(failure)
+        if ffs.exists(fpath):
+            continue  # failed in an earlier incarnation of this worker group (this run)
+        # Worker groups restart without a run-wide cap (a lost node is routine); a class whose
+        # worker keeps dying under it is given up after class_attempts + max_failures starts.
+        _, starts = attempts.start(plan.key)
+        if starts > cfg.ray.class_attempts + cfg.ray.max_failures:
+            write_json(failure, {"class": plan.name, "key": plan.key, "attempts": starts - 1,
+                                 "error": f"its training worker died {starts - 1} times (process or node lost); "
+                                          "see the Ray Train logs", "traceback": ""})
+            progress.send({"kind": "class_failed", "class": plan.key, "error": "training worker died repeatedly"})
             continue
         last_error = ""
 
@@ -100,6 +115,11 @@ def _train_group_loop(config: dict) -> None:
                         "traceback": tb})
             progress.send({"kind": "class_failed", "class": plan.key, "error": last_error})
             ray.train.report({"class": plan.key, "status": "failed", "error": last_error})
+
+
+def _class_attempts_dir(out: str) -> str:
+    """Where a class's training starts leave a marker each: ``<output>/_attempts/classes``."""
+    return f"{out}/_attempts/classes"
 
 
 def _group_name(keys: list[str]) -> str:
@@ -142,19 +162,20 @@ class _Demand:
     def __init__(self, bundle: dict[str, float]):
         self.bundle, self.markers = bundle, []
 
+    def prune(self) -> int:
+        """Removes the markers Ray has placed; returns how many (room was seen)."""
+        if not self.markers:
+            return 0
+        table = placement_group_table()
+        placed = [pg for pg in self.markers if table.get(pg.id.hex(), {}).get("state") == "CREATED"]
+        for pg in placed:
+            remove_placement_group(pg)
+        self.markers = [pg for pg in self.markers if pg not in placed]
+        return len(placed)
+
     def set(self, n: int) -> int:
-        """Keeps ``n`` markers pending; returns how many had been placed (room seen)."""
-        placed = 0
-        if self.markers:
-            table = placement_group_table()
-            keep = []
-            for pg in self.markers:
-                if table.get(pg.id.hex(), {}).get("state") == "CREATED":
-                    remove_placement_group(pg)
-                    placed += 1
-                else:
-                    keep.append(pg)
-            self.markers = keep
+        """Keeps ``n`` markers pending (placed ones are removed first); returns how many had been placed."""
+        placed = self.prune()
         while len(self.markers) > n:
             remove_placement_group(self.markers.pop())
         while len(self.markers) < n and self.bundle:
@@ -203,11 +224,15 @@ def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, 
             resolve(p.key, True)
         else:
             todo.append(p)
-    # A failure record of an earlier run says nothing about this one (the class trains again).
+    # A failure record (or attempt count) of an earlier run says nothing about this one: the
+    # class trains again.
     fs, failures = fsspec.core.url_to_fs(f"{out}/failures")
-    for p in todo:
-        if fs.exists(f"{failures}/{p.key}.json"):
-            fs.rm(f"{failures}/{p.key}.json")
+    stale = [f"{failures}/{p.key}.json" for p in todo if fs.exists(f"{failures}/{p.key}.json")]
+    if stale:
+        fs.rm(stale)
+    afs, apath = fsspec.core.url_to_fs(_class_attempts_dir(out))
+    if afs.exists(apath):
+        afs.rm(apath, recursive=True)
     groups = [todo[i : i + cfg.ray.classes_per_trainer] for i in range(0, len(todo), cfg.ray.classes_per_trainer)]
     storage_fs, storage_path = arrow_fs(absolute_url(cfg.ray.storage or f"{out}/ray"))
     cfg_dict = config_to_dict(cfg)
@@ -230,7 +255,9 @@ def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, 
                                          resources_per_worker={"CPU": cfg.ray.train_cpus, "GPU": cfg.ray.train_gpus}
                                          if cfg.ray.train_gpus > 0 else {"CPU": cfg.ray.train_cpus}),
             run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
-                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                                 # No run-wide cap on worker restarts: each class bounds its own
+                                 # (_train_group_loop), so a long run survives any number of lost nodes.
+                                 failure_config=FailureConfig(max_failures=-1),
                                  checkpoint_config=CheckpointConfig(num_to_keep=1)),
         )
         try:
@@ -274,11 +301,15 @@ def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, 
     with progress_feed(on_worker_event) as sink, ThreadPoolExecutor(max_workers=max(1, min(cap, 256))) as pool:
         try:
             while waiting or running:
+                demand.prune()  # a placed marker must not keep a trainer from the room it found
                 room = _fits(ray.cluster_resources(), bundle) + LOOKAHEAD_TRAINERS
                 while waiting and len(running) < min(cap, max(1, room)):
                     group = waiting.pop(0)
                     running[pool.submit(run_group, group, sink)] = group
-                demand.set(min(len(waiting), max(0, cap - len(running)), MAX_DEMAND))
+                # Markers only while the cluster is full: where there is free room, a new marker
+                # would race the starting trainers for it (and win: it is placed at once).
+                full = _fits(ray.available_resources(), bundle) == 0
+                demand.set(min(len(waiting), max(0, cap - len(running)), MAX_DEMAND) if full else 0)
                 finished, _ = wait(list(running), timeout=POLL_S, return_when=FIRST_COMPLETED)
                 for f in finished:
                     group_ended(running.pop(f))

@@ -64,7 +64,7 @@ def autoscaling_cluster():
 def test_training_fills_an_autoscaling_cluster_and_generation_overlaps(autoscaling_cluster, tmp_path):
     assert ray.cluster_resources().get("CPU", 0) == 0  # nothing to train on until the autoscaler adds nodes
     # ray.shared_fs: the fake cluster's nodes are this machine, so a local output is shared by all.
-    cfg = _cfg(tmp_path, "train.steps=30", "train.checkpoint_every=0", "ray.shared_fs=true")
+    cfg = _cfg(tmp_path, "train.steps=120", "train.checkpoint_every=0", "ray.shared_fs=true")
     report = _run(cfg)
     out = tmp_path / "run"
     assert report["failed_classes"] == [] and sum(report["written"].values()) == 36

@@ -8,6 +8,7 @@ killed from outside like a preempted driver.
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,7 +114,8 @@ def test_killed_driver_resumes_exactly_once_and_readers_see_only_complete_shards
     expected = sorted(f"{k}__{i:08d}" for k in report["requested"] for i in range(PER_CLASS))
     assert sorted(keys) == expected and len(keys) == len(set(keys))
     assert [e["name"] for e in index["shards"]] == sorted(e["name"] for e in index["shards"])
-    assert all(e["name"] == f"shard-{e['unit']:06d}-{e['part']:03d}.tar" for e in index["shards"])
+    assert all(re.fullmatch(rf"shard-{e['unit']:06d}-{e['part']:03d}-[0-9a-f]{{8}}\.tar", e["name"])
+               for e in index["shards"])
     _check_listed_shards(shards, index)
     # The folder holds exactly the index's shards, one manifest per unit, no temporary files.
     assert sorted(p.name for p in shards.glob("*.tar")) == sorted(e["name"] for e in index["shards"])

@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import fsspec
+import psutil
 
 __all__ = ["OutputLease", "LeaseHeld", "LeaseLost", "read_lease", "LEASE_NAME", "DEFAULT_TTL_S",
            "DEFAULT_HEARTBEAT_S"]
@@ -81,6 +82,20 @@ def _default_owner() -> dict[str, Any]:
         # One line, bounded: the message that names the holder prints it.
         "command": " ".join(sys.argv).replace("\n", " ")[:300],
     }
+
+
+def _holder_dead(doc: dict[str, Any]) -> bool:
+    """Whether the lease's holder ran on this host and its process is gone (a killed driver frees
+    its output at once instead of after the ttl). A pid reused by a later process counts as gone."""
+    if doc.get("host") != socket.gethostname():
+        return False
+    try:
+        proc = psutil.Process(int(doc["pid"]))
+        return proc.create_time() > float(doc.get("started_at", 0)) + 1.0
+    except (psutil.NoSuchProcess, KeyError, ValueError, TypeError):
+        return True
+    except psutil.Error:
+        return False
 
 
 def _describe(doc: dict[str, Any], now: float) -> str:
@@ -368,6 +383,10 @@ class OutputLease:
             raise LeaseHeld(f"output {self.url} holds a lease file {where} that is not a lease this version wrote; "
                             "if no run uses this output, delete that file and rerun", doc)
         ttl = float(doc.get("ttl_s", self.ttl_s))
+        if _holder_dead(doc):
+            log.warning("taking over the lease on %s: its holder (host %s, pid %s) is no longer running", self.url,
+                        doc.get("host"), doc.get("pid"))
+            return
         if now - float(doc["heartbeat_at"]) <= ttl:
             raise LeaseHeld(f"output {self.url} is in use by another run ({_describe(doc, now)}); wait for it to "
                             f"finish or stop it, or choose another output (a lease whose heartbeat is older than "

@@ -167,7 +167,8 @@ def test_bad_timings_are_refused(tmp_path, kw, match):
 HOLDER = textwrap.dedent("""
     import sys, time
     from chimera_ray.lease import OutputLease
-    lease = OutputLease(sys.argv[1], ttl_s=float(sys.argv[2]), heartbeat_s=0.2, owner={"command": "holder"}).acquire()
+    owner = {"command": "holder", **({"host": sys.argv[3]} if len(sys.argv) > 3 else {})}
+    lease = OutputLease(sys.argv[1], ttl_s=float(sys.argv[2]), heartbeat_s=0.2, owner=owner).acquire()
     print(lease.run_id, flush=True)
     time.sleep(600)
 """)
@@ -177,7 +178,9 @@ HOLDER = textwrap.dedent("""
 def test_two_processes_the_second_waits_for_a_killed_first_to_go_stale(store, tmp_path, request):
     out = str(tmp_path / "run") if store == "local" else request.getfixturevalue("s3_bucket") + "/run"
     ttl = 3.0
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, out, str(ttl)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    # As if on another node: its process cannot be checked from here, only its heartbeat.
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, out, str(ttl), "another-node"], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
     try:
         run_id = proc.stdout.readline().strip()
         assert run_id, "the holder process did not take the lease"
@@ -198,6 +201,24 @@ def test_two_processes_the_second_waits_for_a_killed_first_to_go_stale(store, tm
             time.sleep(0.2)
     # Not before the dead holder's last heartbeat was ttl old (it beat at most 0.2 s before the kill).
     assert time.time() - killed >= ttl - 0.3
+    assert read_lease(out)["run_id"] == lease.run_id
+    lease.release()
+
+
+def test_a_killed_holder_on_this_host_is_taken_over_at_once(tmp_path):
+    """A driver killed on this machine (SIGKILL: no release) frees its output at once: its pid is
+    gone, so nothing waits for the ttl (the streaming tests rerun a killed job right away)."""
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, out, "120"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        run_id = proc.stdout.readline().strip()
+        with pytest.raises(LeaseHeld, match=f"pid {proc.pid}, "):
+            OutputLease(out).acquire()  # alive: refused
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert read_lease(out)["run_id"] == run_id
+    lease = OutputLease(out).acquire()  # dead, fresh heartbeat: taken over without waiting 120 s
     assert read_lease(out)["run_id"] == lease.run_id
     lease.release()
 

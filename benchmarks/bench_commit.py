@@ -3,7 +3,7 @@ boundary against a slow stand-in store (a local folder with ``--latency`` second
 every request), one unit after another (a unit's commit on the render path, as before) vs two
 calls at once (the next unit renders while the previous one commits, as Ray Data runs the actor).
 
-    python benchmarks/bench_commit.py [--latency 0.1] [--units 6] [--unit 8] [--threads 1]
+    python benchmarks/bench_commit.py [--latency 0.1] [--units 6] [--unit 8] [--steps 25] [--threads 1]
 
 The actor class is the pipeline's own ``_GenerateActor``, driven in this process (no Ray) the
 way Ray Data drives it: ``--mode serial`` one call at a time, ``--mode overlap`` two threads
@@ -36,6 +36,9 @@ class SlowLocalFileSystem(LocalFileSystem):
 
     protocol = "slowfile"
     latency = 0.1
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **{**k, "auto_mkdir": True})  # an object store has no folders to make
 
     @classmethod
     def _strip_protocol(cls, path):
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--units", type=int, default=6)
     ap.add_argument("--unit", type=int, default=8, help="images per unit")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--steps", type=int, default=25, help="denoising steps (a unit's render time)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
@@ -114,12 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     fsspec.register_implementation("slowfile", SlowLocalFileSystem, clobber=True)
     SlowLocalFileSystem.latency = args.latency
-    result = {"latency_s": args.latency, "units": args.units, "unit_images": args.unit}
+    result = {"latency_s": args.latency, "units": args.units, "unit_images": args.unit, "steps": args.steps}
     with tempfile.TemporaryDirectory(prefix="bench-commit-") as tmp:
         for mode in ("serial", "overlap"):
             out = f"slowfile://{tmp}/{mode}"
             cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"), [
                 f"output={out}", f"model.cache_dir={tmp}/cache", "lora.mode=base", "generate.batch_size=4",
+                f"generate.num_inference_steps={args.steps}",
                 "shards.max_samples=4"])  # 2 parts per unit of 8: 3 PUTs + the attempt marker per commit
             actor = _GenerateActor(config_to_dict(cfg), None, f"{out}/shards")
             blocks = []

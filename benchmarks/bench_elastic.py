@@ -45,12 +45,14 @@ def _cfg(out: Path, classes: int, *extra: str):
         "generate.batch_size=4", "ray.shared_fs=true", *extra])
 
 
-def _intervals(out: Path) -> list[tuple[float, float]]:
+def train_intervals(out: Path) -> list[tuple[float, float]]:
+    """(start, end) wall-clock times of every class's training (its report in ``<out>/reports``)."""
     return [(r["started_at"], r["ended_at"]) for r in
             (json.loads(p.read_text()) for p in sorted((out / "reports").glob("train-*.json")))]
 
 
-def _peak(intervals: list[tuple[float, float]]) -> int:
+def peak_overlap(intervals: list[tuple[float, float]]) -> int:
+    """Most intervals open at one instant (trainings at once, from their start/end times)."""
     events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
     peak = now = 0
     for _, d in events:
@@ -80,8 +82,8 @@ def cluster(args) -> dict:
             run(cfg, {})
             wall = time.time() - t0
             nodes = sum(1 for x in ray.nodes() if x.get("Resources", {}).get("CPU"))
-            iv = _intervals(out)
-            row = {"max_nodes": n, "nodes_added": nodes, "peak_trainings": _peak(iv), "wall_s": round(wall, 1),
+            iv = train_intervals(out)
+            row = {"max_nodes": n, "nodes_added": nodes, "peak_trainings": peak_overlap(iv), "wall_s": round(wall, 1),
                    "first_class_to_first_unit_s": round(_first_unit_at(out) - min(e for _, e in iv), 1),
                    "first_unit_before_last_class_s": round(max(e for _, e in iv) - _first_unit_at(out), 1)}
             if n == max(args.nodes):
@@ -93,7 +95,7 @@ def cluster(args) -> dict:
                 train_classes(scfg, inputs.plans, inputs.dataset.by_class(scfg.data.split))
                 generate_shards(scfg, inputs.plans)
                 row["back_to_back_wall_s"] = round(time.time() - t0, 1)
-                siv = _intervals(seq)
+                siv = train_intervals(seq)
                 row["back_to_back_first_class_to_first_unit_s"] = round(_first_unit_at(seq) - min(e for _, e in siv), 1)
             rows.append(row)
             print(json.dumps(row), flush=True)

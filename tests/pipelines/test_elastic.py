@@ -19,6 +19,7 @@ from chimera_ray.units import plan_units, resolve_unit_samples, unit_rows, unit_
 ray = pytest.importorskip("ray")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `benchmarks` is a top-level folder, not installed
 from benchmarks import fake_cluster  # noqa: E402 - after the importorskip and the path
+from benchmarks.bench_elastic import peak_overlap, train_intervals  # noqa: E402
 
 pytestmark = pytest.mark.slow  # end to end: Ray Train, Ray Data, a fake autoscaling cluster
 
@@ -39,21 +40,6 @@ def _run(cfg) -> dict:
     return report
 
 
-def _intervals(out) -> list[tuple[float, float]]:
-    return [(r["started_at"], r["ended_at"]) for r in
-            (json.loads(p.read_text()) for p in sorted((out / "reports").glob("train-*.json")))]
-
-
-def _peak(intervals) -> int:
-    """Most intervals open at one instant."""
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
-    peak = now = 0
-    for _, d in events:
-        now += d
-        peak = max(peak, now)
-    return peak
-
-
 @pytest.fixture
 def autoscaling_cluster():
     # A head that cannot train (no CPU) and 1-CPU worker nodes from 0 to 3.
@@ -69,10 +55,10 @@ def test_training_fills_an_autoscaling_cluster_and_generation_overlaps(autoscali
     out = tmp_path / "run"
     assert report["failed_classes"] == [] and sum(report["written"].values()) == 36
     # Every waiting trainer was demand: the autoscaler added all 3 nodes and 3 trainings ran at once.
-    assert _peak(_intervals(out)) == 3
+    assert peak_overlap(train_intervals(out)) == 3
     # Generation overlapped training: a unit was committed before the last class finished.
     index = json.loads((out / "shards" / "index.json").read_text())
-    last_class = max(e for _, e in _intervals(out))
+    last_class = max(e for _, e in train_intervals(out))
     assert index["timing"]["first_unit_at"] < last_class
     assert index["complete"] and index["generation"]["units_generated"] == index["generation"]["units_planned"]
 

@@ -221,8 +221,10 @@ def test_a_run_where_every_class_fails_explains_itself(tmp_path):
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "no class is left to generate" in proc.stderr and "Traceback" not in proc.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["status"] == "failed" and report["stage"] == "train" and report["failed_classes"] == [plan.key]
+    # Training and generation overlap, so the stage that failed is "train + generate".
+    assert report["status"] == "failed" and report["stage"] == "train + generate"
+    assert report["failed_classes"] == [plan.key]
     assert "no class is left to generate" in report["error"]
     run_failure = json.loads((out / "failures" / "run.json").read_text())
-    assert run_failure["stage"] == "train" and "Traceback" in run_failure["traceback"]
+    assert run_failure["stage"] == "train + generate" and "Traceback" in run_failure["traceback"]
     assert "injected permanent training failure" in json.loads((out / "failures" / f"{plan.key}.json").read_text())["error"]

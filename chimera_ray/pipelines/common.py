@@ -33,8 +33,8 @@ from chimera_ray.pipelines import watchdog
 from chimera_ray.progress import Display
 from chimera_ray.storage import check_output_reachable
 
-__all__ = ["Attempts", "init_ray", "cluster_shape", "check_storage_reachable", "absolute_url", "absolute_config", "arrow_fs", "worker_logging", "quiet_console",
-           "USER_ERRORS"]
+__all__ = ["Attempts", "init_ray", "cluster_shape", "check_storage_reachable", "absolute_url", "absolute_config",
+           "arrow_fs", "worker_logging", "quiet_console", "USER_ERRORS"]
 
 # Errors in what the user gave (config, data, base model, storage): exit code 2, one message.
 USER_ERRORS = (ConfigError, DataError, BaseModelError, CacheError, LeaseHeld)

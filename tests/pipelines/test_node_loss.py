@@ -55,7 +55,12 @@ def _killer(cluster, out, removed: list, stop: threading.Event) -> None:
     first committed unit and another after the third; a fresh node joins after each loss. (Runs
     on the main thread: ``Cluster.add_node`` installs a signal handler.)"""
     units = out / "shards" / "_units"
-    plan = [(lambda: any((out / "checkpoints").glob("*/*")), ("TrainWorker",), "training"),
+
+    def mid_training() -> bool:  # the class now training (one trainer at a time) has a checkpoint
+        return any(not (out / "adapters" / d.name / "adapter.json").exists() and any(d.iterdir())
+                   for d in (out / "checkpoints").glob("*") if d.is_dir())
+
+    plan = [(mid_training, ("TrainWorker",), "training"),
             (lambda: len(list(units.glob("*.json"))) >= 1, ("MapWorker", "_GenerateActor"), "generation"),
             (lambda: len(list(units.glob("*.json"))) >= 3, ("MapWorker", "_GenerateActor"), "generation")]
     for ready, words, phase in plan:
@@ -76,6 +81,8 @@ def test_the_job_survives_three_lost_nodes_exactly_once(cluster, tmp_path):
     cfg = load_config("jobs/configs/tiny.yaml", [
         f"output={out}", f"model.cache_dir={tmp_path / 'cache'}", "data.max_classes=4", "data.budget=fixed",
         "data.budget_value=12", "train.steps=40", "train.checkpoint_every=4", "ray.classes_per_trainer=1",
+        # one trainer at a time: the node that runs it trains the class whose checkpoint was seen
+        "ray.max_concurrent_trainers=1",
         "ray.train_cpus=1", "ray.gen_cpus=1", "ray.gen_actors_min=1", "ray.gen_actors_max=2",
         "generate.window_classes=2", "generate.unit_samples=4", "generate.batch_size=2",
         # one machine: every node sees the output

@@ -228,6 +228,15 @@ def plan_units(classes: ClassBudgets, *, unit_samples: int, window_classes: int,
     return _units_of_windows(windows, int(unit_samples), seed, salt)
 
 
+def window_order(classes: ClassBudgets) -> list[str]:
+    """Class keys in the order their windows come (sorted key, as windows are cut), classes with
+    no budget last: classes trained in this order complete whole windows one after another, so
+    generation starts while the rest still train (in label order, a window can wait for the last
+    wave of training)."""
+    items = list(classes.items()) if isinstance(classes, Mapping) else list(classes)
+    return [k for k, _ in sorted(items, key=lambda kb: (int(kb[1]) <= 0, kb[0]))]
+
+
 def window_classes_of(classes: ClassBudgets, window: int, window_classes: int) -> list[tuple[str, int]]:
     """The ``(class_key, budget)`` pairs of one window, in order (what a worker needs to ship).
 

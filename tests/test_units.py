@@ -214,3 +214,14 @@ def test_default_unit_samples_is_minutes_of_work(family, resolution, steps, guid
     from chimera_ray.units import default_unit_samples
 
     assert default_unit_samples(family, resolution, steps, guidance) == expect
+
+
+def test_window_order_trains_whole_windows_first():
+    from chimera_ray.units import window_order
+
+    classes = [("white", 3), ("yellow", 3), ("blue", 3), ("none", 0), ("green", 3), ("orange", 3)]
+    order = window_order(classes)
+    assert order == ["blue", "green", "orange", "white", "yellow", "none"]
+    # The first two trained are exactly the first window of two (the windows generate cuts).
+    units = plan_units(classes, unit_samples=2, window_classes=2, seed=0, salt="s")
+    assert set(order[:2]) == {k for k, _ in window_classes_of(classes, units[0].window, 2)}

@@ -179,10 +179,16 @@ class _UnitSource(Datasource):
 
 class ClassGate:
     """Which classes are resolved (committed, or failed training), told by the training thread
-    while generation runs (driver side, thread-safe). The first word on a class wins."""
+    while generation runs (driver side, thread-safe). The first word on a class wins.
+
+    It also says whether a generation round is streaming now (``generating``): training leaves
+    room for the generation pool's smallest size meanwhile, so that on a cluster at its largest
+    a window's units commit while other classes still train instead of after all of them.
+    """
 
     def __init__(self):
         self.state: dict[str, bool] = {}
+        self.generating = False
         self._changed = threading.Condition()
 
     def resolve(self, key: str, ok: bool) -> None:
@@ -437,6 +443,8 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
                 by_window: dict[int, list[Unit]] = {}
                 for u in round_units:
                     by_window.setdefault(u.window, []).append(u)
+                if gate is not None:
+                    gate.generating = True  # until the round ends: training leaves the pool its room
                 source = _UnitSource([(windows[w], us, [tables.get(u.index) for u in us])
                                       for w, us in by_window.items()],
                                      _read_fn(cfg, plans, adapter_root, failed_now, seed, unit_samples))
@@ -466,6 +474,9 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
                     log.warning("[generate] the generation stream failed after %d more units (%s: %s); streaming "
                                 "the units left in a new round", progress, type(e).__name__, str(e)[:300])
                     continue
+                finally:
+                    if gate is not None:
+                        gate.generating = False
                 # The stream ended: the round's units that did not come back hold a failed class.
                 held_now |= {u.index for u in round_units if u.index not in entries and u.index not in unit_errors}
         failed = set(exclude) | (gate.failed() if gate is not None else set())

@@ -43,6 +43,7 @@ from chimera_ray.pipelines.common import USER_ERRORS, check_storage_reachable, q
 from chimera_ray.pipelines.generate import ClassGate
 from chimera_ray.progress import Display
 from chimera_ray.summary import run_summary
+from chimera_ray.units import window_order
 
 __all__ = ["run", "run_from_args"]
 
@@ -122,13 +123,27 @@ def run(cfg: Config, report: dict, display: Display | None = None, lease: Output
 
 
 def _train(cfg: Config, plans, rows, show, gate: ClassGate) -> dict:
-    """Trains every class, telling ``gate`` about each one as it is resolved; whatever happens,
-    every class ends resolved (a class never resolved would keep its window waiting)."""
+    """Trains every class, window after window, telling ``gate`` about each one as it is
+    resolved; whatever happens, every class ends resolved (a class never resolved would keep
+    its window waiting)."""
+    by_key = {p.key: p for p in plans}
+    ordered = [by_key[k] for k in window_order([(p.key, p.budget) for p in plans])]
     try:
-        return train_classes(cfg, plans, rows, on_event=show, on_class=gate.resolve)
+        return train_classes(cfg, ordered, rows, on_event=show, on_class=gate.resolve,
+                             leave=lambda: _pool_room(cfg, gate))
     finally:
         for p in plans:
             gate.resolve(p.key, False)  # no-op for classes already resolved (the first word wins)
+
+
+def _pool_room(cfg: Config, gate: ClassGate) -> dict[str, float]:
+    """While a generation round streams, the resources of the generation pool's smallest size
+    (``ray.gen_actors_min`` actors): training leaves them free, so the pool gets them as soon as a
+    trainer ends even when the cluster cannot grow."""
+    if not gate.generating:
+        return {}
+    n = cfg.ray.gen_actors_min
+    return {k: n * v for k, v in (("CPU", cfg.ray.gen_cpus), ("GPU", cfg.ray.gen_gpus)) if v > 0}
 
 
 def run_from_args(args: argparse.Namespace) -> int:

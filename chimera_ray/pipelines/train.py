@@ -138,6 +138,11 @@ def _fits(resources: dict[str, float], bundle: dict[str, float]) -> int:
     return int(min((resources.get(k, 0.0) // v for k, v in bundle.items()), default=1 << 30))
 
 
+def _minus(resources: dict[str, float], taken: dict[str, float]) -> dict[str, float]:
+    """``resources`` less ``taken``, never below 0."""
+    return {k: max(0.0, v - taken.get(k, 0.0)) for k, v in resources.items()}
+
+
 # Trainers started beyond what the cluster holds now: they wait in Ray's queue, so a node that
 # frees up (or joins) gets a trainer at once, without waiting for the driver's next look.
 LOOKAHEAD_TRAINERS = 2
@@ -188,7 +193,8 @@ class _Demand:
 
 def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, list],
                   on_event: Callable[[dict], None] | None = None,
-                  on_class: Callable[[str, bool], None] | None = None) -> dict[str, dict]:
+                  on_class: Callable[[str, bool], None] | None = None,
+                  leave: Callable[[], dict[str, float]] | None = None) -> dict[str, dict]:
     """Fine-tunes every planned class on the Ray cluster; returns a status per class key.
 
     Args:
@@ -200,6 +206,9 @@ def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, 
         on_class: called on the driver with ``(class_key, committed)`` once per class, as soon as
             it is known: committed before (at the start), committed or failed now (as its
             trainer says so, confirmed by a listing when the trainer ends).
+        leave: called every poll; the resources that other work sharing the cluster (the
+            generation pool) needs now: no new trainer starts into them, and none starts ahead
+            of the room (``LOOKAHEAD_TRAINERS``) while they are asked for.
     """
     cfg = absolute_config(cfg)
     out = cfg.output.rstrip("/")
@@ -302,7 +311,8 @@ def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, 
         try:
             while waiting or running:
                 demand.prune()  # a placed marker must not keep a trainer from the room it found
-                room = _fits(ray.cluster_resources(), bundle) + LOOKAHEAD_TRAINERS
+                others = leave() if leave is not None else {}
+                room = _fits(_minus(ray.cluster_resources(), others), bundle) + (0 if others else LOOKAHEAD_TRAINERS)
                 while waiting and len(running) < min(cap, max(1, room)):
                     group = waiting.pop(0)
                     running[pool.submit(run_group, group, sink)] = group

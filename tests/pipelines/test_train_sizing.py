@@ -35,6 +35,23 @@ def test_fits_counts_trainers_the_cluster_holds_now(resources, bundle, expect):
     assert _fits(resources, bundle) == expect
 
 
+def test_room_left_for_the_generation_pool_is_not_trained_on():
+    from chimera_ray.config import load_config
+    from chimera_ray.pipelines.generate import ClassGate
+    from chimera_ray.pipelines.job import _pool_room
+    from chimera_ray.pipelines.train import _fits, _minus
+
+    cfg = load_config("jobs/configs/tiny.yaml", ["ray.gen_actors_min=2", "ray.gen_cpus=1", "ray.gen_gpus=1"])
+    gate = ClassGate()
+    assert _pool_room(cfg, gate) == {}  # no round streams: training may use every node
+    gate.generating = True
+    assert _pool_room(cfg, gate) == {"CPU": 2.0, "GPU": 2.0}
+    # 8 GPU nodes, a 1-GPU trainer: 6 trainers while the pool's 2 actors need their GPUs.
+    cluster = {"CPU": 64.0, "GPU": 8.0}
+    assert _fits(_minus(cluster, _pool_room(cfg, gate)), {"CPU": 4.0, "GPU": 1.0}) == 6
+    assert _minus({"CPU": 1.0}, {"CPU": 3.0, "GPU": 1.0}) == {"CPU": 0.0}  # never below 0
+
+
 def test_default_has_no_cap():
     assert RayConfig().max_concurrent_trainers == 0  # the cluster decides, as it grows
 

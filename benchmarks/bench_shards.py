@@ -85,7 +85,7 @@ def _io_written() -> int:
         return 0
 
 
-def run_one(samples: int, classes: int, out: str, actors: int) -> dict:
+def run_one(samples: int, classes: int, out: str, actors: int, unit_samples: int = 0) -> dict:
     import ray
 
     from chimera_ray.config import load_config
@@ -96,7 +96,8 @@ def run_one(samples: int, classes: int, out: str, actors: int) -> dict:
     budgets[: samples % classes] += 1
     plans = [ClassPlan(f"class {c}", f"class_{c:05d}", c, 1, (), int(b)) for c, b in enumerate(budgets)]
     cfg = load_config(None, [f"output={out}", "lora.mode=base", "model.base=stand-in", "shards.max_samples=256",
-                             "generate.batch_size=64", f"ray.gen_actors_min={actors}",
+                             "generate.batch_size=64", f"generate.unit_samples={unit_samples}",
+                             f"ray.gen_actors_min={actors}",
                              f"ray.gen_actors_max={actors}", "ray.gen_cpus=1", "ray.num_cpus=2"])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--classes", type=int, default=10_000)
     ap.add_argument("--actors", type=int, default=1, help="generation actors (1 CPU each)")
     ap.add_argument("--side", type=int, default=48, help="stand-in image side in pixels")
+    ap.add_argument("--unit-samples", type=int, default=0,
+                    help="generate.unit_samples (0: the product's default); small units = many units per sample")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size in this process
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -138,13 +141,13 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ["BENCH_SHARDS_SIDE"] = str(args.side)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if args.one:
-        print(json.dumps(run_one(args.one, args.classes, args.out, args.actors)))
+        print(json.dumps(run_one(args.one, args.classes, args.out, args.actors, args.unit_samples)))
         return {}
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
             cmd = [sys.executable, __file__, "--one", str(n), "--classes", str(args.classes), "--out", tmp,
-                   "--actors", str(args.actors), "--side", str(args.side)]
+                   "--actors", str(args.actors), "--side", str(args.side), "--unit-samples", str(args.unit_samples)]
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 raise SystemExit(f"size {n} failed:\n{proc.stderr[-3000:]}")

@@ -27,6 +27,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import queue
@@ -64,6 +65,8 @@ __all__ = [
     "unit_shard_name",
     "write_index",
 ]
+
+log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 BLOCK = 512
@@ -342,7 +345,10 @@ class UnitWriter:
         self._done.append((self._path, {
             "name": self._path.rsplit("/", 1)[-1], "samples": self._samples, "bytes": self._sink.n,
             "sha256": self._sink.sha.hexdigest(), "class_counts": dict(sorted(self._counts.items())),
-            "first_key": self._first, "last_key": self._last, "unit": self.unit, "part": len(self._done)}))
+            "first_key": self._first, "last_key": self._last, "unit": self.unit, "part": len(self._done),
+            # The unit's signature in every entry: index.json then doubles as a cache of the
+            # manifests (committed_units reads it instead of one manifest per unit).
+            **({"signature": self.signature} if self.signature else {})}))
         self._file = self._sink = self._tar = None
 
     # -- public --
@@ -533,19 +539,59 @@ def _parse_manifest(path: str, data: bytes) -> dict:
 def committed_units(out_dir: str) -> dict[int, dict]:
     """Every committed unit's manifest, ``{unit index: manifest}`` (local or any fsspec URL).
 
-    Cost: one listing plus one small read per unit; a running job should keep the entries its
-    workers return instead of calling this repeatedly.
+    Cost: one listing of the manifests and one read of ``index.json``, whose entries stand in
+    for the manifests of the units it lists (with their signature); only manifests committed
+    after the index's last write are read one by one (at most the index writer's lag).
+
+    Why the index may stand in: a unit's manifest is created once and never changes; it is only
+    deleted (``remove_stale``: another plan, or not planned), and the driver that deletes
+    rewrites the index before any unit is committed again. So a unit the index lists with a
+    manifest still listed is that manifest's unit, and a listed unit the index lacks is read.
+    The listing is the authority for what is committed: the index never adds a unit to it.
 
     Raises:
-        ValueError: a manifest is not valid JSON (it names the file; delete it to redo the unit).
+        ValueError: a manifest that has to be read is not valid JSON (it names the file; delete
+            it to redo the unit).
     """
     fs, root = _fs_root(out_dir)
     fs.invalidate_cache(f"{root}/{UNITS_DIR}")  # other processes commit units; never trust a cached listing
-    paths = [p for p in fs.glob(f"{root}/{UNITS_DIR}/*.json") if _MANIFEST.match(p.rsplit("/", 1)[-1])]
-    out = {}
+    listed = {}
+    for p in fs.glob(f"{root}/{UNITS_DIR}/*.json"):
+        m = _MANIFEST.match(p.rsplit("/", 1)[-1])
+        if m:
+            listed[int(m.group(1))] = p
+    out = _manifests_from_index(fs, root, listed)
+    paths = [p for u, p in listed.items() if u not in out]
     for path, data in sorted(fs.cat(paths).items()) if paths else ():
         out[int(_MANIFEST.match(path.rsplit("/", 1)[-1]).group(1))] = _parse_manifest(path, data)
     return dict(sorted(out.items()))
+
+
+def _manifests_from_index(fs: fsspec.AbstractFileSystem, root: str, listed: dict[int, str]) -> dict[int, dict]:
+    """The manifests of ``listed`` units as ``index.json`` records them (units whose entries
+    carry their signature); {} when there is no readable index."""
+    if not listed:
+        return {}
+    # A list with on_error="omit": nothing (not an error) when there is no index yet.
+    data = fs.cat([f"{root}/{INDEX_NAME}"], on_error="omit")
+    if not data:
+        return {}
+    try:
+        shards = json.loads(next(iter(data.values())))["shards"]
+    except (ValueError, KeyError, TypeError) as err:  # a damaged index: the manifests are the truth
+        log.warning("%s/%s is not a readable index (%s); reading every unit manifest instead", root, INDEX_NAME, err)
+        return {}
+    by_unit: dict[int, list[dict]] = {}
+    for e in shards:
+        by_unit.setdefault(int(e["unit"]), []).append(e)
+    out = {}
+    for u, es in by_unit.items():
+        sigs = {e.get("signature") for e in es}
+        if u in listed and len(sigs) == 1 and None not in sigs:
+            es.sort(key=lambda e: e["part"])
+            out[u] = {"unit": u, "signature": es[0]["signature"], "samples": sum(e["samples"] for e in es),
+                      "shards": es}
+    return out
 
 
 def _index_document(entries: Iterable[dict], *, complete: bool, extra: dict | None, max_bytes: int | None,
@@ -606,8 +652,9 @@ def _publish_index(out_dir: str, index: dict) -> int:
 class IndexWriter:
     """Keeps ``index.json`` current while units commit, at O(new units) cost per update.
 
-    The driver hands it each committed unit's entries (:meth:`add`: O(entries added)); it
-    rewrites ``index.json`` (every entry, via :func:`write_index`) only when both hold:
+    The driver hands it each committed unit's entries (:meth:`add`: O(entries added)); it keeps
+    them as compact JSON (what the index holds) and rewrites ``index.json`` (every entry, the
+    document :func:`write_index` writes) only when both hold:
 
     - at least ``max(min_interval_s, 20 x the last write's duration)`` passed since the last
       write (the index never takes more than ~5 % of the driver's time, however slow the store);
@@ -650,21 +697,59 @@ class IndexWriter:
         self.out_dir, self.max_bytes, self.max_samples = out_dir.rstrip("/"), max_bytes, max_samples
         self.extra = dict(extra or {})
         self.min_interval_s, self.growth, self.max_lag_s, self.clock = min_interval_s, growth, max_lag_s, clock
-        self._units: dict[int, list[dict]] = {}
-        self._shards = 0  # entries held
+        # Per unit, its entries as the compact JSON the index holds (~330 bytes a shard, against
+        # ~1.8 KB as Python dicts): the driver's memory for 10^5 units stays tens of MB.
+        self._units: dict[int, bytes] = {}
+        self._shards = self._samples = self._bytes = 0  # totals over what is held
+        self._counts: Counter = Counter()
         self._pending = False  # entries added since the last write
         self._written = 0  # entries the last write listed
         self._last_at, self._last_s = clock(), 0.0
         self.writes, self.bytes_written = 0, 0
         self._add(entries)
 
+    def __contains__(self, unit: int) -> bool:
+        return int(unit) in self._units
+
+    def __len__(self) -> int:
+        """Units held."""
+        return len(self._units)
+
+    def __iter__(self) -> Iterator[int]:
+        """The units held."""
+        return iter(self._units)
+
+    def unit_entries(self, unit: int) -> list[dict]:
+        """The entries held for ``unit`` (decoded on demand)."""
+        return json.loads(b"[" + self._units[int(unit)] + b"]")
+
+    def names(self) -> Iterator[str]:
+        """Every shard name held, unit by unit (decoded one unit at a time)."""
+        for u in self._units:
+            yield from (e["name"] for e in self.unit_entries(u))
+
+    def _count(self, entries: list[dict], sign: int) -> None:
+        self._shards += sign * len(entries)
+        for e in entries:
+            self._samples += sign * e["samples"]
+            self._bytes += sign * e["bytes"]
+            for k, n in e["class_counts"].items():
+                self._counts[k] += sign * n
+
     def _add(self, entries: Iterable[dict]) -> None:
         by_unit: dict[int, list[dict]] = {}
         for e in entries:
             by_unit.setdefault(int(e["unit"]), []).append(e)
         for u, es in by_unit.items():  # a unit added again replaces its entries
-            self._shards += len(es) - len(self._units.get(u, ()))
-            self._units[u] = es
+            es = sorted(es, key=lambda e: e["part"])
+            names = [e["name"] for e in es]
+            if len(set(names)) != len(names):
+                raise ValueError(f"entries of unit {u} list a shard twice: {names}")
+            if u in self._units:
+                self._count(self.unit_entries(u), -1)
+                self._counts = +self._counts  # drop classes the replaced entries alone held
+            self._units[u] = b",".join(json.dumps(e, separators=(",", ":")).encode() for e in es)
+            self._count(es, +1)
             self._pending = True
 
     def add(self, entries: Iterable[dict], *, extra: dict | None = None) -> dict | None:
@@ -672,11 +757,13 @@ class IndexWriter:
         the index if the rule says so.
 
         Args:
-            entries: the entries of one or more committed units (``UnitWriter.close``).
+            entries: the entries of one or more committed units (``UnitWriter.close``); shard
+                names are unique across units by construction (``unit_shard_name``).
             extra: top-level fields to update for the next write (generation counters...).
 
         Returns:
-            The index written, or None when the write is left for later.
+            The index written, without its shard list (``index.json`` holds it: :func:`read_index`),
+            or None when the write is left for later.
         """
         self._add(entries)
         if extra:
@@ -691,22 +778,33 @@ class IndexWriter:
         return None
 
     def flush(self, *, complete: bool, extra: dict | None = None) -> dict:
-        """Writes the index now (``complete``: every unit of the plan is committed)."""
+        """Writes the index now (``complete``: every unit of the plan is committed); returns it
+        without its shard list (see :meth:`add`)."""
         if extra:
             self.extra.update(extra)
         return self._write(complete=complete)
 
     def _write(self, *, complete: bool) -> dict:
         t0 = self.clock()
-        index = _index_document([e for es in self._units.values() for e in es], complete=complete, extra=self.extra,
-                                max_bytes=self.max_bytes, max_samples=self.max_samples)
-        size = _publish_index(self.out_dir, index)
+        # The document write_index writes for the same entries, with the held JSON spliced in
+        # as its shard list (no entry is decoded: the write costs O(index bytes) of memory).
+        head = _index_document([], complete=complete, extra=self.extra, max_bytes=self.max_bytes,
+                               max_samples=self.max_samples)
+        head["totals"] = {"shards": self._shards, "units": len(self._units), "samples": self._samples,
+                          "bytes": self._bytes, "class_counts": dict(sorted(self._counts.items()))}
+        empty = json.dumps(head, separators=(",", ":")).encode()
+        at = empty.index(b'"shards":[]') + len(b'"shards":[')
+        body = b",".join(self._units[u] for u in sorted(self._units))
+        data = empty[:at] + body + empty[at:]
+        fs, root = _fs_root(self.out_dir)
+        _publish(fs, f"{root}/{INDEX_NAME}", data)
         self._last_at = self.clock()
         self._last_s = self._last_at - t0
         self._written, self._pending = self._shards, False
         self.writes += 1
-        self.bytes_written += size
-        return index
+        self.bytes_written += len(data)
+        del head["shards"]
+        return head
 
 
 def _list_shards_dir(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:

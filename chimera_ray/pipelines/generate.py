@@ -333,8 +333,10 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
         exclude: classes that will not be ready (failed training): their units are held back.
 
     Returns:
-        The final shard index (``<output>/shards/index.json``) plus ``generation`` (units
-        planned / skipped / generated / held back) and ``timing`` (seconds).
+        The final shard index (``<output>/shards/index.json``) without its shard list (read
+        that with ``shards.read_index``: the driver never holds every entry as objects),
+        with ``totals``, ``generation`` (units planned / skipped / generated / held back) and
+        ``timing`` (seconds).
     """
     t_start = time.time()
     cfg = absolute_config(cfg)
@@ -378,35 +380,38 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
     # Resume: keep units whose manifest matches the plan, delete everything else.
     done = committed_units(shards_dir)
     planned = {u.index: u for u in units}
-    entries = {i: m["shards"] for i, m in done.items() if i in planned and m.get("signature") == planned[i].signature}
-    removed = remove_stale(shards_dir, [e["name"] for es in entries.values() for e in es], keep_units=entries)
+    kept = [e for i, m in done.items() if i in planned and m.get("signature") == planned[i].signature
+            for e in m["shards"]]
+    del done
+    removed = remove_stale(shards_dir, [e["name"] for e in kept], keep_units={e["unit"] for e in kept})
     if removed:
         log.info("[generate] removed %d stale files from %s", len(removed), shards_dir)
-    todo = [u for u in units if u.index not in entries]
-    skipped = len(entries)
     held: list[int] = []
-    log.info("[generate] %d units planned, %d already committed, %d to generate", len(units), skipped, len(todo))
 
     # index.json: rewritten as units commit, at intervals that grow with its size (O(units)
     # bytes over a run, shards.IndexWriter), and once more at the end.
-    index_writer = IndexWriter(shards_dir, entries=[e for es in entries.values() for e in es], extra=extra,
-                               max_bytes=sh.max_bytes, max_samples=sh.max_samples or None)
+    # It is also the driver's record of committed units ("in committed"): one compact copy.
+    committed = IndexWriter(shards_dir, entries=kept, extra=extra, max_bytes=sh.max_bytes,
+                            max_samples=sh.max_samples or None)
+    kept_stats = {"units_committed": len(committed), "images_committed": sum(e["samples"] for e in kept),
+                  "shards_committed": len(kept), "bytes_committed": sum(e["bytes"] for e in kept)}
+    del kept
+    todo = [u for u in units if u.index not in committed]
+    skipped = len(committed)
+    log.info("[generate] %d units planned, %d already committed, %d to generate", len(units), skipped, len(todo))
 
     def generation() -> dict:
         return {"generation": {"units_planned": len(units), "units_skipped": skipped,
-                               "units_generated": len(entries) - skipped, "units_held": len(held),
+                               "units_generated": len(committed) - skipped, "units_held": len(held),
                                "units_failed": len(unit_errors),
                                "failed_units": {str(k): v for k, v in sorted(unit_errors.items())[:20]},
                                "unit_samples": unit_samples}}
 
     def index_now(complete: bool, seconds: dict) -> dict:
-        return index_writer.flush(complete=complete, extra={**generation(), "timing": seconds})
+        return committed.flush(complete=complete, extra={**generation(), "timing": seconds})
 
     emit = on_event or (lambda e: None)
-    kept = [e for es in entries.values() for e in es]
-    emit({"kind": "generate_start", "images": sum(u.count for u in units), "units": len(units),
-          "units_committed": skipped, "images_committed": sum(e["samples"] for e in kept),
-          "shards_committed": len(kept), "bytes_committed": sum(e["bytes"] for e in kept)})
+    emit({"kind": "generate_start", "images": sum(u.count for u in units), "units": len(units), **kept_stats})
     t_plan = t_gen = time.time()
     unit_seconds, t_first = 0.0, None
     unit_errors: dict[int, str] = {}
@@ -427,7 +432,7 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
                 # wait for); windows that become ready meanwhile go in the next round. A round
                 # whose stream fails (a lost node can surface as ActorUnavailableError) is
                 # followed by one with what is left, as long as rounds make progress.
-                left = [u for u in todo if u.index not in entries and u.index not in unit_errors
+                left = [u for u in todo if u.index not in committed and u.index not in unit_errors
                         and u.index not in held_now]
                 if not left:
                     break
@@ -449,7 +454,7 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
                                       for w, us in by_window.items()],
                                      _read_fn(cfg, plans, adapter_root, failed_now, seed, unit_samples))
                 ds = _unit_dataset(cfg, source, unit_samples, adapter_root, shards_dir, sink)
-                done_before = len(entries) + len(unit_errors)
+                done_before = len(committed) + len(unit_errors)
                 try:
                     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
                         for u, es, s, err, r in zip(batch["unit"], batch["entries"], batch["seconds"], batch["error"],
@@ -459,15 +464,15 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
                                 unit_errors[int(u)] = str(err)
                                 log.warning("[generate] unit %d failed: %s", int(u), err)
                                 continue
-                            entries[int(u)] = json.loads(str(es))
-                            index_writer.add(entries[int(u)], extra=generation())
+                            unit_entries = json.loads(str(es))
+                            committed.add(unit_entries, extra=generation())
                             unit_seconds += float(s)
                             t_first = t_first or time.time()
                             emit({"kind": "unit_done", "unit": int(u),
-                                  "samples": sum(e["samples"] for e in entries[int(u)]),
-                                  "shards": len(entries[int(u)]), "bytes": sum(e["bytes"] for e in entries[int(u)])})
+                                  "samples": sum(e["samples"] for e in unit_entries),
+                                  "shards": len(unit_entries), "bytes": sum(e["bytes"] for e in unit_entries)})
                 except Exception as e:  # noqa: BLE001 - a new round resumes; no progress: re-raised
-                    progress = len(entries) + len(unit_errors) - done_before
+                    progress = len(committed) + len(unit_errors) - done_before
                     stalled = 0 if progress else stalled + 1
                     if stalled >= STALLED_ROUNDS:
                         raise
@@ -478,9 +483,9 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
                     if gate is not None:
                         gate.generating = False
                 # The stream ended: the round's units that did not come back hold a failed class.
-                held_now |= {u.index for u in round_units if u.index not in entries and u.index not in unit_errors}
+                held_now |= {u.index for u in round_units if u.index not in committed and u.index not in unit_errors}
         failed = set(exclude) | (gate.failed() if gate is not None else set())
-        missing = [u for u in todo if u.index not in entries and u.index not in unit_errors]
+        missing = [u for u in todo if u.index not in committed and u.index not in unit_errors]
         held = [u.index for u in missing if _holds(u, windows[u.window], seed, tables.get(u.index), failed)]
         lost = sorted(set(u.index for u in missing) - set(held))
         if lost:
@@ -489,7 +494,7 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
             log.warning("[generate] %d units held back: they hold classes that failed training (%s); a rerun that "
                         "trains them generates exactly these units", len(held), ", ".join(sorted(failed)[:5]))
         # Parts of attempts that died mid-unit or lost their unit's commit: no manifest names them.
-        remove_stale(shards_dir, [e["name"] for es in entries.values() for e in es], keep_units=entries)
+        remove_stale(shards_dir, committed.names(), keep_units=committed)
     # plan + resume checks on the driver; the streamed generation (from the first ready window); the
     # actors' time inside units.
     timing = {"generate_plan_s": round(t_plan - t_start, 2), "generate_s": round(time.time() - t_gen, 2),

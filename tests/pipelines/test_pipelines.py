@@ -114,7 +114,9 @@ def test_train_and_generate_with_faults_exactly_once(local_ray, tmp_path):
     assert list((out / "_faults").glob("generate-kill-*"))  # the actor really was killed once
     # The killed attempt's temporary part is gone; one manifest per unit, all listed.
     assert not [p for p in (out / "shards").rglob("*") if ".tmp-" in p.name]
-    assert sorted(p.name for p in (out / "shards").glob("*.tar")) == [e["name"] for e in index["shards"]]
+    written, _ = _read_shards(out)
+    assert "shards" not in index  # returned without the shard list; index.json has it
+    assert sorted(p.name for p in (out / "shards").glob("*.tar")) == [e["name"] for e in written["shards"]]
     assert index["complete"] and index["generation"]["units_generated"] == index["generation"]["units_planned"]
 
     # Standard readers open every shard.
@@ -133,7 +135,7 @@ def test_train_and_generate_with_faults_exactly_once(local_ray, tmp_path):
     again = train_classes(cfg, plans[:2], rows)
     assert all(v["status"].startswith("skipped") for v in again.values())
     rerun = generate_shards(cfg, ready)
-    assert rerun["shards"] == index["shards"] and rerun["generation"]["units_generated"] == 0
+    assert _read_shards(out)[0]["shards"] == written["shards"] and rerun["generation"]["units_generated"] == 0
 
 
 def test_generation_exception_is_retried_and_shards_are_deterministic(local_ray, tmp_path):
@@ -142,14 +144,16 @@ def test_generation_exception_is_retried_and_shards_are_deterministic(local_ray,
     plans, rows = _classes(tmp_path, n=2)
     a = _cfg(tmp_path, "ray.faults.generate_once=raise")
     assert all(v["status"] == "trained" for v in train_classes(a, plans, rows).values())
-    first = generate_shards(a, plans)
+    generate_shards(a, plans)
+    first, _ = _read_shards(tmp_path / "run")
     assert list((tmp_path / "run" / "_faults").glob("generate-raise-*"))
     # Same adapters, fresh generation with 1 actor and another batch size: same shard bytes.
     import shutil
 
     shutil.rmtree(tmp_path / "run" / "shards")
     b = _cfg(tmp_path, "ray.gen_actors_max=1", "generate.batch_size=3")
-    second = generate_shards(b, plans)
+    generate_shards(b, plans)
+    second, _ = _read_shards(tmp_path / "run")
     # Names are unique to each attempt; the units, parts and bytes are the same.
     assert [(e["unit"], e["part"]) for e in second["shards"]] == [(e["unit"], e["part"]) for e in first["shards"]]
     assert [e["class_counts"] for e in second["shards"]] == [e["class_counts"] for e in first["shards"]]
@@ -158,7 +162,8 @@ def test_generation_exception_is_retried_and_shards_are_deterministic(local_ray,
     # stages (row ids, weights, staging writes): they ask for no CPU. This used to hang.
     shutil.rmtree(tmp_path / "run" / "shards")
     c = _cfg(tmp_path, "ray.gen_actors_min=2", "ray.gen_actors_max=2", "ray.gen_cpus=1", "ray.gen_gpus=0")
-    third = generate_shards(c, plans)
+    generate_shards(c, plans)
+    third, _ = _read_shards(tmp_path / "run")
     assert [e["sha256"] for e in third["shards"]] == [e["sha256"] for e in first["shards"]]
 
 

@@ -29,6 +29,7 @@ import torch
 
 
 def _plain(cfg, n: int) -> dict:
+    import chimera_ray.builtins  # noqa: F401 - registers the builtin models and datasets
     from chimera_ray.generate import Generator
 
     gen = Generator(cfg.model, cfg.generate, mode="base")

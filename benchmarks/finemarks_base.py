@@ -19,12 +19,13 @@ import time
 import numpy as np
 import torch
 
+import chimera_ray.builtins  # noqa: F401 - registers the builtin models and datasets
 from chimera_ray.eval.finemarks_oracle import (
     evaluate_base_on_finemarks,
     load_finemarks_oracle,
     real_split,
 )
-from chimera_ray.models import load_pipeline, resolve_base
+from chimera_ray.models import load_base, resolve_base
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     torch.set_num_threads(args.threads)
     oracle = load_finemarks_oracle()
-    pipe = load_pipeline(folder)
+    pipe = load_base(folder)
     x, y, _ = real_split("test", per_class=32)
     with torch.no_grad():
         rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)

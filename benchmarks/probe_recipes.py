@@ -54,7 +54,7 @@ def main() -> None:
     plans = plans[: args.classes]
     rows = inputs.dataset.by_class(base_cfg.data.split)
     held = inputs.dataset.by_class(base_cfg.downstream.test_split)
-    pipe = load_pipeline(base_cfg.model.base, cache_dir=base_cfg.model.cache_dir)
+    pipe = load_pipeline(base_cfg.model, "cpu")
     for name, extra in recipes:
         cfg = load_config(args.config, args.overrides + [o for o in extra.split(";") if o])
         out = Path(args.out) / name

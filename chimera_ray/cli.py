@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 
 # The config module is light (dataclasses + yaml); everything heavy is imported by the handler
 # that needs it, so that `chimera-ray --help` does not pay for torch and diffusers.
 from chimera_ray.config import (
+    SMOKE_EVALUATE,
     SMOKE_RUN,
     Config,
     ConfigError,
@@ -231,7 +233,7 @@ def _cmd_train(args) -> int:
     import fsspec
 
     from chimera_ray.local import train_one
-    from chimera_ray.models import load_pipeline, resolve_device, resolve_dtype
+    from chimera_ray.models import load_pipeline
 
     cfg = _load(args)
     fs, root = fsspec.core.url_to_fs(args.images)
@@ -250,9 +252,7 @@ def _cmd_train(args) -> int:
     key = safe_key(args.class_name)
     shots = tuple(subsample_shots(files, cfg.train.max_shots, cfg.train.seed, key))
     plan = ClassPlan(args.class_name, key, args.label, len(files), shots, 0)
-    device = resolve_device(cfg.model.device)
-    pipe = load_pipeline(cfg.model.base, cache_dir=cfg.model.cache_dir, device=device,
-                         dtype=resolve_dtype(cfg.model.precision, device))
+    pipe = load_pipeline(cfg.model)
     report = train_one(pipe, plan, rows, cfg)
     write_json(f"{cfg.output.rstrip('/')}/reports/train-{key}.json", report)
     print(json.dumps({k: report[k] for k in ("class", "key", "digest", "final_loss", "seconds")}, indent=2))
@@ -311,7 +311,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from chimera_ray.data.validate import format_problems, validate
+    from chimera_ray.preflight import format_problems, validate
 
     try:
         cfg = _load(args)
@@ -364,23 +364,58 @@ def _cmd_probe(args) -> int:
     return 0
 
 
+def _job_config(args, preset: tuple[str, ...], missing: str) -> Config | None:
+    """A Ray job's config, parsed once here and handed to the job (``_load``); None after printing
+    ``missing`` when no config file is given (a job does not run on the defaults alone)."""
+    if _config_and_overrides(args)[0] is None:
+        print(f"error: {missing}", file=sys.stderr)
+        return None
+    return _load(args, preset)
+
+
 def _cmd_run(args) -> int:
     # Ray and the pipelines: imported only by the jobs' handlers.
-    from chimera_ray.pipelines.job import run_from_args
+    from chimera_ray.pipelines.job import run
+    from chimera_ray.pipelines.runner import run_job
+    from chimera_ray.summary import run_summary
 
-    return run_from_args(args)
+    cfg = _job_config(args, SMOKE_RUN if args.smoke_test else (),
+                      missing="no config: pass --config FILE.yaml (see jobs/configs/)")
+    if cfg is None:
+        return 2
+    return run_job(run, cfg, config_path=args.config, verbose=args.verbose, lease=True, report=True,
+                   summary=lambda report: run_summary(report, config=args.config))
 
 
 def _cmd_evaluate(args) -> int:
-    from chimera_ray.pipelines.job_evaluate import run_from_args
+    from chimera_ray.pipelines.job_evaluate import evaluate
+    from chimera_ray.pipelines.runner import run_job
 
-    return run_from_args(args)
+    cfg = _job_config(args, SMOKE_EVALUATE if args.smoke_test else (),
+                      missing="no config: pass the run's config as --config FILE.yaml (see jobs/configs/)")
+    if cfg is None:
+        return 2
+    return run_job(partial(evaluate, tag=args.tag), cfg, config_path=args.config, verbose=args.verbose,
+                   name="evaluate", what="evaluation")
 
 
 def _cmd_reproduce(args) -> int:
-    from chimera_ray.pipelines.job_reproduce import run_from_args
+    from chimera_ray.eval.comparison import METHODS
+    from chimera_ray.pipelines.job_reproduce import DEFAULT_CONFIG, Comparison, compare
+    from chimera_ray.pipelines.runner import run_job
 
-    return run_from_args(args)
+    unknown = [m for m in args.methods or () if m not in METHODS]
+    if unknown:
+        print(f"error: --methods {' '.join(unknown)}: unknown; choose among {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    config, overrides = _config_and_overrides(args)
+    c = Comparison(config=config or DEFAULT_CONFIG, overrides=tuple(overrides), out=args.out,
+                   seeds=tuple(args.seeds), methods=tuple(args.methods or METHODS),
+                   run_ablations=not args.no_ablations, reference=args.reference)
+    cfg = load_config(c.config, list(c.overrides))
+    return run_job(partial(compare, comparison=c, summarize_only=args.summarize_only), cfg, config_path=c.config,
+                   verbose=args.verbose, name="reproduce", what="comparison", out=c.out,
+                   user_errors=(FileNotFoundError,) if args.summarize_only else ())
 
 
 def _cmd_plan(args) -> int:
@@ -423,13 +458,9 @@ def _cmd_toy(args) -> int:
         print(f"built {args.out_dir} in {time.perf_counter() - t0:.1f} s "
               f"({report['weights_bytes'] / 1e6:.1f} MB of safetensors)")
         return 0
-    from chimera_ray.models import resolve_device, resolve_dtype
-
     cfg = _load(args)
     torch.set_num_threads(2)
-    device = resolve_device(cfg.model.device)
-    pipe = load_pipeline(str(Path(args.model_dir).resolve()), device=device,
-                         dtype=resolve_dtype(cfg.model.precision, device))
+    pipe = load_pipeline(dataclasses.replace(cfg.model, base=str(Path(args.model_dir).resolve())))
     report = evaluate_base(pipe, n_per_class=args.n_per_class, seed=args.seed, steps=args.steps, guidance=args.guidance)
     if args.grid:
         report["grid"] = str(sample_grid(pipe, args.grid, seed=args.seed, steps=args.steps, guidance=args.guidance))
@@ -446,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     # positional list at the first option, so the rest arrives as "unrecognized".
     args, extra = parser.parse_known_args(argv)
     # After parsing: `--help` exits above without importing torch (models needs it).
+    import chimera_ray.builtins  # noqa: F401 - registers the builtin models and datasets
     from chimera_ray.models import BaseModelError
     if extra:
         if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):

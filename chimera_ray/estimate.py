@@ -40,7 +40,7 @@ from chimera_ray.generate import Generator
 from chimera_ray.inputs import ingest_for_run
 from chimera_ray.local import load_shots
 from chimera_ray.lora.adapter import save_adapter
-from chimera_ray.models import load_pipeline, resolve_device, resolve_dtype
+from chimera_ray.models import load_pipeline, resolve_device
 from chimera_ray.progress import format_bytes, format_seconds
 from chimera_ray.shards import RECORD, Sample, sample_tar_size, tar_size
 from chimera_ray.train import train_class
@@ -108,8 +108,7 @@ def _calibrate(cfg: Config, inputs, train_steps: int, log: Callable[[str], None]
     """Times model load, a few training steps and one generation batch on the first planned class."""
     device = resolve_device(cfg.model.device)
     t = time.perf_counter()
-    pipe = load_pipeline(cfg.model.base, cache_dir=cfg.model.cache_dir, device=device,
-                         dtype=resolve_dtype(cfg.model.precision, device))
+    pipe = load_pipeline(cfg.model, device)
     load_s = time.perf_counter() - t
     plan = inputs.plans[0]
     out: dict = {"device": str(device), "model_load_s": round(load_s, 3), "class": plan.key}

@@ -32,12 +32,7 @@ from chimera_ray.lora.inject import (
     routing,
     set_disabled,
 )
-from chimera_ray.models import (
-    load_pipeline,
-    native_resolution,
-    resolve_device,
-    resolve_dtype,
-)
+from chimera_ray.models import load_pipeline, native_resolution
 from chimera_ray.sampling import derive_seed, row_weights
 
 __all__ = ["Generator", "Rendered", "encode_image", "sample_key"]
@@ -100,9 +95,7 @@ class Generator:
         self.cfg, self.mode = generate, mode
         self.adapter_root = adapter_root.rstrip("/") if adapter_root else None
         if pipe is None:
-            device = resolve_device(model.device)
-            pipe = load_pipeline(model.base, cache_dir=model.cache_dir, device=device,
-                                 dtype=resolve_dtype(model.precision, device), family=model.family)
+            pipe = load_pipeline(model)
         self.pipe = pipe
         self.family = family_of(pipe)
         self.base_id = getattr(pipe, "chimera_base_id", model.base)

@@ -10,10 +10,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import chimera_ray.builtins  # noqa: F401 - registers the builtin models and datasets
 from chimera_ray.config import Config
 from chimera_ray.data.detect import provide_boxes
 from chimera_ray.data.ingest import Dataset
-from chimera_ray.data.validate import DataError, Problem, format_problems, validate
 from chimera_ray.plan import (
     ClassPlan,
     class_counts,
@@ -22,6 +22,7 @@ from chimera_ray.plan import (
     plan_json,
     summarize,
 )
+from chimera_ray.preflight import DataError, Problem, format_problems, validate
 
 __all__ = ["RunInputs", "ingest_for_run"]
 

@@ -6,9 +6,9 @@ family (``chimera_ray.families``: ``StableDiffusionPipeline``, ``StableDiffusion
 
 * a local folder: used in place;
 * an fsspec URL (``s3://bucket/sd``, ``gs://...``): copied once into the cache;
-* ``builtin:<name>``: a model this package builds itself, cached (the table ``_BUILTINS``:
-  ``tiny-random`` for tests, the embedded ``toy``, ``toy-head`` and ``toy-finemarks`` bases of
-  ``chimera_ray.toy``);
+* ``builtin:<name>``: a model this package builds itself, cached (the registry ``_BUILTINS``,
+  filled with ``register_builtin`` by ``chimera_ray.builtins``: ``tiny-random`` for tests, the
+  embedded ``toy``, ``toy-head`` and ``toy-finemarks`` bases of ``chimera_ray.toy``);
 * anything else is a Hugging Face hub id, loaded by diffusers (offline: a clear error).
 
 Weights load with ``use_safetensors=True``; no remote code is ever executed.
@@ -30,9 +30,8 @@ from chimera_ray.cache import (
     is_complete,
     remote_folder,
 )
+from chimera_ray.config import ModelConfig
 from chimera_ray.families import FAMILIES, denoiser, family_for_pipeline, get_family
-from chimera_ray.toy import base as toy_base
-from chimera_ray.toy.arch import build_tiny_random
 
 __all__ = [
     "BaseModelError",
@@ -40,6 +39,7 @@ __all__ = [
     "resolve_dtype",
     "resolve_base",
     "load_pipeline",
+    "load_base",
     "native_resolution",
     "register_builtin",
     "check_base",
@@ -75,12 +75,8 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 # name -> (build(folder), version). The version is stored with the cached copy; bump it when
 # a recipe changes so caches built by an older recipe are rebuilt instead of silently reused.
-_BUILTINS: dict[str, tuple[Callable[[Path], None], str]] = {
-    "tiny-random": (build_tiny_random, "2"),
-    "toy": (toy_base.build_builtin_toy, toy_base.VERSION),
-    "toy-head": (toy_base.build_builtin_toy_head, toy_base.HEAD_VERSION),
-    "toy-finemarks": (toy_base.build_builtin_toy_finemarks, toy_base.FINEMARKS_VERSION),
-}
+# Filled by ``chimera_ray.builtins`` (the toy models live above this floor).
+_BUILTINS: dict[str, tuple[Callable[[Path], None], str]] = {}
 
 
 def register_builtin(name: str, build: Callable[[Path], None], version: str = "1") -> None:
@@ -88,12 +84,16 @@ def register_builtin(name: str, build: Callable[[Path], None], version: str = "1
     _BUILTINS[name] = (build, version)
 
 
+def _available_builtins() -> str:
+    return ", ".join("builtin:" + n for n in sorted(_BUILTINS)) or "none registered (import chimera_ray.builtins)"
+
+
 def resolve_base(source: str, cache_dir: str | None = None, rebuild: bool = False) -> str:
     """Local folder (or hub id, returned unchanged) holding the base pipeline ``source``."""
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name not in _BUILTINS:
-            raise BaseModelError(f"unknown builtin model {source!r}; available: {', '.join('builtin:' + n for n in sorted(_BUILTINS))}")
+            raise BaseModelError(f"unknown builtin model {source!r}; available: {_available_builtins()}")
         build, version = _BUILTINS[name]
         # Weights shipped inside the package (built by the same recipe, same version) spare a
         # first-time user the build; a stale or missing copy falls through to the build.
@@ -122,7 +122,23 @@ def resolve_base(source: str, cache_dir: str | None = None, rebuild: bool = Fals
     return source  # a hub id
 
 
-def load_pipeline(
+def load_pipeline(model: ModelConfig, device: str | torch.device | None = None):
+    """Loads the base pipeline a config's ``model`` section names: ``model.base`` (copied to
+    ``model.cache_dir`` if remote), as ``model.family``, in the dtype ``model.precision`` gives on
+    ``device`` (half precision only on GPU).
+
+    Args:
+        model: the config's model section.
+        device: where the pipeline goes; None: ``model.device`` ("auto": CUDA when torch sees one).
+
+    Returns the pipeline as ``load_base`` does.
+    """
+    device = resolve_device(model.device if device is None else str(device))
+    return load_base(model.base, cache_dir=model.cache_dir, device=device,
+                     dtype=resolve_dtype(model.precision, device), family=model.family)
+
+
+def load_base(
     source: str,
     *,
     cache_dir: str | None = None,
@@ -130,7 +146,8 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     family: str = "auto",
 ):
-    """Loads a base pipeline from a folder, fsspec URL, builtin name or hub id.
+    """Loads a base pipeline from a folder, fsspec URL, builtin name or hub id (``load_pipeline``
+    loads a config's model section with this; tests and tools with no config call it directly).
 
     The pipeline class is the family's (``family``, or with "auto" the one that
     ``model_index.json``'s ``_class_name`` names; a hub id whose index cannot be read loads as
@@ -298,8 +315,7 @@ def check_base(source: str, cache_dir: str | None = None) -> list[str]:
     """
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
-        return [] if name in _BUILTINS else [f"unknown builtin model {source!r}; available: "
-                                            f"{', '.join('builtin:' + n for n in sorted(_BUILTINS))}"]
+        return [] if name in _BUILTINS else [f"unknown builtin model {source!r}; available: {_available_builtins()}"]
     local = Path(source).expanduser()
     if "://" not in source and not local.exists():
         if source.startswith((".", "/", "~")) or source.count("/") > 1:

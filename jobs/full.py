@@ -4,7 +4,8 @@ synthetic images (Ray Data actor pool) -> WebDataset shards + index -> run repor
     python jobs/full.py --config jobs/configs/demo.yaml [key=value ...] [--smoke-test] [--verbose]
     ray job submit --working-dir . -- python jobs/full.py --config jobs/configs/demo.yaml
 
-The same as `chimera-ray run` (chimera_ray/cli.py -> chimera_ray/pipelines/job.py), as a script for `ray job submit`.
+The same as `chimera-ray run` (chimera_ray/cli.py parses it, chimera_ray/pipelines/runner.py runs
+chimera_ray/pipelines/job.py's `run`), as a script for `ray job submit`.
 Exit codes: 0 done; 1 the run failed (report.json and failures/ say why); 2 bad config or input.
 """
 

@@ -35,9 +35,9 @@ def tiny_pipe_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_pipe(tiny_pipe_dir):
     """A fresh tiny pipeline per test (tests adapt the UNet in place)."""
-    from chimera_ray.models import load_pipeline
+    from chimera_ray.models import load_base
 
-    return load_pipeline(tiny_pipe_dir)
+    return load_base(tiny_pipe_dir)
 
 
 @pytest.fixture

@@ -66,13 +66,13 @@ def test_metadata_reproduces_the_image(tiny_pipe, adapters):
 
 def test_mixture_generation_matches_a_hand_merged_unet(tiny_pipe_dir, adapters):
     """Reference: merge W0 + s * B' A into plain Linear weights by hand and run diffusers' pipeline."""
-    from chimera_ray.models import load_pipeline
+    from chimera_ray.models import load_base
 
-    gen = Generator(generate=GEN, adapter_root=adapters, pipe=load_pipeline(tiny_pipe_dir))
+    gen = Generator(generate=GEN, adapter_root=adapters, pipe=load_base(tiny_pipe_dir))
     out = gen({"class_key": np.array(["red_star"]), "sample_index": np.array([2])})
     meta = json.loads(out["metadata"][0])
     state, ameta = load_adapter(f"{adapters}/red_star")
-    ref = load_pipeline(tiny_pipe_dir)
+    ref = load_base(tiny_pipe_dir)
     w = torch.tensor(meta["weights"], dtype=torch.float32)
     scale = ameta.lora_alpha / ameta.rank
     with torch.no_grad():

@@ -28,8 +28,9 @@ def _env(**extra):
             "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""), **extra}
 
 
-def _upload_dataset(root: str, n_classes=3, per_class=2, test_per_class=1):
-    """A small manifest dataset with boxes (train) and a test split on any fsspec URL."""
+def _upload_dataset(root: str, n_classes=3, per_class=2, test_per_class=1, names=None):
+    """A small manifest dataset with boxes (train) and a test split on any fsspec URL
+    (class ``c`` is named ``names[c]``, default ``class c``)."""
     fs, path = fsspec.core.url_to_fs(root)
     rng = np.random.default_rng(0)
     lines = []
@@ -41,7 +42,8 @@ def _upload_dataset(root: str, n_classes=3, per_class=2, test_per_class=1):
             with fs.open(f"{path}/{rel}", "wb") as f:
                 f.write(buf.getvalue())
             split = "train" if i < per_class else "test"
-            lines.append(json.dumps({"path": rel, "label": f"class {c}", "split": split, "boxes": [[2, 2, 18, 20]]}))
+            label = names[c] if names else f"class {c}"
+            lines.append(json.dumps({"path": rel, "label": label, "split": split, "boxes": [[2, 2, 18, 20]]}))
     with fs.open(f"{path}/manifest.jsonl", "w") as f:
         f.write("\n".join(lines) + "\n")
     return f"{root}/manifest.jsonl"
@@ -62,11 +64,17 @@ def _shard_keys(out_url: str) -> tuple[dict, list[str]]:
 
 
 def test_full_job_on_local_s3(s3_bucket, tmp_path, tiny_pipe_dir):
-    """Inputs, base model, checkpoints, Ray Train storage, adapters and shards all on S3."""
+    """Inputs, base model, checkpoints, Ray Train storage, adapters and shards all on S3; two
+    class names that sanitise alike ("red star", "red_star") both train and generate."""
+    from chimera_ray.data.keys import class_keys
+
     fs = fsspec.filesystem("s3")
     bucket = s3_bucket[len("s3://"):]
     fs.put(tiny_pipe_dir + "/", f"{bucket}/models/tiny/", recursive=True)
-    manifest = _upload_dataset(f"{s3_bucket}/data")
+    names = ["class 0", "red star", "red_star"]
+    keys_of = class_keys(names)
+    assert keys_of["class 0"] == "class_0" and keys_of["red_star"] == "red_star" != keys_of["red star"]
+    manifest = _upload_dataset(f"{s3_bucket}/data", names=names)
     out = f"{s3_bucket}/runs/r1"
     cmd = [sys.executable, "jobs/full.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test",
            f"data.source={manifest}", f"model.base={s3_bucket}/models/tiny", f"model.cache_dir={tmp_path / 'cache'}",
@@ -74,15 +82,24 @@ def test_full_job_on_local_s3(s3_bucket, tmp_path, tiny_pipe_dir):
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     index, keys = _shard_keys(out)
-    expected = sorted(f"class_{c}__{i:08d}" for c in range(3) for i in range(3))
+    expected = sorted(f"{keys_of[n]}__{i:08d}" for n in names for i in range(3))
     assert sorted(keys) == expected
-    assert fs.exists(f"{bucket}/runs/r1/adapters/class_0/adapter.json")
+    for n in names:
+        assert fs.exists(f"{bucket}/runs/r1/adapters/{keys_of[n]}/adapter.json")
+    import webdataset as wds
+
+    with fsspec.open(f"{out}/shards/{index['shards'][0]['name']}", "rb") as f:
+        tar_bytes = f.read()
+    local = tmp_path / "first.tar"
+    local.write_bytes(tar_bytes)
+    meta = [r["json"] for r in wds.WebDataset(str(local), shardshuffle=False).decode()]
+    assert {(m["class_key"], m["class_name"]) for m in meta} <= {(keys_of[n], n) for n in names}  # names as written
     assert fs.exists(f"{bucket}/runs/r1/checkpoints/class_0/latest.json")  # on S3, one kept (keep_checkpoints=1)
     assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/runs/r1/checkpoints/class_0")
             if "step-" in p] == ["step-00000004"]
     assert fs.ls(f"{bucket}/runs/r1/ray")  # Ray Train's run storage
     report = json.loads(fs.cat(f"{bucket}/runs/r1/report.json"))
-    assert report["written"] == {"class_0": 3, "class_1": 3, "class_2": 3} and not report["failed_classes"]
+    assert report["written"] == {keys_of[n]: 3 for n in names} and not report["failed_classes"]
 
     # The downstream check reads the real splits and the shards straight from S3 (Ray Train).
     cmd = [sys.executable, "jobs/downstream.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test",
@@ -92,7 +109,7 @@ def test_full_job_on_local_s3(s3_bucket, tmp_path, tiny_pipe_dir):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(fs.cat(f"{bucket}/runs/r1/eval/downstream.json"))
     assert result["n_train_real"] == 6 and result["n_train_synthetic"] == 9 and result["n_test_images"] == 3
-    assert set(result["per_class"]) == {"class 0", "class 1", "class 2"}
+    assert set(result["per_class"]) == set(names)
     assert fs.exists(result["checkpoint"].replace("s3://", "") + "/classifier.safetensors")
     assert yaml.safe_load(fs.cat(f"{bucket}/runs/r1/config.yaml"))["output"] == out  # the resolved config
 

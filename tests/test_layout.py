@@ -1,6 +1,8 @@
 """The package's layout rules, checked on the source (imports inside functions included):
-no import cycle among chimera_ray modules, Ray only in ``chimera_ray.pipelines``, leaves and
-the toy world import nothing above them."""
+no import cycle among chimera_ray modules (an import through a package counts as an edge to its
+``__init__``), Ray only in ``chimera_ray.pipelines``, and the lower floors (leaves, the toy world,
+lora, families, data, models, plan) import nothing above them. A floor finds what is built above
+it (the toy models and datasets) in a registry that the higher floor fills (``chimera_ray.builtins``)."""
 
 import ast
 from pathlib import Path
@@ -27,15 +29,18 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(path: Path, known: set[str]) -> list[tuple[str, int]]:
-    """Every import in the file (any depth), as (imported module, line)."""
+    """Every import in the file (any depth), as (imported module, line). ``from pkg import sub``
+    is an import of ``pkg`` (its ``__init__`` runs, or is found half-run) and of ``pkg.sub``."""
     out = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             out += [(a.name, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.module, node.lineno))
             for a in node.names:
                 sub = f"{node.module}.{a.name}"
-                out.append((sub if sub in known else node.module, node.lineno))
+                if sub in known:
+                    out.append((sub, node.lineno))
     return out
 
 
@@ -76,17 +81,50 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for n in graph[todo.pop()] - seen:
+            seen.add(n)
+            todo.append(n)
+    return seen
+
+
 def test_the_checker_finds_a_cycle_and_a_clean_graph():
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
+def test_the_checker_sees_an_import_through_a_package(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("from chimera_ray.pipelines import watchdog\nimport chimera_ray.pipelines.faults\n")
+    known = {"chimera_ray.pipelines", "chimera_ray.pipelines.watchdog", "chimera_ray.pipelines.faults"}
+    assert sorted(_imports(f, known)) == [("chimera_ray.pipelines", 1), ("chimera_ray.pipelines.faults", 2),
+                                          ("chimera_ray.pipelines.watchdog", 1)]
+    # pipelines/__init__ -> common -> (through the package) pipelines: a cycle.
+    graph = {"p": {"p.common"}, "p.common": {"p", "p.watchdog"}, "p.watchdog": set()}
+    assert _find_cycle(graph) == ["p", "p.common", "p"]
+
+
 def test_no_import_cycle_among_modules():
-    # A package's __init__ re-exports its own modules; importing a module also runs its
-    # package's __init__, so only the __init__ -> own-module edges are left out.
-    graph = {m: {n for n in deps if not n.startswith(m + ".")} for m, deps in _graph().items()}
-    cycle = _find_cycle(graph)
+    # Every edge counts, a package's __init__ -> its own modules included: importing a module
+    # runs its package's __init__ first, which is no edge here; only an import that names the
+    # package (``from pkg import x``) is one.
+    cycle = _find_cycle(_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_module_imports_back_through_a_package_that_imports_it():
+    # ``from chimera_ray.pipelines import watchdog`` in a module that pipelines/__init__ imports
+    # runs while that __init__ is half done: it works only while the name asked for is a module
+    # (or already bound). Import the module itself (``import chimera_ray.pipelines.watchdog``).
+    mods = _modules()
+    graph = _graph()
+    bad = [f"{mods[m].relative_to(ROOT)}:{line}: {m} imports {pkg}, whose __init__ imports {m}"
+           for pkg, path in mods.items() if path.name == "__init__.py"
+           for m in sorted(_reachable(graph, pkg)) if m.startswith(pkg + ".")
+           for target, line in _imports(mods[m], set(mods)) if target == pkg]
+    assert not bad, "imports back through a package:\n" + "\n".join(bad)
 
 
 def test_ray_is_imported_only_in_pipelines():
@@ -96,12 +134,17 @@ def test_ray_is_imported_only_in_pipelines():
     assert not offenders, f"ray imported outside chimera_ray.pipelines: {offenders}"
 
 
+# No floor lists a higher one: what a floor finds above it (the toy models and datasets) is
+# registered by the higher floor (``chimera_ray.builtins``), and a run's pre-flight, which needs
+# data, plan and models, is ``chimera_ray.preflight`` above all three.
 @pytest.mark.parametrize("prefix, allowed", [
     ("leaves", LEAVES),
     ("chimera_ray.toy", LEAVES | {"chimera_ray.toy"}),
     ("chimera_ray.lora", LEAVES | {"chimera_ray.lora"}),
     ("chimera_ray.families", LEAVES | {"chimera_ray.families", "chimera_ray.lora"}),
-    ("chimera_ray.data", LEAVES | {"chimera_ray.data", "chimera_ray.toy", "chimera_ray.plan", "chimera_ray.models"}),
+    ("chimera_ray.data", LEAVES | {"chimera_ray.data"}),
+    ("chimera_ray.models", LEAVES | {"chimera_ray.models", "chimera_ray.families", "chimera_ray.lora"}),
+    ("chimera_ray.plan", LEAVES | {"chimera_ray.plan", "chimera_ray.data"}),
 ])
 def test_lower_layers_import_nothing_above_them(prefix, allowed):
     graph = _graph()

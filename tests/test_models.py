@@ -6,10 +6,11 @@ import fsspec
 import pytest
 import torch
 
+import chimera_ray.builtins  # noqa: F401 - registers the builtin models and datasets
 from chimera_ray.cache import CacheError, cache_root
 from chimera_ray.models import (
     BaseModelError,
-    load_pipeline,
+    load_base,
     native_resolution,
     resolve_base,
 )
@@ -17,7 +18,7 @@ from chimera_ray.toy.arch import build_tiny_pipeline
 
 
 def test_local_folder_round_trip(tiny_pipe_dir):
-    pipe = load_pipeline(tiny_pipe_dir)
+    pipe = load_base(tiny_pipe_dir)
     assert native_resolution(pipe) == 16 and pipe.chimera_base_id == tiny_pipe_dir
     out = pipe(prompt=["a photo"], num_inference_steps=2, output_type="np").images
     assert out.shape == (1, 16, 16, 3)
@@ -32,15 +33,15 @@ def test_fsspec_url_is_copied_to_cache_once(tiny_pipe_dir, tmp_path):
     stamp = os.path.getmtime(os.path.join(local, "model_index.json"))
     assert resolve_base("memory://bucket/tiny", cache_dir=str(tmp_path)) == local
     assert os.path.getmtime(os.path.join(local, "model_index.json")) == stamp  # not copied again
-    ref = load_pipeline(tiny_pipe_dir)
-    pipe = load_pipeline("memory://bucket/tiny", cache_dir=str(tmp_path))
+    ref = load_base(tiny_pipe_dir)
+    pipe = load_base("memory://bucket/tiny", cache_dir=str(tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), ref.unet.state_dict().values()))
     with pytest.raises(BaseModelError, match="model_index.json missing"):
         resolve_base("memory://bucket/empty", cache_dir=str(tmp_path))
 
 
 def test_builtin_is_built_once_and_a_corrupt_cache_is_rebuilt(tmp_path):
-    pipe = load_pipeline("builtin:tiny-random", cache_dir=str(tmp_path))
+    pipe = load_base("builtin:tiny-random", cache_dir=str(tmp_path))
     expected = [t.clone() for t in pipe.unet.state_dict().values()]
     del pipe  # safetensors may memory-map the cached file
     folder = tmp_path / "builtin" / "tiny-random"
@@ -48,7 +49,7 @@ def test_builtin_is_built_once_and_a_corrupt_cache_is_rebuilt(tmp_path):
     weights = next(folder.glob("unet/*.safetensors"))
     weights.unlink()
     weights.write_bytes(b"garbage")  # a corrupt cached model (new file: never rewrite a mapped one)
-    again = load_pipeline("builtin:tiny-random", cache_dir=str(tmp_path))
+    again = load_base("builtin:tiny-random", cache_dir=str(tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(expected, again.unet.state_dict().values()))
     with pytest.raises(BaseModelError, match="unknown builtin"):
         resolve_base("builtin:nope", cache_dir=str(tmp_path))
@@ -57,7 +58,7 @@ def test_builtin_is_built_once_and_a_corrupt_cache_is_rebuilt(tmp_path):
 def test_offline_hub_id_fails_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BaseModelError, match="save_pretrained"):
-        load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", cache_dir=str(tmp_path))
+        load_base("stable-diffusion-v1-5/stable-diffusion-v1-5", cache_dir=str(tmp_path))
 
 
 def test_missing_folder_and_non_pipeline_folder(tmp_path):

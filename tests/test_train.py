@@ -95,9 +95,9 @@ def test_box_problems_are_counted_or_raised(tiny_pipe, shots):
 
 
 def test_v_prediction_base_trains(tiny_pipe_dir, shots):
-    from chimera_ray.models import load_pipeline
+    from chimera_ray.models import load_base
 
-    pipe = load_pipeline(tiny_pipe_dir)
+    pipe = load_base(tiny_pipe_dir)
     pipe.scheduler.register_to_config(prediction_type="v_prediction")
     res = train_class(pipe, shots, class_name="x", train=FAST)
     assert res.meta.extra["prediction_type"] == "v_prediction" and np.isfinite(res.losses).all()

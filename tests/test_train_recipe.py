@@ -144,9 +144,9 @@ def test_loft_image_loras_are_each_trained_alone(tiny_pipe, shots, tmp_path):
 def test_loft_pairs_generate_as_a_hand_merged_half_half_lora(tiny_pipe_dir, shots, tmp_path):
     """generate.imagewise_weight=0.5: each image mixes two image LoRAs 0.5 / 0.5; the reference
     merges 0.5 (B_i A_i + B_j A_j) into plain Linear weights and runs diffusers' pipeline."""
-    from chimera_ray.models import load_pipeline
+    from chimera_ray.models import load_base
 
-    pipe = load_pipeline(tiny_pipe_dir)
+    pipe = load_base(tiny_pipe_dir)
     res = train_class(pipe, shots, class_name="red star", class_key="rs", lora=LoRAConfig(mode="imagewise", rank=2),
                       train=TrainConfig(steps=1, checkpoint_every=0))
     torch.manual_seed(0)
@@ -159,7 +159,7 @@ def test_loft_pairs_generate_as_a_hand_merged_half_half_lora(tiny_pipe_dir, shot
         meta = json.loads(out["metadata"][r])
         w = np.array(meta["weights"])
         assert sorted(w.tolist()) == [0.0, 0.5, 0.5]
-        ref = load_pipeline(tiny_pipe_dir)
+        ref = load_base(tiny_pipe_dir)
         with torch.no_grad():
             for name, lin in ref.unet.named_modules():
                 if f"{name}.lora_A" in state:
@@ -175,9 +175,9 @@ def test_loft_pairs_generate_as_a_hand_merged_half_half_lora(tiny_pipe_dir, shot
 def test_datadream_text_encoder_lora_exports_to_diffusers(tiny_pipe_dir, shots, tmp_path):
     """classwise with lora.text_encoder: trained, saved with the UNet LoRA, exported; diffusers'
     load_lora_weights (UNet and text encoder) reproduces our generator's image."""
-    from chimera_ray.models import load_pipeline
+    from chimera_ray.models import load_base
 
-    pipe = load_pipeline(tiny_pipe_dir)
+    pipe = load_base(tiny_pipe_dir)
     lora = LoRAConfig(mode="classwise", rank=4, text_encoder=True)
     res = train_class(pipe, shots, class_name="red star", class_key="rs", lora=lora,
                       train=TrainConfig(steps=3, lr=5e-2, schedule="constant", checkpoint_every=0))
@@ -194,7 +194,7 @@ def test_datadream_text_encoder_lora_exports_to_diffusers(tiny_pipe_dir, shots, 
     meta = json.loads(out["metadata"][0])
     loaded, ameta = load_adapter(str(tmp_path / "ad" / "rs"))
     export_lora(str(tmp_path / "lora"), loaded, ameta, [1.0])
-    ref = load_pipeline(tiny_pipe_dir)
+    ref = load_base(tiny_pipe_dir)
     ref.load_lora_weights(str(tmp_path / "lora"))
     assert any("lora" in n for n, _ in ref.text_encoder.named_parameters())  # diffusers put it on the text encoder
     img = ref(prompt=[meta["prompt"]], negative_prompt=["blurry"], num_inference_steps=3, guidance_scale=4.0,

@@ -17,7 +17,9 @@ import io
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -31,9 +33,6 @@ from chimera_ray.cache import cache_root
 from chimera_ray.config import DataConfig
 from chimera_ray.data.boxes import Box, BoxError, parse_box
 from chimera_ray.data.keys import class_keys
-from chimera_ray.toy.digits import build_digits
-from chimera_ray.toy.finegrained import build_finemarks
-from chimera_ray.toy.world import build_toyworld
 
 __all__ = [
     "ImageRow",
@@ -48,6 +47,7 @@ __all__ = [
     "read_coco",
     "attach_coco",
     "resolve_dataset",
+    "register_dataset",
     "source_format",
     "normalize_label",
     "IMAGE_EXTENSIONS",
@@ -617,20 +617,25 @@ def read_dataset(source: str, data: DataConfig | None = None) -> Dataset:
     return ds
 
 
+# name -> build(folder). Filled by ``chimera_ray.builtins`` (the toy datasets live above this floor).
+_DATASETS: dict[str, Callable[[Path], object]] = {}
+
+
+def register_dataset(name: str, build: Callable[[Path], object]) -> None:
+    """Adds ``builtin:<name>``: ``build(folder)`` writes the dataset under ``folder`` (or reuses a
+    complete earlier build there), ``folder/manifest.jsonl`` included."""
+    _DATASETS[name] = build
+
+
 def resolve_dataset(source: str, cache_dir: str | None = None) -> str:
-    """``builtin:toyworld`` / ``builtin:finemarks`` / ``builtin:digits`` -> the manifest of the cached build;
-    else unchanged."""
+    """``builtin:<name>`` (``builtin:toyworld``, ``builtin:finemarks``, ``builtin:digits``...) -> the
+    manifest of the cached build; else unchanged."""
     if not source.startswith("builtin:"):
         return source
     name = source.split(":", 1)[1]
     root = cache_root(cache_dir) / "datasets" / name
-    if name == "toyworld":
-        build_toyworld(root, seed=0)
-    elif name == "finemarks":
-        build_finemarks(root, seed=0)
-    elif name == "digits":
-        build_digits(root, seed=0)
-    else:
-        raise ValueError(f"unknown builtin dataset {source!r}; available: builtin:toyworld, builtin:finemarks, "
-                         "builtin:digits")
+    if name not in _DATASETS:
+        available = ", ".join("builtin:" + n for n in _DATASETS) or "none registered (import chimera_ray.builtins)"
+        raise ValueError(f"unknown builtin dataset {source!r}; available: {available}")
+    _DATASETS[name](root)
     return str(root / "manifest.jsonl")

@@ -4,6 +4,8 @@ paths and a job's console (``common``), progress events from workers to the driv
 (``progress``), the fault injection their tests use (``faults``), and the jobs the CLI runs:
 ``job`` (run), ``job_evaluate``, ``job_reproduce``."""
 
+# Here, not in the CLI alone: a Ray worker imports this package to unpickle a task, never the CLI.
+import chimera_ray.builtins  # noqa: F401 - registers the builtin models and datasets
 from chimera_ray.pipelines.common import absolute_config, absolute_url, init_ray
 from chimera_ray.pipelines.evaluate import evaluate_run, train_downstream
 from chimera_ray.pipelines.generate import generate_shards

@@ -23,13 +23,13 @@ import ray.data
 from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
 from ray.experimental.internal_kv import _internal_kv_get
 
+import chimera_ray.pipelines.watchdog as watchdog
 from chimera_ray.cache import CacheError
 from chimera_ray.config import Config, ConfigError
 from chimera_ray.console import captured_output, setup_logging
 from chimera_ray.data.validate import DataError
 from chimera_ray.lease import LeaseHeld
 from chimera_ray.models import BaseModelError
-from chimera_ray.pipelines import watchdog
 from chimera_ray.progress import Display
 from chimera_ray.storage import check_output_reachable
 

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+from array import array
 import socket
 import threading
 import time
@@ -415,7 +416,8 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
     t_plan = t_gen = time.time()
     unit_seconds, t_first = 0.0, None
     unit_errors: dict[int, str] = {}
-    renders: list[list] = []  # [actor, render start, render end] per unit attempt that returned
+    # Per actor, render start/end of every unit attempt that returned, as flat doubles (16 bytes a unit).
+    renders: dict[str, array] = {}
     if todo:
         index_now(False, {})
         # Attempt counts are per run: a rerun gives every uncommitted unit its attempts again.
@@ -459,7 +461,8 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
                     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
                         for u, es, s, err, r in zip(batch["unit"], batch["entries"], batch["seconds"], batch["error"],
                                                     batch["render"]):
-                            renders.append(json.loads(str(r)))
+                            name, start, end = json.loads(str(r))
+                            renders.setdefault(name, array("d")).extend((start, end))
                             if err:
                                 unit_errors[int(u)] = str(err)
                                 log.warning("[generate] unit %d failed: %s", int(u), err)
@@ -500,11 +503,11 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
     timing = {"generate_plan_s": round(t_plan - t_start, 2), "generate_s": round(time.time() - t_gen, 2),
               "generate_units_sum_s": round(unit_seconds, 2)}
     gaps = _idle_gaps(renders)
-    if gaps:
+    if gaps.size:
         # Between two units of one actor that rendered back to back (the next was waiting): the
         # accelerator's idle time at a unit boundary (a commit on the render path shows here).
         timing["unit_boundary_idle_s"] = {"median": round(float(np.median(gaps)), 3),
-                                          "max": round(float(max(gaps)), 3), "boundaries": len(gaps)}
+                                          "max": round(float(gaps.max()), 3), "boundaries": int(gaps.size)}
     if t_first is not None:
         timing["first_unit_at"] = round(t_first, 3)  # wall clock (s since the epoch): overlap figures
     index = index_now(not held and not unit_errors, timing)
@@ -512,19 +515,17 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
     return index
 
 
-def _idle_gaps(renders: list[list]) -> list[float]:
+def _idle_gaps(renders: dict[str, array]) -> np.ndarray:
     """Seconds each actor spent between the end of one unit's rendering and the start of the
     next, for consecutive units of one actor (an actor whose input ran dry is not waiting on
     a commit, but the gap counts it too: read it as an upper bound)."""
-    by_actor: dict[str, list[tuple[float, float]]] = {}
-    for name, start, end in renders:
-        if end > 0:
-            by_actor.setdefault(name, []).append((start, end))
     gaps = []
-    for spans in by_actor.values():
-        spans.sort()
-        gaps += [max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:])]
-    return gaps
+    for flat in renders.values():
+        spans = np.frombuffer(flat, dtype=np.float64).reshape(-1, 2)
+        spans = spans[spans[:, 1] > 0]
+        spans = spans[np.argsort(spans[:, 0], kind="stable")]
+        gaps.append(np.maximum(0.0, spans[1:, 0] - spans[:-1, 1]))
+    return np.concatenate(gaps) if gaps else np.zeros(0)
 
 
 def _holds(unit: Unit, window_cls: list[tuple[str, int]], seed: int | None, table: str | None,

@@ -19,33 +19,24 @@ Exit codes: 0 done; 1 the run failed (report.json and failures/ say why); 2 bad 
 (one line per problem, before any work).
 """
 
-import argparse
 import sys
 import threading
 import time
-import traceback
 from concurrent.futures import Future
 
 import yaml
 
-from chimera_ray.config import (
-    SMOKE_RUN,
-    Config,
-    ConfigError,
-    config_to_dict,
-    load_config,
-)
+from chimera_ray.config import Config, config_to_dict
 from chimera_ray.inputs import ingest_for_run
 from chimera_ray.io import atomic_write, write_json
-from chimera_ray.lease import LeaseHeld, OutputLease
+from chimera_ray.lease import OutputLease
 from chimera_ray.pipelines import generate_shards, init_ray, train_classes
-from chimera_ray.pipelines.common import USER_ERRORS, check_storage_reachable, quiet_console
+from chimera_ray.pipelines.common import check_storage_reachable
 from chimera_ray.pipelines.generate import ClassGate
 from chimera_ray.progress import Display
-from chimera_ray.summary import run_summary
 from chimera_ray.units import window_order
 
-__all__ = ["run", "run_from_args"]
+__all__ = ["run"]
 
 
 class RunFailed(RuntimeError):
@@ -53,8 +44,8 @@ class RunFailed(RuntimeError):
 
 
 def run(cfg: Config, report: dict, display: Display | None = None, lease: OutputLease | None = None) -> None:
-    """Runs the job on a validated config, filling ``report`` stage by stage (it is written even on
-    failure); ``display`` shows the plan and the progress (default: plain lines on stdout);
+    """Runs the job on a validated config, filling ``report`` stage by stage (``run_job`` writes it,
+    even on failure); ``display`` shows the plan and the progress (default: plain lines on stdout);
     ``lease``: the run's lease on its output, checked as progress comes in (a run that lost it
     to another stops writing)."""
     display = display or Display(sys.stdout, live=False)
@@ -144,53 +135,3 @@ def _pool_room(cfg: Config, gate: ClassGate) -> dict[str, float]:
         return {}
     n = cfg.ray.gen_actors_min
     return {k: n * v for k, v in (("CPU", cfg.ray.gen_cpus), ("GPU", cfg.ray.gen_gpus)) if v > 0}
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    if args.overrides and "=" not in args.overrides[0] and args.config is None:
-        args.config, args.overrides = args.overrides[0], args.overrides[1:]
-    if args.config is None:
-        print("error: no config: pass --config FILE.yaml (see jobs/configs/)", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(args.config, (list(SMOKE_RUN) if args.smoke_test else []) + args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = cfg.output.rstrip("/")
-    try:
-        # One driver per output, taken before anything is written there (the log included).
-        lease = OutputLease(out).acquire()
-    except LeaseHeld as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    report: dict = {"config": args.config, "output": out, "status": "running"}
-    error, code = "", 0
-    with lease, quiet_console(out, args.verbose) as (display, log_path):
-        try:
-            run(cfg, report, display, lease)
-            report["status"] = "ok"
-            write_json(f"{out}/report.json", report)
-            display.close()
-            display.print(run_summary(report, config=args.config))
-        except USER_ERRORS as e:
-            error, code = f"error: {e}", 2
-        except Exception as e:  # noqa: BLE001 - any failure still leaves a report that explains it
-            display.close()
-            cause = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
-            tb = traceback.format_exc()
-            failure = f"{out}/failures/run.json"
-            report.update(status="failed", error=cause, failure_file=failure)
-            code = 1
-            try:
-                write_json(failure, {"stage": report.get("stage"), "error": cause, "traceback": tb})
-                write_json(f"{out}/report.json", report)
-            except Exception as write_error:  # noqa: BLE001 - the output itself may be what failed
-                error = f"error: could not write the failure report to {out}: {write_error}\n"
-            print(tb, file=sys.stderr)  # the log file (the terminal with --verbose)
-            error += (f"error: the run failed while {report.get('stage')}: {cause}\n"
-                      f"       details: {failure} (traceback), {out}/report.json"
-                      + (f", {log_path} (Ray's output)" if log_path else ""))
-    if error:
-        print(error, file=sys.stderr)
-    return code

@@ -26,16 +26,14 @@ Writes <out>/results.json (mean, std and values per method and ablation, paired 
 Exit codes: 0 done; 1 a run failed; 2 bad config or input.
 """
 
-import argparse
 import json
 import os
-import sys
 import time
-import traceback
+from dataclasses import dataclass, replace
 
 import yaml
 
-from chimera_ray.config import ConfigError, config_to_dict, load_config
+from chimera_ray.config import Config, config_to_dict, load_config
 from chimera_ray.eval.comparison import (
     METHODS,
     ablations,
@@ -52,56 +50,57 @@ from chimera_ray.eval.features import load_feature_extractor
 from chimera_ray.eval.finemarks_oracle import load_finemarks_oracle
 from chimera_ray.inputs import ingest_for_run
 from chimera_ray.io import atomic_write, write_json
-from chimera_ray.pipelines.common import USER_ERRORS, init_ray, quiet_console
+from chimera_ray.lease import OutputLease
+from chimera_ray.pipelines.common import init_ray
 from chimera_ray.pipelines.evaluate import evaluate_run
 from chimera_ray.pipelines.generate import generate_shards
 from chimera_ray.pipelines.train import train_classes
 from chimera_ray.progress import Display
 
-__all__ = ["run_from_args", "reproduce"]
+__all__ = ["Comparison", "compare", "reproduce", "summarize_finished"]
 
 DEFAULT_CONFIG = "jobs/configs/demo.yaml"
 DEFAULT_OUT = "outputs/reproduce"
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    if args.overrides and "=" not in args.overrides[0] and args.config is None:
-        args.config, args.overrides = args.overrides[0], args.overrides[1:]
-    args.config = args.config or DEFAULT_CONFIG
-    root = args.out.rstrip("/")
-    args.methods = list(args.methods or METHODS)
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        print(f"error: --methods {' '.join(unknown)}: unknown; choose among {', '.join(METHODS)}", file=sys.stderr)
-        return 2
-    try:
-        load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    error, code = "", 0
-    with quiet_console(root, args.verbose, name="reproduce") as (display, log_path):
-        try:
-            (summarize_finished if args.summarize_only else reproduce)(args, display)
-        except USER_ERRORS as e:
-            error, code = f"error: {e}", 2
-        except (FileNotFoundError if args.summarize_only else ()) as e:  # --summarize-only: nothing finished
-            error, code = f"error: {e}", 2
-        except Exception as e:  # noqa: BLE001 - one line for the user, the traceback in the log
-            print(traceback.format_exc(), file=sys.stderr)
-            error, code = (f"error: the comparison failed: {type(e).__name__}: {str(e)[:300]}"
-                           + (f"\n       traceback: {log_path}" if log_path else "")), 1
-    if error:
-        print(error, file=sys.stderr)
-    return code
+@dataclass(frozen=True)
+class Comparison:
+    """What the comparison runs and where (``chimera-ray reproduce``'s flags)."""
+
+    # Every run's config is this file + ``overrides`` + the run's own (seeds, method, ablation).
+    config: str = DEFAULT_CONFIG
+    overrides: tuple[str, ...] = ()
+    # Root of all runs: <out>/seed<S>/<method>/, and <out>/results.json beside them.
+    out: str = DEFAULT_OUT
+    # Each seed fixes the shots, the noise and the classifier's initialisation across methods.
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = METHODS
+    # The alpha / boosting / rank ablations, on the first seed.
+    run_ablations: bool = True
+    # The method the paired differences are taken against.
+    reference: str = "chimera"
 
 
-def reproduce(args: argparse.Namespace, display: Display) -> dict:
-    """Runs (or reuses) every method x seed and ablation; writes and returns results.json's content."""
-    root = args.out.rstrip("/")
+def compare(cfg: Config, report: dict, display: Display, lease: OutputLease | None = None, *,
+            comparison: Comparison, summarize_only: bool = False) -> None:
+    """The comparison as a ``runner.Job``: every method x seed and ablation (``reproduce``), or with
+    ``summarize_only`` only the runs already finished (``summarize_finished``). ``cfg``: the
+    comparison's config (its file + overrides); ``report`` and ``lease`` are not used (every run
+    keeps its own files under ``comparison.out``)."""
+    if summarize_only:
+        summarize_finished(comparison, display)
+    else:
+        reproduce(cfg, comparison, display)
+
+
+def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
+    """Runs (or reuses) every method x seed and ablation of ``comparison``, whose config (file +
+    overrides) is ``cfg``; writes and returns results.json's content."""
+    c = comparison
+    root = c.out.rstrip("/")
     t0 = time.time()
 
-    base_cfg = load_config(args.config, args.overrides + [f"output={root}/shared"])
+    base_cfg = replace(cfg, output=f"{root}/shared")
     inputs = ingest_for_run(base_cfg, log=display.print)  # one dataset, one plan (the tail classes) for every run
     display.print(inputs.plan_table())
     rows = inputs.dataset.by_class(base_cfg.data.split)
@@ -120,7 +119,7 @@ def reproduce(args: argparse.Namespace, display: Display) -> dict:
                 return json.load(f)
         seeds = [f"train.seed={seed}", f"generate.seed={seed}", f"downstream.seed={seed}"]
         real_only = mode == "real_only"
-        cfg = load_config(args.config, args.overrides + seeds + extra + [
+        cfg = load_config(c.config, [*c.overrides, *seeds, *extra,
             f"lora.mode={'chimera' if real_only else mode}", f"output={out}",
             f"downstream.use_synthetic={'false' if real_only else 'true'}"])
         atomic_write(f"{out}/config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
@@ -155,38 +154,38 @@ def reproduce(args: argparse.Namespace, display: Display) -> dict:
         return result
 
     runs: dict[str, list[dict]] = {}
-    for seed in args.seeds:
-        for method in args.methods:
+    for seed in c.seeds:
+        for method in c.methods:
             runs.setdefault(method, []).append(run(method, seed, method, []))
-    if not args.no_ablations:
-        seed = args.seeds[0]
+    if c.run_ablations:
+        seed = c.seeds[0]
         for name, (mode, extra) in ablations(seed, root).items():
             runs.setdefault(name, []).append(run(name, seed, mode, extra))
 
-    return _aggregate(args, runs, tail, extractor.name, base_cfg.downstream.test_split, display, t0)
+    return _aggregate(c, runs, tail, extractor.name, base_cfg.downstream.test_split, display, t0)
 
 
-def _aggregate(args: argparse.Namespace, runs: dict[str, list[dict]], tail: list[str], extractor_name: str,
+def _aggregate(c: Comparison, runs: dict[str, list[dict]], tail: list[str], extractor_name: str,
                test_split: str, display: Display, t0: float) -> dict:
     """Pixel change, summary, paired differences -> <out>/results.json and results.md."""
-    root = args.out.rstrip("/")
+    root = c.out.rstrip("/")
     for name, results in runs.items():
         for r in results:
             if r["mode"] not in ("real_only", "base"):
                 r["pixel_change_vs_base"] = pixel_change(root, r["seed"], name)
     summary = summarize(runs)
-    reference = args.reference
+    reference = c.reference
     paired = paired_differences(runs, reference)
-    results = {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
+    results = {"config": c.config, "overrides": list(c.overrides), "seeds": list(c.seeds),
                "tail_classes": tail, "feature_extractor": extractor_name, "test_split": test_split,
                "methods": summary, "paired": {"reference": reference, "differences": paired},
                "per_run_seconds": {name: [r.get("seconds") for r in results] for name, results in runs.items()},
                "seconds": round(time.time() - t0, 1),
                "command": "chimera-ray reproduce " + " ".join(
-                   (["--config", args.config] if args.config != DEFAULT_CONFIG else [])
-                   + ["--out", root, "--seeds", *map(str, args.seeds)] + (["--no-ablations"] if args.no_ablations else [])
+                   (["--config", c.config] if c.config != DEFAULT_CONFIG else [])
+                   + ["--out", root, "--seeds", *map(str, c.seeds)] + ([] if c.run_ablations else ["--no-ablations"])
                    + (["--reference", reference] if reference != "chimera" else [])
-                   + args.overrides)}
+                   + list(c.overrides))}
     write_json(f"{root}/results.json", results)
     table = markdown(summary)
     if any(r.get("downstream_sibling_confusion") is not None for rs in runs.values() for r in rs):
@@ -201,16 +200,17 @@ def _aggregate(args: argparse.Namespace, runs: dict[str, list[dict]], tail: list
     return results
 
 
-def summarize_finished(args: argparse.Namespace, display: Display) -> dict:
+def summarize_finished(comparison: Comparison, display: Display) -> dict:
     """``--summarize-only``: results.json / results.md from the runs already finished under ``--out``
     (no Ray; nothing is trained, generated or evaluated). Unfinished method x seed runs are listed."""
-    root = args.out.rstrip("/")
+    c = comparison
+    root = c.out.rstrip("/")
     t0 = time.time()
-    names = list(args.methods) + ([] if args.no_ablations else list(ablations(args.seeds[0], root)))
+    names = list(c.methods) + (list(ablations(c.seeds[0], root)) if c.run_ablations else [])
     runs: dict[str, list[dict]] = {}
     missing = []
     for name in names:
-        for seed in args.seeds if name in METHODS else args.seeds[:1]:
+        for seed in c.seeds if name in METHODS else c.seeds[:1]:
             path = f"{root}/seed{seed}/{name}/eval/result.json"
             if os.path.exists(path):
                 with open(path) as f:
@@ -219,14 +219,14 @@ def summarize_finished(args: argparse.Namespace, display: Display) -> dict:
                 missing.append(f"{name} seed {seed}")
     if not runs:
         raise FileNotFoundError(f"no finished runs under {root}/seed<S>/<method>/eval/result.json for seeds "
-                                f"{args.seeds}; run `chimera-ray reproduce` without --summarize-only first")
+                                f"{list(c.seeds)}; run `chimera-ray reproduce` without --summarize-only first")
     if missing:
         display.print(f"not finished (left out): {', '.join(missing)}")
     first = next(iter(runs.values()))[0]
     tail = [c["name"] for c in first["downstream"].get("classes", []) if c.get("group") == "tail"]
     metrics = next((r["metrics"] for rs in runs.values() for r in rs if r.get("metrics")), None) or {}
     split = metrics.get("reference_split") or "test"
-    out = _aggregate(args, runs, tail, metrics.get("feature_extractor", ""), split, display, t0)
+    out = _aggregate(c, runs, tail, metrics.get("feature_extractor", ""), split, display, t0)
     out["missing"] = missing
     write_json(f"{root}/results.json", out)
     return out

@@ -39,7 +39,7 @@ from chimera_ray.data.ingest import ImageRow
 from chimera_ray.io import write_json
 from chimera_ray.local import adapter_done, train_one
 from chimera_ray.lora.adapter import committed_adapters
-from chimera_ray.models import load_pipeline, resolve_device, resolve_dtype
+from chimera_ray.models import load_pipeline
 from chimera_ray.pipelines.common import (
     Attempts,
     absolute_config,
@@ -61,9 +61,7 @@ def _train_group_loop(config: dict) -> None:
     worker_logging()
     cfg = config_from_dict(config["cfg"])
     out = cfg.output.rstrip("/")
-    device = resolve_device(cfg.model.device)
-    pipe = load_pipeline(cfg.model.base, cache_dir=cfg.model.cache_dir, device=device,
-                         dtype=resolve_dtype(cfg.model.precision, device), family=cfg.model.family)
+    pipe = load_pipeline(cfg.model)
     train = wrap_train_one(train_one, cfg)
     progress = Reporter(config.get("progress"))
     attempts = Attempts(_class_attempts_dir(out))

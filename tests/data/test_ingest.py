@@ -22,8 +22,8 @@ from chimera_ray.data.ingest import (
     source_format,
     to_rgb,
 )
-from chimera_ray.data.validate import validate
 from chimera_ray.inputs import ingest_for_run
+from chimera_ray.preflight import validate
 
 
 def _png(seed: int, size=(24, 16)) -> bytes:

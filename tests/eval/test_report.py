@@ -54,7 +54,7 @@ def _build_run(out: str, source: str) -> None:
     inputs = ingest_for_run(cfg, log=None)
     assert sorted(p.name for p in inputs.plans) == sorted(NAMES)
     write_json(f"{out}/plan.json", inputs.plan_json())
-    pipe = load_pipeline(cfg.model.base)
+    pipe = load_pipeline(cfg.model, "cpu")
     rows = inputs.dataset.by_class(cfg.data.split)
     for p in inputs.plans:
         train_one(pipe, p, rows[p.name], cfg, progress=False)

@@ -28,7 +28,7 @@ from chimera_ray.lora.inject import (
     set_heads,
     set_mixture,
 )
-from chimera_ray.models import check_base, load_pipeline
+from chimera_ray.models import check_base, load_base
 from chimera_ray.toy.families import build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
 from chimera_ray.train import denoising_loss, encode_prompt, train_class
 
@@ -48,7 +48,7 @@ def family_dir(request, tmp_path_factory):
 @pytest.fixture
 def pipe(family_dir):
     """A fresh copy per test, loaded with ``model.family=auto`` (detected from model_index.json)."""
-    return load_pipeline(family_dir[1])
+    return load_base(family_dir[1])
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def adapters(family_dir, tmp_path_factory):
     from chimera_ray.data.boxes import Box
     from chimera_ray.train import Shot
 
-    pipe = load_pipeline(family_dir[1])
+    pipe = load_base(family_dir[1])
     rng = np.random.default_rng(0)
     shots = [Shot(Image.fromarray(rng.integers(0, 255, (20 + 4 * i, 24, 3), dtype=np.uint8)), [Box(2, 3, 12 + i, 14)],
                   f"shot{i}") for i in range(3)]
@@ -87,7 +87,7 @@ def test_family_is_detected_and_the_folder_checks_clean(family_dir, pipe):
     name, folder = family_dir
     assert family_of(pipe).name == name and pipe.chimera_base_id == folder
     assert check_base(folder) == []
-    assert load_pipeline(folder, family=name).__class__ is pipe.__class__
+    assert load_base(folder, family=name).__class__ is pipe.__class__
 
 
 def test_step_zero_is_the_base_model_bit_for_bit(pipe, tmp_path):
@@ -103,7 +103,7 @@ def test_step_zero_is_the_base_model_bit_for_bit(pipe, tmp_path):
     gen = Generator(generate=GEN, adapter_root=str(tmp_path), pipe=pipe)
     got = gen.render({"class_key": np.array(["red_star"] * 2), "sample_index": np.array([0, 1])})
     assert len(set(map(tuple, (r["weights"] for r in got.rows)))) == 2
-    expected = _reference_images(load_pipeline(pipe.chimera_base_id), ["a photo of a red star"] * 2,
+    expected = _reference_images(load_base(pipe.chimera_base_id), ["a photo of a red star"] * 2,
                                  [r["seed"] for r in got.rows])
     assert np.array_equal(got.pixels.astype(np.int16), expected)
 
@@ -131,7 +131,7 @@ def test_imagewise_and_classwise_batches_equal_each_sample_alone(pipe, shots, tm
         torch.manual_seed(0)
         state = {n: (t + 0.3 * torch.randn_like(t) if n.endswith("lora_B") else t) for n, t in res.state.items()}
         save_adapter(str(tmp_path / mode / "red_star"), state, res.meta)
-        gen = Generator(generate=GEN, adapter_root=str(tmp_path / mode), mode=mode, pipe=load_pipeline(pipe.chimera_base_id))
+        gen = Generator(generate=GEN, adapter_root=str(tmp_path / mode), mode=mode, pipe=load_base(pipe.chimera_base_id))
         batch = {"class_key": np.array(["red_star"] * 3), "sample_index": np.array([0, 1, 2])}
         out = gen(batch)
         if mode == "imagewise":
@@ -184,15 +184,15 @@ def test_export_loaded_by_diffusers_reproduces_a_fixed_mixture(family_dir, adapt
     state, meta = load_adapter(f"{adapters}/red_star")
     w = [0.2, 0.5, 0.3]
     export_lora(str(tmp_path / "lora"), state, meta, w)
-    gen = Generator(generate=GEN, adapter_root=adapters, pipe=load_pipeline(family_dir[1]))
+    gen = Generator(generate=GEN, adapter_root=adapters, pipe=load_base(family_dir[1]))
     out = gen({"class_key": np.array(["red_star"]), "sample_index": np.array([4]),
                "weights": np.array([w], dtype=object)})
     seed = json.loads(out["metadata"][0])["seed"]
-    ref = load_pipeline(family_dir[1])
+    ref = load_base(family_dir[1])
     ref.load_lora_weights(str(tmp_path / "lora"))
     expected = _reference_images(ref, ["a photo of a red star"], [seed])[0]
     assert np.abs(_decode(out["image"][0]) - expected).max() <= 1
-    plain = _reference_images(load_pipeline(family_dir[1]), ["a photo of a red star"], [seed])[0]
+    plain = _reference_images(load_base(family_dir[1]), ["a photo of a red star"], [seed])[0]
     assert np.abs(plain - expected).max() > 1  # the LoRA changed the image: the match is not vacuous
 
 

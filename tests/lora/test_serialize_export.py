@@ -19,7 +19,7 @@ from chimera_ray.lora.inject import (
     load_adapter_state_dict,
     set_mixture,
 )
-from chimera_ray.models import load_pipeline
+from chimera_ray.models import load_base
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -49,7 +49,7 @@ def test_save_load_round_trip_is_exact(tiny_pipe, tmp_path):
     with safe_open(str(tmp_path / "a" / "adapter.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["chimera_ray"])["class_key"] == "red_star"
     # Loading into a fresh injected UNet reproduces the tensors.
-    fresh = load_pipeline(tiny_pipe.chimera_base_id).unet
+    fresh = load_base(tiny_pipe.chimera_base_id).unet
     inject_lora(fresh, TARGETS, 4, 8, 3)
     load_adapter_state_dict(fresh, loaded)
     assert all(torch.equal(a, b) for a, b in zip(adapter_state_dict(fresh).values(), state.values()))
@@ -65,7 +65,7 @@ def test_corrupt_or_missing_adapter_is_a_clear_error(tiny_pipe, tmp_path):
         load_adapter(str(tmp_path / "a"))
     with pytest.raises(FileNotFoundError, match="train the class first"):
         load_adapter(str(tmp_path / "missing"))
-    fresh = load_pipeline(tiny_pipe.chimera_base_id).unet
+    fresh = load_base(tiny_pipe.chimera_base_id).unet
     inject_lora(fresh, ["to_q"], 4, 8, 2)
     with pytest.raises(ValueError, match="does not fit"):
         load_adapter_state_dict(fresh, adapter_state_dict(tiny_pipe.unet))
@@ -74,7 +74,7 @@ def test_corrupt_or_missing_adapter_is_a_clear_error(tiny_pipe, tmp_path):
 @pytest.mark.parametrize("shared_a,weights", [(True, [0.2, 0.5, 0.3]), (True, [0.0, 1.0, 0.0]), (False, [0.6, 0.0, 0.4])])
 def test_exported_lora_loads_in_diffusers_and_matches_mixture(tiny_pipe_dir, tmp_path, shared_a, weights):
     """diffusers' own load_lora_weights (PEFT) on the export == our mixture forward."""
-    pipe = load_pipeline(tiny_pipe_dir)
+    pipe = load_base(tiny_pipe_dir)
     base_unet = copy.deepcopy(pipe.unet)
     meta = _trained_like(pipe.unet, 3, shared_a=shared_a)
     state = adapter_state_dict(pipe.unet)
@@ -88,7 +88,7 @@ def test_exported_lora_loads_in_diffusers_and_matches_mixture(tiny_pipe_dir, tmp
         ours = pipe.unet(x, t, encoder_hidden_states=text).sample
         base = base_unet(x, t, encoder_hidden_states=text).sample
 
-    ref = load_pipeline(tiny_pipe_dir)
+    ref = load_base(tiny_pipe_dir)
     ref.load_lora_weights(str(tmp_path / "lora"))
     with torch.no_grad():
         theirs = ref.unet(x, t, encoder_hidden_states=text).sample

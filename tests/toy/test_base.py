@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+import chimera_ray.builtins  # noqa: F401 - registers the builtin models and datasets
 from chimera_ray import models
-from chimera_ray.models import load_pipeline, native_resolution
+from chimera_ray.models import load_base, native_resolution
 from chimera_ray.toy import base as embedded
 from chimera_ray.toy.base import build_toy_base
 
@@ -45,7 +46,7 @@ def test_reduced_build_loads_and_generates(tiny_build: tuple[Path, dict]) -> Non
     assert (folder / "model_index.json").is_file() and (folder / "toy_base.json").is_file()
     assert report["recipe"]["unet_steps"] >= 2 and report["recipe"]["vae_steps"] >= 2
     assert 0 < report["weights_bytes"] <= 25_000_000
-    pipe = load_pipeline(str(folder))
+    pipe = load_base(str(folder))
     assert pipe.unet.dtype == torch.float32  # stored as fp16, upcast on load
     resolution = native_resolution(pipe)
     assert resolution == embedded.DEFAULT_RECIPE.resolution
@@ -72,6 +73,6 @@ def test_builtin_toy_is_registered_and_cached(tmp_path: Path, monkeypatch: pytes
     # Route builtin:toy through a reduced build so the registry/cache path runs quickly.
     # A version of its own keeps the shipped weights (another version) from answering.
     monkeypatch.setitem(models._BUILTINS, "toy", (lambda folder: _tiny_build(folder, seed=0), "test"))
-    pipe = load_pipeline("builtin:toy", cache_dir=str(tmp_path))
+    pipe = load_base("builtin:toy", cache_dir=str(tmp_path))
     assert pipe.chimera_base_id == "builtin:toy"
     assert (tmp_path / "builtin" / "toy" / ".chimera_complete").is_file()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import chimera_ray.builtins  # noqa: F401 - registers the builtin models and datasets
 from chimera_ray import models
 from chimera_ray.data.ingest import read_dataset
 from chimera_ray.toy import base as toy_base
@@ -183,7 +184,7 @@ def test_tiny_finemarks_base_builds_and_generates(tmp_path: Path) -> None:
     recipe = dataclasses.replace(toy_base.FINEMARKS_RECIPE, num_threads=1)
     report = toy_base.build_toy_base(tmp_path / "b", seed=0, minutes_budget=0.01, progress=False, recipe=recipe)
     assert report["recipe"]["world"] == "finemarks"
-    pipe = models.load_pipeline(str(tmp_path / "b"))
+    pipe = models.load_base(str(tmp_path / "b"))
     assert pipe.tokenizer.tokenize("a photo of a kappa badge") == ["a</w>", "photo</w>", "of</w>", "a</w>",
                                                                     "kappa</w>", "badge</w>"]
     out = pipe(["a photo of a kappa badge"], num_inference_steps=2, output_type="np").images

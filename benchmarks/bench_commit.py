@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in ("serial", "overlap"):
             out = f"slowfile://{tmp}/{mode}"
             cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"), [
-                f"output={out}", f"model.cache_dir={tmp}/cache", "lora.mode=base", "generate.batch_size=4",
+                f"output={out}", f"cache_dir={tmp}/cache", "lora.mode=base", "generate.batch_size=4",
                 f"generate.num_inference_steps={args.steps}",
                 "shards.max_samples=4"])  # 2 parts per unit of 8: 3 PUTs + the attempt marker per commit
             actor = _GenerateActor(config_to_dict(cfg), None, f"{out}/shards")

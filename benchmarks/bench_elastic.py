@@ -39,7 +39,7 @@ def _cfg(out: Path, classes: int, *extra: str):
     from chimera_ray.config import load_config
 
     return load_config(str(ROOT / "jobs/configs/tiny.yaml"), [
-        f"output={out}", f"model.cache_dir={out.parent / 'cache'}", f"data.max_classes={classes}",
+        f"output={out}", f"cache_dir={out.parent / 'cache'}", f"data.max_classes={classes}",
         "data.budget=fixed", "data.budget_value=8", "ray.classes_per_trainer=1", "ray.train_cpus=1", "ray.gen_cpus=1",
         "ray.gen_actors_min=1", "ray.gen_actors_max=1", "generate.window_classes=2", "generate.unit_samples=4",
         "generate.batch_size=4", "ray.shared_fs=true", *extra])

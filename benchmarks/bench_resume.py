@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-resume-") as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "jobs/full.py", "--config", "jobs/configs/tiny.yaml", f"output={out}",
-               f"model.cache_dir={tmp}/cache", "lora.mode=base", "data.max_classes=2",
+               f"cache_dir={tmp}/cache", "lora.mode=base", "data.max_classes=2",
                f"generate.samples_per_class={per_class}", "generate.batch_size=4", f"shards.max_samples={args.unit}",
                "ray.num_cpus=2", "ray.gen_actors_min=1", "ray.gen_actors_max=1", "ray.gen_cpus=1"]
         t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Do the heads carry their shots under a recipe? Train tail classes, then run the head probe.
 
-Issue #16 item 5: the same toy base and budget, recipes side by side (the paper's default and
+The same toy base and budget, recipes side by side (the paper's default and
 this project's first one), each class trained with ``chimera_ray.train.train_class`` and
 measured with ``chimera_ray.eval.heads.probe_class``. Everything runs in one process, no Ray.
 
@@ -54,7 +54,7 @@ def main() -> None:
     plans = plans[: args.classes]
     rows = inputs.dataset.by_class(base_cfg.data.split)
     held = inputs.dataset.by_class(base_cfg.downstream.test_split)
-    pipe = load_pipeline(base_cfg.model, "cpu")
+    pipe = load_pipeline(base_cfg.model, "cpu", cache_dir=base_cfg.cache_dir)
     for name, extra in recipes:
         cfg = load_config(args.config, args.overrides + [o for o in extra.split(";") if o])
         out = Path(args.out) / name

@@ -45,7 +45,7 @@ def cache_root(cache_dir: str | None = None) -> Path:
         probe.unlink()
     except OSError as e:
         raise CacheError(
-            f"cache directory {str(root)!r} is not writable ({e.strerror}); set model.cache_dir or "
+            f"cache directory {str(root)!r} is not writable ({e.strerror}); set cache_dir or "
             "the CHIMERA_RAY_CACHE environment variable to a writable folder"
         ) from None
     return root

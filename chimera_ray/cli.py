@@ -252,11 +252,11 @@ def _cmd_train(args) -> int:
     key = safe_key(args.class_name)
     shots = tuple(subsample_shots(files, cfg.train.max_shots, cfg.train.seed, key))
     plan = ClassPlan(args.class_name, key, args.label, len(files), shots, 0)
-    pipe = load_pipeline(cfg.model)
+    pipe = load_pipeline(cfg.model, cache_dir=cfg.cache_dir)
     report = train_one(pipe, plan, rows, cfg)
-    write_json(f"{cfg.output.rstrip('/')}/reports/train-{key}.json", report)
+    write_json(cfg.output_path("reports", f"train-{key}.json"), report)
     print(json.dumps({k: report[k] for k in ("class", "key", "digest", "final_loss", "seconds")}, indent=2))
-    print(f"adapter: {cfg.output.rstrip('/')}/adapters/{key}")
+    print(f"adapter: {cfg.output_path('adapters', key)}")
     return 0
 
 
@@ -272,7 +272,7 @@ def _cmd_generate(args) -> int:
         overrides.append(f"generate.samples_per_class={args.num}")
     args.overrides = overrides
     cfg = _load(args)
-    out = cfg.output.rstrip("/")
+    out = cfg.output_path()
     if args.classes:
         keys = [k.strip() for k in args.classes.split(",") if k.strip()]
     else:
@@ -285,7 +285,8 @@ def _cmd_generate(args) -> int:
         _, meta = load_adapter(f"{out}/adapters/{k}")
         plans.append(ClassPlan(meta.class_name, k, meta.label, len(meta.shot_ids), tuple(meta.shot_ids),
                                cfg.generate.samples_per_class))
-    gen = Generator(cfg.model, cfg.generate, mode=cfg.lora.mode, adapter_root=f"{out}/adapters")
+    gen = Generator(cfg.model, cfg.generate, mode=cfg.lora.mode, adapter_root=f"{out}/adapters",
+                    cache_dir=cfg.cache_dir)
     written = generate_local(gen, plans, cfg)
     print(json.dumps({"images": f"{out}/images", "written": written}, indent=2))
     return 0
@@ -425,7 +426,7 @@ def _cmd_plan(args) -> int:
     est = estimate_run(cfg, calibrate=not args.no_calibration, train_steps=args.train_steps,
                        log=lambda m: print(m, flush=True))
     print(format_estimate(est))
-    path = args.json_out or f"{cfg.output.rstrip('/')}/estimate.json"
+    path = args.json_out or cfg.output_path("estimate.json")
     write_json(path, est)
     print(f"\nestimate written to {path}")
     return 0
@@ -460,7 +461,8 @@ def _cmd_toy(args) -> int:
         return 0
     cfg = _load(args)
     torch.set_num_threads(2)
-    pipe = load_pipeline(dataclasses.replace(cfg.model, base=str(Path(args.model_dir).resolve())))
+    pipe = load_pipeline(dataclasses.replace(cfg.model, base=str(Path(args.model_dir).resolve())),
+                         cache_dir=cfg.cache_dir)
     report = evaluate_base(pipe, n_per_class=args.n_per_class, seed=args.seed, steps=args.steps, guidance=args.guidance)
     if args.grid:
         report["grid"] = str(sample_grid(pipe, args.grid, seed=args.seed, steps=args.steps, guidance=args.guidance))

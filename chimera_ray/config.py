@@ -1,7 +1,9 @@
 """Typed, frozen run configuration: YAML files plus dotted command-line overrides.
 
-Every default carries the reason it was chosen. ``validate`` reports every problem at
-once (torchtune's ``ConfigError`` idea) so a user fixes a config in one pass.
+Every default carries the reason it was chosen. Each section checks its own fields
+(``problems()``, beside the fields it checks, as peft's ``LoraConfig.__post_init__``) and
+``Config.validate`` reports every problem at once (torchtune's ``ConfigError`` idea) so a
+user fixes a config in one pass.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import copy
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,13 +60,16 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.errors))
 
 
+def _failed(*checks: tuple[bool, str]) -> list[str]:
+    """The messages of the ``(condition, message)`` checks whose condition is false, in order."""
+    return [msg for ok, msg in checks if not ok]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    # A local diffusers folder, an fsspec URL (s3://...) copied to `cache_dir` once,
-    # or a Hugging Face hub id. "builtin:toy" is the embedded base model.
+    # A local diffusers folder, an fsspec URL (s3://...) copied to the project cache (the
+    # top-level `cache_dir`) once, or a Hugging Face hub id. "builtin:toy" is the embedded base model.
     base: str = "builtin:toy"
-    # Where remote base models are copied. None: ~/.cache/chimera_ray.
-    cache_dir: str | None = None
     # Training/generation resolution in pixels; None uses the UNet's native size
     # (sample_size * VAE scale factor), the only size a base model is known to be good at.
     resolution: int | None = None
@@ -75,6 +81,18 @@ class ModelConfig:
     # Model family (chimera_ray.families): sd (1.x/2.x), sdxl or sd3 (3.x/3.5). "auto" reads the
     # pipeline class from the model's model_index.json, which names it exactly.
     family: Literal["auto", "sd", "sdxl", "sd3"] = "auto"
+
+    def problems(self) -> list[str]:
+        """Every problem with this section, one message each (``Config.validate`` raises them)."""
+        return _failed(
+            (self.precision in ("fp32", "fp16", "bf16"),
+             f"model.precision must be fp32, fp16 or bf16 (got {self.precision!r})"),
+            (self.family in ("auto", "sd", "sdxl", "sd3"),
+             f"model.family must be auto, sd, sdxl or sd3 (got {self.family!r})"),
+            (self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
+             f"model.resolution must be a multiple of 8 >= 8, or null for the model's native size (got {self.resolution})"),
+            (bool(self.base), "model.base must name a base model: a local folder, s3:// URL or hub id"),
+        )
 
 
 @dataclass(frozen=True)
@@ -104,6 +122,19 @@ class LoRAConfig:
     text_encoder: bool = False
     text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
+    def problems(self) -> list[str]:
+        """Every problem with this section once its recipe is resolved (``resolve_recipe``: rank
+        and lora_alpha are numbers), one message each."""
+        return _failed(
+            (self.mode in MODES, f"lora.mode must be one of {', '.join(MODES)} (got {self.mode!r})"),
+            (self.rank >= 1, f"lora.rank must be >= 1 (got {self.rank})"),
+            (self.lora_alpha > 0, f"lora.lora_alpha must be > 0 (got {self.lora_alpha})"),
+            (len(self.targets) > 0, "lora.targets must list at least one module-name pattern, e.g. [to_q, to_v]"),
+            (self.mode == "classwise" or not self.text_encoder,
+             f"lora.text_encoder=true is DataDream's classwise recipe; lora.mode={self.mode} shares one prompt "
+             "embedding across heads, set lora.text_encoder=false or lora.mode=classwise"),
+        )
+
 
 @dataclass(frozen=True)
 class CropConfig:
@@ -132,6 +163,19 @@ class CropConfig:
     flip_p: float | None = None
     # Boxes partly outside the image: "clip" them (counted in the report) or "error".
     out_of_image: Literal["clip", "error"] = "clip"
+
+    def problems(self) -> list[str]:
+        """Every problem with ``train.crop`` once its recipe is resolved (flip_p a number)."""
+        return _failed(
+            (0 < self.jitter[0] <= self.jitter[1] <= 1,
+             f"train.crop.jitter must satisfy 0 < min <= max <= 1 (got {list(self.jitter)})"),
+            (0 < self.scale[0] <= self.scale[1] <= 1,
+             f"train.crop.scale must satisfy 0 < min <= max <= 1 (got {list(self.scale)})"),
+            (0 < self.ratio[0] <= self.ratio[1], f"train.crop.ratio must satisfy 0 < min <= max (got {list(self.ratio)})"),
+            (0 <= self.flip_p <= 1, f"train.crop.flip_p must be in [0, 1] (got {self.flip_p})"),
+            (self.out_of_image in ("clip", "error"),
+             f"train.crop.out_of_image must be clip or error (got {self.out_of_image!r})"),
+        )
 
 
 @dataclass(frozen=True)
@@ -173,6 +217,25 @@ class TrainConfig:
     # Few-shot method: classes with more real images are deterministically subsampled.
     max_shots: int = 16
     crop: CropConfig = field(default_factory=CropConfig)
+
+    def problems(self) -> list[str]:
+        """Every problem with this section (``train.crop`` included) once its recipe is resolved
+        (``resolve_recipe``: lr, lr_a_scale, warmup_fraction, batch_size are numbers)."""
+        return _failed(
+            (self.steps >= 1, f"train.steps must be >= 1 (got {self.steps})"),
+            (self.lr > 0, f"train.lr must be > 0 (got {self.lr})"),
+            (self.lr_a_scale >= 0,
+             f"train.lr_a_scale must be >= 0, A's rate is train.lr * lr_a_scale (got {self.lr_a_scale})"),
+            (self.noise_offset >= 0, f"train.noise_offset must be >= 0, 0 turns it off (got {self.noise_offset})"),
+            (0 <= self.warmup_fraction < 1, f"train.warmup_fraction must be in [0, 1) (got {self.warmup_fraction})"),
+            (self.batch_size >= 1, f"train.batch_size must be >= 1 (got {self.batch_size})"),
+            (self.grad_accum >= 1, f"train.grad_accum must be >= 1 (got {self.grad_accum})"),
+            (self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, 0 disables (got {self.checkpoint_every})"),
+            (self.keep_checkpoints >= 0, f"train.keep_checkpoints must be >= 0 (got {self.keep_checkpoints})"),
+            (self.max_shots >= 1, f"train.max_shots must be >= 1 (got {self.max_shots})"),
+            ("{name}" in self.prompt_template,
+             f"train.prompt_template must contain '{{name}}' (got {self.prompt_template!r})"),
+        ) + self.crop.problems()
 
 
 @dataclass(frozen=True)
@@ -216,6 +279,32 @@ class GenerateConfig:
     # feed several generation runs (an alpha sweep) with their own outputs.
     adapters: str | None = None
 
+    def problems(self) -> list[str]:
+        """Every problem with this section, one message each."""
+        return _failed(
+            (self.dirichlet_concentration > 0,
+             f"generate.dirichlet_concentration must be > 0 (got {self.dirichlet_concentration}); "
+             "small values stay close to one shot, large values approach the class average"),
+            (self.imagewise_mix in (1, 2), f"generate.imagewise_mix must be 1 or 2 (got {self.imagewise_mix})"),
+            (self.imagewise_weight is None or 0 <= self.imagewise_weight <= 1,
+             f"generate.imagewise_weight must be in [0, 1] or null for a uniform draw (got {self.imagewise_weight})"),
+            (self.num_inference_steps >= 1,
+             f"generate.num_inference_steps must be >= 1 (got {self.num_inference_steps})"),
+            (self.guidance_scale >= 0, f"generate.guidance_scale must be >= 0 (got {self.guidance_scale})"),
+            (self.batch_size >= 1, f"generate.batch_size must be >= 1 (got {self.batch_size})"),
+            (self.image_format in IMAGE_FORMATS,
+             f"generate.image_format must be one of {', '.join(IMAGE_FORMATS)} (got {self.image_format!r})"),
+            (1 <= self.quality <= 100, f"generate.quality must be in 1..100 (got {self.quality})"),
+            (self.samples_per_class >= 0, f"generate.samples_per_class must be >= 0 (got {self.samples_per_class})"),
+            (self.adapter_cache_size >= 1,
+             f"generate.adapter_cache_size must be >= 1 (got {self.adapter_cache_size})"),
+            (self.window_classes >= 1, f"generate.window_classes must be >= 1 (got {self.window_classes})"),
+            (self.unit_samples >= 0,
+             f"generate.unit_samples must be >= 0, 0 picks a few GPU-minutes of work (got {self.unit_samples})"),
+            ("{name}" in self.prompt_template,
+             f"generate.prompt_template must contain '{{name}}' (got {self.prompt_template!r})"),
+        )
+
 
 @dataclass(frozen=True)
 class DetectorConfig:
@@ -223,7 +312,7 @@ class DetectorConfig:
     # datasets already carry boxes; without boxes a shot trains on the whole image.
     enabled: bool = False
     # transformers zero-shot detector (OWLv2, OWL-ViT or Grounding DINO): a local folder written
-    # by save_pretrained, an fsspec URL of one (copied to model.cache_dir), or a hub id that is
+    # by save_pretrained, an fsspec URL of one (copied to `cache_dir`), or a hub id that is
     # already in the Hugging Face cache. OWLv2 base is the best open-vocabulary box per byte.
     model: str = "google/owlv2-base-patch16-ensemble"
     # Minimum score for the best box; below it the shot falls back to the whole image.
@@ -236,6 +325,17 @@ class DetectorConfig:
     batch_size: int = 8
     # "auto": CUDA when torch sees one, else CPU.
     device: str = "auto"
+
+    def problems(self) -> list[str]:
+        """Every problem with ``data.detector``, one message each."""
+        return _failed(
+            (0 <= self.threshold <= 1, f"data.detector.threshold must be in [0, 1] (got {self.threshold})"),
+            (self.batch_size >= 1, f"data.detector.batch_size must be >= 1 (got {self.batch_size})"),
+            (not self.enabled or bool(self.model),
+             "data.detector.model must name a local folder, URL or cached hub id when the detector is enabled"),
+            ("{name}" in self.prompt_template,
+             f"data.detector.prompt_template must contain '{{name}}' (got {self.prompt_template!r})"),
+        )
 
 
 @dataclass(frozen=True)
@@ -300,6 +400,32 @@ class DataConfig:
     min_colors: int = 4
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
+    def problems(self) -> list[str]:
+        """Every problem with this section (``data.detector`` included), one message each."""
+        whole_budget = self.budget in ("fixed", "top_up") and self.budget_value is not None
+        return _failed(
+            (self.tail_max_images >= 1, f"data.tail_max_images must be >= 1 (got {self.tail_max_images})"),
+            (self.max_classes >= 0, f"data.max_classes must be >= 0, 0 means all (got {self.max_classes})"),
+            (bool(self.source.strip()), "data.source is empty; name an ImageFolder root, a .csv/.jsonl/.parquet manifest "
+                                        "(local or s3://...) or builtin:toyworld"),
+            (self.min_side >= 1, f"data.min_side must be >= 1 pixel (got {self.min_side})"),
+            (self.max_aspect >= 1,
+             f"data.max_aspect must be >= 1 (got {self.max_aspect}); it is longest / shortest side"),
+            (self.min_colors >= 1, f"data.min_colors must be >= 1 (got {self.min_colors})"),
+            (0 <= self.tail_bottom_percent <= 100,
+             f"data.tail_bottom_percent must be in [0, 100], 0 turns it off (got {self.tail_bottom_percent})"),
+            (bool(self.image_column) and bool(self.label_column),
+             "data.image_column and data.label_column must name manifest columns"),
+            (not whole_budget or (self.budget_value >= 0 and float(self.budget_value).is_integer()),
+             f"data.budget_value must be a whole number >= 0 for budget={self.budget} (got {self.budget_value})"),
+            (self.budget != "top_up" or self.budget_value is not None,
+             "data.budget=top_up needs data.budget_value, the image count each tail class is topped up to"),
+            (self.budget != "multiple" or (self.budget_value is not None and self.budget_value > 0),
+             "data.budget=multiple needs data.budget_value > 0, the multiple of each class's real count "
+             f"(got {self.budget_value})"),
+            (len(set(self.classes)) == len(self.classes), f"data.classes lists a class twice (got {list(self.classes)})"),
+        ) + self.detector.problems()
+
 
 @dataclass(frozen=True)
 class ShardsConfig:
@@ -314,6 +440,15 @@ class ShardsConfig:
     # sequentially then sees every class); false keeps samples sorted by key.
     shuffle: bool = True
 
+    def problems(self) -> list[str]:
+        """Every problem with this section, one message each."""
+        return _failed(
+            (self.max_bytes >= 10240, f"shards.max_bytes must be >= 10240, one tar record (got {self.max_bytes})"),
+            (self.max_samples >= 0, f"shards.max_samples must be >= 0, 0 means unbounded (got {self.max_samples})"),
+            (bool(self.prefix) and all(c.isalnum() or c in "-_" for c in self.prefix),
+             f"shards.prefix must be letters, digits, - or _ (got {self.prefix!r})"),
+        )
+
 
 @dataclass(frozen=True)
 class FaultConfig:
@@ -325,6 +460,13 @@ class FaultConfig:
     kill_train_once: str = ""
     # Class key whose training always raises (isolated: the other classes finish).
     fail_train_always: str = ""
+
+    def problems(self) -> list[str]:
+        """Every problem with ``ray.faults``, one message each."""
+        return _failed(
+            (self.generate_once in ("", "raise", "kill"),
+             f"ray.faults.generate_once must be '', raise or kill (got {self.generate_once!r})"),
+        )
 
 
 @dataclass(frozen=True)
@@ -374,6 +516,23 @@ class RayConfig:
     # never see their adapters or shards.
     shared_fs: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
+
+    def problems(self) -> list[str]:
+        """Every problem with this section (``ray.faults`` included), one message each."""
+        return _failed(
+            (self.classes_per_trainer >= 1, f"ray.classes_per_trainer must be >= 1 (got {self.classes_per_trainer})"),
+            (self.max_concurrent_trainers >= 0,
+             f"ray.max_concurrent_trainers must be >= 0, 0 means the cluster's size (got {self.max_concurrent_trainers})"),
+            (self.train_cpus >= 0 and self.train_gpus >= 0 and self.gen_cpus >= 0 and self.gen_gpus >= 0,
+             "ray.train_cpus/train_gpus/gen_cpus/gen_gpus must be >= 0"),
+            (self.downstream_cpus > 0, f"ray.downstream_cpus must be > 0 (got {self.downstream_cpus})"),
+            (self.gen_actors_min >= 1 and (self.gen_actors_max == 0 or self.gen_actors_min <= self.gen_actors_max),
+             f"ray.gen_actors_min/max must satisfy 1 <= min <= max, max 0 meaning as many as the cluster holds "
+             f"(got {self.gen_actors_min}, {self.gen_actors_max})"),
+            (self.max_failures >= 0 and self.class_attempts >= 1,
+             "ray.max_failures must be >= 0 and ray.class_attempts >= 1"),
+            (self.unit_attempts >= 1, f"ray.unit_attempts must be >= 1 (got {self.unit_attempts})"),
+        ) + self.faults.problems()
 
 
 @dataclass(frozen=True)
@@ -435,6 +594,38 @@ class DownstreamConfig:
     num_workers: int = 1
     use_gpu: bool = False
 
+    def problems(self) -> list[str]:
+        """Every problem with this section, one message each (the LoRA fields only for clip_lora)."""
+        lora = self.backbone == "clip_lora"
+        return _failed(
+            (0.0 <= self.synthetic_fraction <= 1.0,
+             f"downstream.synthetic_fraction must be in [0, 1] (got {self.synthetic_fraction})"),
+            (self.steps >= 1 and self.batch_size >= 1 and self.lr > 0,
+             f"downstream.steps, batch_size must be >= 1 and lr > 0 (got {self.steps}, {self.batch_size}, {self.lr})"),
+            (self.image_size is None or self.image_size >= 8,
+             f"downstream.image_size must be >= 8 or null (got {self.image_size})"),
+            (self.backbone not in ("clip", "clip_lora") or bool(self.weights),
+             f"downstream.weights must name a local CLIP folder (save_pretrained format) when "
+             f"downstream.backbone={self.backbone}; nothing is downloaded"),
+            (self.epochs is None or self.epochs >= 1,
+             f"downstream.epochs must be >= 1, or null to train for downstream.steps (got {self.epochs})"),
+            (self.warmup_steps >= 0, f"downstream.warmup_steps must be >= 0 (got {self.warmup_steps})"),
+            (self.schedule != "onecycle" or self.warmup_steps == 0,
+             f"downstream.warmup_steps={self.warmup_steps} has no effect with downstream.schedule=onecycle (its "
+             "warm-up is 15% of the steps); set downstream.schedule=cosine or constant, or warmup_steps=0"),
+            (self.epochs is not None or self.warmup_steps < self.steps,
+             f"downstream.warmup_steps must be < downstream.steps (got {self.warmup_steps} >= {self.steps})"),
+            (not lora or (self.lora_rank >= 1 and self.lora_alpha > 0),
+             f"downstream.lora_rank must be >= 1 and lora_alpha > 0 (got {self.lora_rank}, {self.lora_alpha})"),
+            (not lora or 0.0 <= self.lora_dropout < 1.0,
+             f"downstream.lora_dropout must be in [0, 1) (got {self.lora_dropout})"),
+            (not lora or len(self.lora_targets) > 0,
+             "downstream.lora_targets must list module names to adapt, e.g. [q_proj, k_proj, v_proj, out_proj]"),
+            (not lora or "{name}" in self.prompt,
+             f"downstream.prompt must contain {{name}}, where the class name goes (got {self.prompt!r})"),
+            (self.prdc_k >= 1 and self.num_workers >= 1, "downstream.prdc_k and downstream.num_workers must be >= 1"),
+        )
+
 
 # Each mode's recipe: the values a null field of `lora` / `train` / `train.crop` takes. chimera is
 # the paper's (A 10x slower than the heads, Gaussian A, boosting crops); classwise is DataDream's
@@ -483,8 +674,13 @@ class Config:
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
-    # Where adapters, images, shards and reports go (local path or fsspec URL).
+    # Where adapters, images, shards and reports go (local path or fsspec URL); build paths
+    # under it with `output_path`.
     output: str = "outputs/demo"
+    # The project's cache, shared by runs: datasets, base models and detectors copied from URLs,
+    # builtin models and feature networks built once, the oracle, classifier weights. null:
+    # $CHIMERA_RAY_CACHE, else ~/.cache/chimera_ray. (Formerly model.cache_dir, still read.)
+    cache_dir: str | None = None
 
     def __post_init__(self):
         # The mode's recipe fills what the config leaves null; the resolved values are what
@@ -494,129 +690,20 @@ class Config:
             object.__setattr__(self, "lora", lora)
             object.__setattr__(self, "train", train)
 
+    def output_path(self, *parts: str) -> str:
+        """``<output>/<parts...>`` (a local path or a URL such as s3://...), with no doubled
+        slash whether or not ``output`` ends in one; no parts: ``output`` without its trailing slash."""
+        return "/".join((self.output.rstrip("/"), *parts))
+
     def validate(self) -> "Config":
-        """Checks every field and raises one ``ConfigError`` listing all problems."""
-        errors: list[str] = []
-
-        def check(cond: bool, msg: str) -> None:
-            if not cond:
-                errors.append(msg)
-
-        m, lo, t, g = self.model, self.lora, self.train, self.generate
-        check(m.precision in ("fp32", "fp16", "bf16"), f"model.precision must be fp32, fp16 or bf16 (got {m.precision!r})")
-        check(m.family in ("auto", "sd", "sdxl", "sd3"), f"model.family must be auto, sd, sdxl or sd3 (got {m.family!r})")
-        check(m.resolution is None or (m.resolution >= 8 and m.resolution % 8 == 0),
-              f"model.resolution must be a multiple of 8 >= 8, or null for the model's native size (got {m.resolution})")
-        check(bool(m.base), "model.base must name a base model: a local folder, s3:// URL or hub id")
-        check(lo.mode in MODES, f"lora.mode must be one of {', '.join(MODES)} (got {lo.mode!r})")
-        check(lo.rank >= 1, f"lora.rank must be >= 1 (got {lo.rank})")
-        check(lo.lora_alpha > 0, f"lora.lora_alpha must be > 0 (got {lo.lora_alpha})")
-        check(len(lo.targets) > 0, "lora.targets must list at least one module-name pattern, e.g. [to_q, to_v]")
-        check(t.steps >= 1, f"train.steps must be >= 1 (got {t.steps})")
-        check(t.lr > 0, f"train.lr must be > 0 (got {t.lr})")
-        check(t.lr_a_scale >= 0, f"train.lr_a_scale must be >= 0, A's rate is train.lr * lr_a_scale (got {t.lr_a_scale})")
-        check(t.noise_offset >= 0, f"train.noise_offset must be >= 0, 0 turns it off (got {t.noise_offset})")
-        check(0 <= t.warmup_fraction < 1, f"train.warmup_fraction must be in [0, 1) (got {t.warmup_fraction})")
-        check(lo.mode == "classwise" or not lo.text_encoder,
-              f"lora.text_encoder=true is DataDream's classwise recipe; lora.mode={lo.mode} shares one prompt "
-              "embedding across heads, set lora.text_encoder=false or lora.mode=classwise")
-        check(t.batch_size >= 1, f"train.batch_size must be >= 1 (got {t.batch_size})")
-        check(t.grad_accum >= 1, f"train.grad_accum must be >= 1 (got {t.grad_accum})")
-        check(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, 0 disables (got {t.checkpoint_every})")
-        check(t.keep_checkpoints >= 0, f"train.keep_checkpoints must be >= 0 (got {t.keep_checkpoints})")
-        check(t.max_shots >= 1, f"train.max_shots must be >= 1 (got {t.max_shots})")
-        check("{name}" in t.prompt_template, f"train.prompt_template must contain '{{name}}' (got {t.prompt_template!r})")
-        c = t.crop
-        check(0 < c.jitter[0] <= c.jitter[1] <= 1, f"train.crop.jitter must satisfy 0 < min <= max <= 1 (got {list(c.jitter)})")
-        check(0 < c.scale[0] <= c.scale[1] <= 1, f"train.crop.scale must satisfy 0 < min <= max <= 1 (got {list(c.scale)})")
-        check(0 < c.ratio[0] <= c.ratio[1], f"train.crop.ratio must satisfy 0 < min <= max (got {list(c.ratio)})")
-        check(0 <= c.flip_p <= 1, f"train.crop.flip_p must be in [0, 1] (got {c.flip_p})")
-        check(c.out_of_image in ("clip", "error"), f"train.crop.out_of_image must be clip or error (got {c.out_of_image!r})")
-        check(g.dirichlet_concentration > 0,
-              f"generate.dirichlet_concentration must be > 0 (got {g.dirichlet_concentration}); "
-              "small values stay close to one shot, large values approach the class average")
-        check(g.imagewise_mix in (1, 2), f"generate.imagewise_mix must be 1 or 2 (got {g.imagewise_mix})")
-        check(g.imagewise_weight is None or 0 <= g.imagewise_weight <= 1,
-              f"generate.imagewise_weight must be in [0, 1] or null for a uniform draw (got {g.imagewise_weight})")
-        check(g.num_inference_steps >= 1, f"generate.num_inference_steps must be >= 1 (got {g.num_inference_steps})")
-        check(g.guidance_scale >= 0, f"generate.guidance_scale must be >= 0 (got {g.guidance_scale})")
-        check(g.batch_size >= 1, f"generate.batch_size must be >= 1 (got {g.batch_size})")
-        check(g.image_format in IMAGE_FORMATS, f"generate.image_format must be one of {', '.join(IMAGE_FORMATS)} (got {g.image_format!r})")
-        check(1 <= g.quality <= 100, f"generate.quality must be in 1..100 (got {g.quality})")
-        check(g.samples_per_class >= 0, f"generate.samples_per_class must be >= 0 (got {g.samples_per_class})")
-        check(g.adapter_cache_size >= 1, f"generate.adapter_cache_size must be >= 1 (got {g.adapter_cache_size})")
-        check(g.window_classes >= 1, f"generate.window_classes must be >= 1 (got {g.window_classes})")
-        check(g.unit_samples >= 0,
-              f"generate.unit_samples must be >= 0, 0 picks a few GPU-minutes of work (got {g.unit_samples})")
-        check("{name}" in g.prompt_template, f"generate.prompt_template must contain '{{name}}' (got {g.prompt_template!r})")
-        check(self.data.tail_max_images >= 1, f"data.tail_max_images must be >= 1 (got {self.data.tail_max_images})")
-        check(self.data.max_classes >= 0, f"data.max_classes must be >= 0, 0 means all (got {self.data.max_classes})")
-        d = self.data
-        check(bool(d.source.strip()), "data.source is empty; name an ImageFolder root, a .csv/.jsonl/.parquet manifest "
-                                      "(local or s3://...) or builtin:toyworld")
-        check(d.min_side >= 1, f"data.min_side must be >= 1 pixel (got {d.min_side})")
-        check(d.max_aspect >= 1, f"data.max_aspect must be >= 1 (got {d.max_aspect}); it is longest / shortest side")
-        check(d.min_colors >= 1, f"data.min_colors must be >= 1 (got {d.min_colors})")
-        check(0 <= d.tail_bottom_percent <= 100, f"data.tail_bottom_percent must be in [0, 100], 0 turns it off (got {d.tail_bottom_percent})")
-        check(bool(d.image_column) and bool(d.label_column), "data.image_column and data.label_column must name manifest columns")
-        if d.budget in ("fixed", "top_up") and d.budget_value is not None:
-            check(d.budget_value >= 0 and float(d.budget_value).is_integer(),
-                  f"data.budget_value must be a whole number >= 0 for budget={d.budget} (got {d.budget_value})")
-        check(d.budget != "top_up" or d.budget_value is not None,
-              "data.budget=top_up needs data.budget_value, the image count each tail class is topped up to")
-        check(d.budget != "multiple" or (d.budget_value is not None and d.budget_value > 0),
-              f"data.budget=multiple needs data.budget_value > 0, the multiple of each class's real count (got {d.budget_value})")
-        check(len(set(d.classes)) == len(d.classes), f"data.classes lists a class twice (got {list(d.classes)})")
-        dt = d.detector
-        check(0 <= dt.threshold <= 1, f"data.detector.threshold must be in [0, 1] (got {dt.threshold})")
-        check(dt.batch_size >= 1, f"data.detector.batch_size must be >= 1 (got {dt.batch_size})")
-        check(not dt.enabled or bool(dt.model), "data.detector.model must name a local folder, URL or cached hub id when the detector is enabled")
-        check("{name}" in dt.prompt_template, f"data.detector.prompt_template must contain '{{name}}' (got {dt.prompt_template!r})")
-        check(bool(self.output), "output must be a folder path or fsspec URL")
-        sh, ry = self.shards, self.ray
-        check(sh.max_bytes >= 10240, f"shards.max_bytes must be >= 10240, one tar record (got {sh.max_bytes})")
-        check(sh.max_samples >= 0, f"shards.max_samples must be >= 0, 0 means unbounded (got {sh.max_samples})")
-        check(bool(sh.prefix) and all(c.isalnum() or c in "-_" for c in sh.prefix),
-              f"shards.prefix must be letters, digits, - or _ (got {sh.prefix!r})")
-        check(ry.classes_per_trainer >= 1, f"ray.classes_per_trainer must be >= 1 (got {ry.classes_per_trainer})")
-        check(ry.max_concurrent_trainers >= 0,
-              f"ray.max_concurrent_trainers must be >= 0, 0 means the cluster's size (got {ry.max_concurrent_trainers})")
-        check(ry.train_cpus >= 0 and ry.train_gpus >= 0 and ry.gen_cpus >= 0 and ry.gen_gpus >= 0,
-              "ray.train_cpus/train_gpus/gen_cpus/gen_gpus must be >= 0")
-        check(ry.downstream_cpus > 0, f"ray.downstream_cpus must be > 0 (got {ry.downstream_cpus})")
-        check(ry.gen_actors_min >= 1 and (ry.gen_actors_max == 0 or ry.gen_actors_min <= ry.gen_actors_max),
-              f"ray.gen_actors_min/max must satisfy 1 <= min <= max, max 0 meaning as many as the cluster holds "
-              f"(got {ry.gen_actors_min}, {ry.gen_actors_max})")
-        check(ry.max_failures >= 0 and ry.class_attempts >= 1, "ray.max_failures must be >= 0 and ray.class_attempts >= 1")
-        check(ry.unit_attempts >= 1, f"ray.unit_attempts must be >= 1 (got {ry.unit_attempts})")
-        check(ry.faults.generate_once in ("", "raise", "kill"),
-              f"ray.faults.generate_once must be '', raise or kill (got {ry.faults.generate_once!r})")
-        ds = self.downstream
-        check(0.0 <= ds.synthetic_fraction <= 1.0,
-              f"downstream.synthetic_fraction must be in [0, 1] (got {ds.synthetic_fraction})")
-        check(ds.steps >= 1 and ds.batch_size >= 1 and ds.lr > 0,
-              f"downstream.steps, batch_size must be >= 1 and lr > 0 (got {ds.steps}, {ds.batch_size}, {ds.lr})")
-        check(ds.image_size is None or ds.image_size >= 8, f"downstream.image_size must be >= 8 or null (got {ds.image_size})")
-        check(ds.backbone not in ("clip", "clip_lora") or bool(ds.weights),
-              f"downstream.weights must name a local CLIP folder (save_pretrained format) when "
-              f"downstream.backbone={ds.backbone}; nothing is downloaded")
-        check(ds.epochs is None or ds.epochs >= 1,
-              f"downstream.epochs must be >= 1, or null to train for downstream.steps (got {ds.epochs})")
-        check(ds.warmup_steps >= 0, f"downstream.warmup_steps must be >= 0 (got {ds.warmup_steps})")
-        check(ds.schedule != "onecycle" or ds.warmup_steps == 0,
-              f"downstream.warmup_steps={ds.warmup_steps} has no effect with downstream.schedule=onecycle (its warm-up "
-              "is 15% of the steps); set downstream.schedule=cosine or constant, or warmup_steps=0")
-        check(ds.epochs is not None or ds.warmup_steps < ds.steps,
-              f"downstream.warmup_steps must be < downstream.steps (got {ds.warmup_steps} >= {ds.steps})")
-        if ds.backbone == "clip_lora":
-            check(ds.lora_rank >= 1 and ds.lora_alpha > 0,
-                  f"downstream.lora_rank must be >= 1 and lora_alpha > 0 (got {ds.lora_rank}, {ds.lora_alpha})")
-            check(0.0 <= ds.lora_dropout < 1.0, f"downstream.lora_dropout must be in [0, 1) (got {ds.lora_dropout})")
-            check(len(ds.lora_targets) > 0,
-                  "downstream.lora_targets must list module names to adapt, e.g. [q_proj, k_proj, v_proj, out_proj]")
-            check("{name}" in ds.prompt,
-                  f"downstream.prompt must contain {{name}}, where the class name goes (got {ds.prompt!r})")
-        check(ds.prdc_k >= 1 and ds.num_workers >= 1, "downstream.prdc_k and downstream.num_workers must be >= 1")
+        """Checks every field and raises one ``ConfigError`` listing all problems: each section's
+        own (its ``problems()``) in section order, the top-level fields' between data and shards."""
+        errors = [
+            *self.model.problems(), *self.lora.problems(), *self.train.problems(), *self.generate.problems(),
+            *self.data.problems(),
+            *_failed((bool(self.output), "output must be a folder path or fsspec URL")),
+            *self.shards.problems(), *self.ray.problems(), *self.downstream.problems(),
+        ]
         if errors:
             raise ConfigError(errors)
         return self
@@ -701,10 +788,34 @@ def _from_dict(cls: type, data: dict, prefix: str, errors: list[str]) -> Any:
         return cls()
 
 
+def _renamed_keys(data: dict, errors: list[str]) -> dict:
+    """Reads ``model.cache_dir``, the old name of the top-level ``cache_dir`` (it was never the
+    model's alone), as ``cache_dir`` with a ``FutureWarning`` (a config key is the user's, and
+    Python hides a DeprecationWarning from them); both given is an error. ``data`` is not changed."""
+    model = data.get("model")
+    if not isinstance(model, dict) or "cache_dir" not in model:
+        return data
+    old = model["cache_dir"]
+    data = {**data, "model": {k: v for k, v in model.items() if k != "cache_dir"}}
+    if "cache_dir" in data:
+        errors.append(f"model.cache_dir is the old name of cache_dir and both are set (model.cache_dir={old!r}, "
+                      f"cache_dir={data['cache_dir']!r}); remove model.cache_dir")
+    else:
+        warnings.warn(f"model.cache_dir is deprecated: the cache is the whole project's, so the key is now the "
+                      f"top-level cache_dir (`cache_dir: {old}` in YAML, cache_dir={old} on the command line)",
+                      FutureWarning, stacklevel=3)
+        data["cache_dir"] = old
+    return data
+
+
 def config_from_dict(data: dict, validate: bool = True) -> Config:
-    """Builds a ``Config`` from nested dicts, reporting every type or key error at once."""
+    """Builds a ``Config`` from nested dicts, reporting every type or key error at once.
+
+    The old key ``model.cache_dir`` is read as ``cache_dir``, with a ``FutureWarning``.
+    """
     errors: list[str] = []
-    cfg = _from_dict(Config, data or {}, "", errors)
+    data = _renamed_keys(data or {}, errors)
+    cfg = _from_dict(Config, data, "", errors)
     if validate:
         try:
             cfg.validate()

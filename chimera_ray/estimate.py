@@ -108,7 +108,7 @@ def _calibrate(cfg: Config, inputs, train_steps: int, log: Callable[[str], None]
     """Times model load, a few training steps and one generation batch on the first planned class."""
     device = resolve_device(cfg.model.device)
     t = time.perf_counter()
-    pipe = load_pipeline(cfg.model, device)
+    pipe = load_pipeline(cfg.model, device, cache_dir=cfg.cache_dir)
     load_s = time.perf_counter() - t
     plan = inputs.plans[0]
     out: dict = {"device": str(device), "model_load_s": round(load_s, 3), "class": plan.key}

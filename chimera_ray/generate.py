@@ -72,12 +72,13 @@ class Generator:
     """Loads a base pipeline once; turns rows ``(class_key, sample_index)`` into images.
 
     Args:
-        model: base model config (source, cache, precision, device).
+        model: base model config (source, precision, device).
         generate: generation config (alpha, steps, guidance, format, seed, ...).
         mode: chimera, classwise, imagewise or base.
         adapter_root: folder/URL holding ``<class_key>/adapter.json`` per class (not used in
             base mode).
         pipe: an already-loaded pipeline (tests, or sharing one in a process); overrides ``model``.
+        cache_dir: the project cache a remote base model is copied to (the config's ``cache_dir``).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class Generator:
         mode: str = "chimera",
         adapter_root: str | None = None,
         pipe=None,
+        cache_dir: str | None = None,
     ):
         if mode not in ("chimera", "classwise", "imagewise", "base"):
             raise ValueError(f"mode must be chimera, classwise, imagewise or base (got {mode!r})")
@@ -95,7 +97,7 @@ class Generator:
         self.cfg, self.mode = generate, mode
         self.adapter_root = adapter_root.rstrip("/") if adapter_root else None
         if pipe is None:
-            pipe = load_pipeline(model)
+            pipe = load_pipeline(model, cache_dir=cache_dir)
         self.pipe = pipe
         self.family = family_of(pipe)
         self.base_id = getattr(pipe, "chimera_base_id", model.base)

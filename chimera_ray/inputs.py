@@ -79,8 +79,8 @@ def ingest_for_run(cfg: Config, *, detector=None, log: Callable[[str], None] | N
     counts = class_counts(ds, cfg.data.split)
     shot_paths = {p for plan in plans for p in plan.shots}
     shot_rows = [r for r in ds.rows if r.path in shot_paths and r.split == cfg.data.split]
-    boxed, prov = provide_boxes(shot_rows, cfg.data.detector, out_dir=f"{cfg.output.rstrip('/')}/boxes", infos=v.infos,
-                                detector=detector, cache_dir=cfg.model.cache_dir)
+    boxed, prov = provide_boxes(shot_rows, cfg.data.detector, out_dir=cfg.output_path("boxes"), infos=v.infos,
+                                detector=detector, cache_dir=cfg.cache_dir)
     by_path = {r.path: r for r in boxed}
     ds = Dataset([by_path.get(r.path, r) if r.split == cfg.data.split else r for r in ds.rows], ds.classes, [], [],
                  ds.listed, ds.source)

@@ -1,7 +1,12 @@
-"""Run a whole config on one machine, no Ray: ingest -> plan -> train classes -> generate.
+"""Per-class steps without Ray, on plain objects: open a class's shots (``load_shots``), train and
+commit one class's adapter (``train_one``), ask whether a class's adapter is committed
+(``adapter_done``), and generate plans' images into a folder (``generate_local``).
 
-This is the single-process path behind ``chimera-ray train/generate`` and the demo job;
-the Ray path (``pipelines``) runs the same per-class trainer and generator at scale.
+``chimera-ray train`` and ``chimera-ray generate`` call them in one process; the Ray trainer
+(``pipelines.train``) skips the classes ``adapter_done`` finds and runs ``train_one`` for the
+others; ``chimera-ray plan`` (``estimate``) opens its calibration class with ``load_shots``.
+Ingesting, planning and sharded generation are elsewhere (``inputs``, ``plan``,
+``pipelines.generate``).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ def train_one(pipe, plan: ClassPlan, rows: list[ImageRow], cfg: Config, progress
     """Trains one class (resuming from its checkpoints) and commits its adapter.
 
     ``on_checkpoint`` and ``on_step`` are ``train_class``'s callbacks (checkpoint written; step done)."""
-    out = cfg.output.rstrip("/")
+    out = cfg.output_path()
     shots, skipped = load_shots(plan, rows)
     if not shots:
         raise ValueError(f"class {plan.name!r} has no readable images left to train on: {skipped}")
@@ -54,7 +59,7 @@ def train_one(pipe, plan: ClassPlan, rows: list[ImageRow], cfg: Config, progress
 
 def adapter_done(cfg: Config, key: str) -> bool:
     try:
-        load_adapter(f"{cfg.output.rstrip('/')}/adapters/{key}")
+        load_adapter(cfg.output_path("adapters", key))
         return True
     except (FileNotFoundError, ValueError):
         return False
@@ -62,7 +67,7 @@ def adapter_done(cfg: Config, key: str) -> bool:
 
 def generate_local(gen, plans: list[ClassPlan], cfg: Config, progress: bool = True) -> dict:
     """Generates every plan's budget in batches into ``<output>/images/<key>/`` + metadata.jsonl."""
-    out = cfg.output.rstrip("/")
+    out = cfg.output_path()
     rows = [(p, i) for p in plans for i in range(p.budget)]
     fs, root = fsspec.core.url_to_fs(f"{out}/images")
     fs.makedirs(root, exist_ok=True)

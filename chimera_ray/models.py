@@ -122,19 +122,20 @@ def resolve_base(source: str, cache_dir: str | None = None, rebuild: bool = Fals
     return source  # a hub id
 
 
-def load_pipeline(model: ModelConfig, device: str | torch.device | None = None):
+def load_pipeline(model: ModelConfig, device: str | torch.device | None = None, *, cache_dir: str | None = None):
     """Loads the base pipeline a config's ``model`` section names: ``model.base`` (copied to
-    ``model.cache_dir`` if remote), as ``model.family``, in the dtype ``model.precision`` gives on
+    ``cache_dir`` if remote), as ``model.family``, in the dtype ``model.precision`` gives on
     ``device`` (half precision only on GPU).
 
     Args:
         model: the config's model section.
         device: where the pipeline goes; None: ``model.device`` ("auto": CUDA when torch sees one).
+        cache_dir: the project cache, the config's ``cache_dir`` (None: the default cache).
 
     Returns the pipeline as ``load_base`` does.
     """
     device = resolve_device(model.device if device is None else str(device))
-    return load_base(model.base, cache_dir=model.cache_dir, device=device,
+    return load_base(model.base, cache_dir=cache_dir, device=device,
                      dtype=resolve_dtype(model.precision, device), family=model.family)
 
 
@@ -302,8 +303,8 @@ def _expected_shapes(library: str, class_name: str, config: dict) -> dict[str, t
     return out
 
 
-def check_base(source: str, cache_dir: str | None = None) -> list[str]:
-    """Problems that would stop ``load_pipeline(source)``, found without loading any weights.
+def check_base(source: str) -> list[str]:
+    """Problems that would stop ``load_base(source)``, found without loading any weights.
 
     Checks a local folder or fsspec URL: ``model_index.json`` and every component's config parse,
     the pipeline family is supported, the UNet, VAE and text encoder have safetensors weights whose

@@ -2,15 +2,7 @@
 images -> one list of problems, one table.
 
 ``validate(cfg)`` reports every problem at once as ``Problem(severity, code, where, message)``
-(``chimera_ray.data.validate``):
-
-- ``fatal``: the run cannot start (missing source or S3 prefix, unwritable output, key
-  collisions, unknown ``data.classes``, no tail class) or, under ``data.on_bad_input=stop``,
-  any bad row;
-- ``skip``: a bad row that the run leaves out and counts (unreadable / truncated / empty /
-  missing image, bad box, unknown label, duplicate);
-- ``warn``: something fixed on the way in (mode converted to RGB, EXIF orientation applied,
-  box clipped, class name mapped to a safe key) or worth knowing (empty class).
+(``chimera_ray.data.validate`` says what ``fatal``, ``skip`` and ``warn`` mean).
 
 It sits above ``chimera_ray.data`` (the row and image checks), ``chimera_ray.models`` (the base
 model) and ``chimera_ray.plan`` (the tail rule picks the images worth opening).
@@ -129,7 +121,7 @@ def check_storage(cfg: Config, source: str | None = None) -> list[Problem]:
                                         f"{name} {url!r} " + (f"cannot be read ({err})" if err else "does not exist")))
     base = cfg.model.base
     try:
-        for msg in check_base(base, cfg.model.cache_dir):
+        for msg in check_base(base):
             missing = "model_index.json is missing" in msg or "does not exist" in msg
             problems.append(Problem("fatal", "model_missing" if missing else "model_invalid", base, msg))
     except Exception as e:  # noqa: BLE001 - storage errors (network, credentials) become one line
@@ -209,7 +201,7 @@ def validate(cfg: Config, images: str | None = None) -> Validation:
     images = images or cfg.data.check_images
     bad = "fatal" if cfg.data.on_bad_input == "stop" else "skip"
     try:
-        source = resolve_dataset(cfg.data.source, cfg.model.cache_dir)
+        source = resolve_dataset(cfg.data.source, cfg.cache_dir)
     except (ValueError, OSError) as e:
         return Validation([Problem("fatal", "source_missing", cfg.data.source, str(e))], None)
     problems = check_storage(cfg, source)

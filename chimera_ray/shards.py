@@ -39,7 +39,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import fsspec
 from PIL import Image
@@ -54,7 +54,6 @@ __all__ = [
     "Sample",
     "UnitWriter",
     "committed_units",
-    "encode_tar",
     "iter_samples",
     "read_index",
     "remove_stale",
@@ -110,16 +109,6 @@ def _check_key(key: str) -> None:
                          "(WebDataset groups tar members by the text before the first dot)")
 
 
-def encode_tar(samples: Iterable[Sample]) -> bytes:
-    """A tar of the samples' members, in order, with fixed metadata (deterministic bytes)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for s in samples:
-            _check_key(s.key)
-            _add_members(tar, s)
-    return buf.getvalue()
-
-
 def _add_members(tar: tarfile.TarFile, sample: Sample) -> None:
     """Appends a sample's members with fixed metadata (the one member encoder)."""
     for name, data in sample.members():
@@ -135,16 +124,16 @@ def read_index(out_dir: str) -> dict:
         return json.load(f)
 
 
-# ---- streaming unit shards (issues #14, #32) --------------------------------------------------
+# ---- streaming unit shards --------------------------------------------------------------------
 #
 # Each generation unit (chimera_ray.units) streams its samples straight into its own shards,
-# parts cut by the same rule as ``plan_shards``, each written once under its final name
-# ``{prefix}-{unit:06d}-{part:03d}-{attempt}.tar`` (``attempt``: 8 hex digits drawn per
-# UnitWriter). The unit's manifest ``_units/{unit:06d}.json`` is created last, exclusively, and
-# is its commit point: it names exactly the parts it commits. A part no manifest names is not
-# committed, whatever its name; readers only follow ``index.json`` (built from manifests'
-# entries), and ``remove_stale`` deletes such parts. ``IndexWriter`` keeps ``index.json`` up to
-# date as units commit (``"complete": false`` until the last one).
+# a part closed before a sample would break ``max_bytes`` or ``max_samples``, each written once
+# under its final name ``{prefix}-{unit:06d}-{part:03d}-{attempt}.tar`` (``attempt``: 8 hex
+# digits drawn per UnitWriter). The unit's manifest ``_units/{unit:06d}.json`` is created last,
+# exclusively, and is its commit point: it names exactly the parts it commits. A part no
+# manifest names is not committed, whatever its name; readers only follow ``index.json`` (built
+# from manifests' entries), and ``remove_stale`` deletes such parts. ``IndexWriter`` keeps
+# ``index.json`` up to date as units commit (``"complete": false`` until the last one).
 
 UNITS_DIR = "_units"
 _TMP = re.compile(r"\.tmp-[0-9a-f]+$")  # io.atomic_write's temporary names (and the old UnitWriter's)
@@ -440,7 +429,7 @@ class UnitWriter:
         _rm_many(self.fs, paths)
         self._file = self._sink = self._tar = None
 
-    def __enter__(self) -> UnitWriter:  # noqa: PYI034 - typing.Self needs Python 3.11
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -519,7 +508,7 @@ class BackgroundWriter:
         self._stop()
         self.writer.abort()
 
-    def __enter__(self) -> BackgroundWriter:  # noqa: PYI034 - typing.Self needs Python 3.11
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -96,17 +96,23 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 
 RAY_INTERNALS = ("PlacementGroupCleaner", "RayTrainWorker", "TrainController", "TrainingReport", "core_worker",
                  "INFO", "WARNING", "Traceback", "(pid=", "streaming_executor", "Execution plan", "Running Dataset")
-# A factor the estimate must meet against the run's measured times (docs/plan.md: a 2-core machine
-# shared with other jobs measures times 2-3x apart from one minute to the next).
-ESTIMATE_FACTOR = 3.0
+# How far a phase's estimate may be from the run's measured time. The estimate and the run time
+# the same work minutes apart, and on a shared machine any timing moves up to 3x from one minute
+# to the next (docs/plan.md); the estimate's own error was 0.83-1.26x there. Noise alone thus
+# gives at most 3 x 1.26 ~ 3.8x: 5x leaves a margin. The bound is a sanity check (a 10x error
+# fails unless the machine is 2x faster in the run than in calibration); the arithmetic itself is
+# checked without timings in tests/test_estimate.py.
+ESTIMATE_FACTOR = 5.0
 
 
+@pytest.mark.slow  # the smoke job end to end on a local Ray, twice (still in the default run)
 def test_full_job_smoke_and_resume(tmp_path):
     """`chimera-ray plan`, then `python jobs/full.py --smoke-test` on a local Ray (its output as CI or
     `ray job logs` show it: not a terminal), then the same command again resumes."""
     env = {"CHIMERA_RAY_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "job"
-    plan = run(["-m", "chimera_ray.cli", "plan", "jobs/configs/tiny.yaml", "--smoke-test", f"output={out}"], env)
+    plan = run(["-m", "chimera_ray.cli", "plan", "jobs/configs/tiny.yaml", "--smoke-test", f"output={out}",
+                "ray.num_cpus=2"], env)  # the run's cluster: the same trainers and actors at once
     assert "train:" in plan.stdout and "generate:" in plan.stdout and "storage:" in plan.stdout
     est = json.loads((out / "estimate.json").read_text())
 
@@ -131,7 +137,8 @@ def test_full_job_smoke_and_resume(tmp_path):
     assert "Done in" in text and "chimera-ray report" in text and "chimera-ray evaluate" in text
     assert "read_webdataset" in text and "load_dataset('webdataset'" in text
 
-    # The estimate against the run: each phase within the stated factor.
+    # The estimate against the run: the counts exactly, each phase's time within the stated factor.
+    assert est["counts"]["classes"] == report["classes"] and est["counts"]["images"] == sum(report["written"].values())
     actual = report["seconds"]
     for phase, predicted in (("train", est["train"]["wall_s"]), ("generate", est["generate"]["wall_s"])):
         ratio = predicted / actual[phase]

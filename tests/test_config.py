@@ -7,7 +7,17 @@ import pytest
 from chimera_ray.config import (
     Config,
     ConfigError,
+    CropConfig,
+    DataConfig,
+    DetectorConfig,
+    DownstreamConfig,
+    FaultConfig,
+    ModelConfig,
+    RayConfig,
+    ShardsConfig,
+    TrainConfig,
     apply_overrides,
+    config_from_dict,
     config_to_dict,
     load_config,
 )
@@ -74,3 +84,83 @@ def test_bad_files_and_override_syntax(tmp_path):
 def test_an_override_that_is_not_yaml_is_a_config_error():
     with pytest.raises(ConfigError, match=r"override 'lora.targets=\[to_q': the value is not valid YAML"):
         load_config(None, ["lora.targets=[to_q"])
+
+
+# The project cache: top-level `cache_dir`; the old `model.cache_dir` is still read, with a message.
+
+
+def test_cache_dir_is_a_top_level_key(tmp_path):
+    cfg = load_config(None, [f"cache_dir={tmp_path}"])
+    assert cfg.cache_dir == str(tmp_path)
+    saved = config_to_dict(cfg)
+    assert saved["cache_dir"] == str(tmp_path) and "cache_dir" not in saved["model"]
+
+
+@pytest.mark.parametrize("how", ["override", "yaml"])
+def test_old_model_cache_dir_is_still_read_with_a_deprecation_message(tmp_path, how):
+    path, overrides = None, [f"model.cache_dir={tmp_path}"]
+    if how == "yaml":
+        path, overrides = tmp_path / "old.yaml", []
+        path.write_text(f"model:\n  cache_dir: {tmp_path}\n  resolution: 64\n")
+    with pytest.warns(FutureWarning, match=r"model.cache_dir is deprecated.*top-level cache_dir") as record:
+        cfg = load_config(path and str(path), overrides)
+    messages = [str(w.message) for w in record if issubclass(w.category, FutureWarning)]
+    assert len(messages) == 1 and str(tmp_path) in messages[0]
+    assert cfg.cache_dir == str(tmp_path)
+    if how == "yaml":
+        assert cfg.model.resolution == 64  # the rest of the section is read as before
+
+
+def test_old_and_new_cache_keys_together_are_an_error(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.cache_dir=/old", "cache_dir=/new"])
+    assert e.value.errors == ["model.cache_dir is the old name of cache_dir and both are set "
+                              "(model.cache_dir='/old', cache_dir='/new'); remove model.cache_dir"]
+
+
+def test_renaming_leaves_the_callers_dict_alone():
+    data = {"model": {"cache_dir": "/old"}}
+    with pytest.warns(FutureWarning):
+        assert config_from_dict(data).cache_dir == "/old"
+    assert data == {"model": {"cache_dir": "/old"}}
+
+
+@pytest.mark.parametrize("output, parts, want", [
+    ("runs/a", (), "runs/a"),
+    ("runs/a/", (), "runs/a"),
+    ("runs/a/", ("adapters", "k"), "runs/a/adapters/k"),
+    ("/abs/run", ("reports", "train-k.json"), "/abs/run/reports/train-k.json"),
+    ("s3://bucket/run/", ("shards",), "s3://bucket/run/shards"),
+    ("s3://bucket/run", (), "s3://bucket/run"),
+])
+def test_output_path(output, parts, want):
+    assert Config(output=output).output_path(*parts) == want
+
+
+# Each section checks itself (its `problems()`); Config.validate reports them in section order.
+
+
+@pytest.mark.parametrize("section, value, message", [
+    ("model", ModelConfig(resolution=7), "model.resolution must be a multiple of 8"),
+    ("train", TrainConfig(max_shots=0), "train.max_shots must be >= 1 (got 0)"),
+    ("train", TrainConfig(crop=CropConfig(flip_p=2.0)), "train.crop.flip_p must be in [0, 1] (got 2.0)"),
+    ("data", DataConfig(detector=DetectorConfig(threshold=2.0)), "data.detector.threshold must be in [0, 1] (got 2.0)"),
+    ("shards", ShardsConfig(max_bytes=1), "shards.max_bytes must be >= 10240, one tar record (got 1)"),
+    ("ray", RayConfig(faults=FaultConfig(generate_once="boom")), "ray.faults.generate_once must be '', raise or kill"),
+    ("downstream", DownstreamConfig(steps=0), "downstream.steps, batch_size must be >= 1"),
+])
+def test_each_section_reports_its_own_problems(section, value, message):
+    cfg = Config(**{section: value})
+    problems = getattr(cfg, section).problems()  # train: after the recipe filled its nulls
+    assert any(p.startswith(message) for p in problems)
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    assert e.value.errors == problems
+
+
+def test_problems_come_in_section_order():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["downstream.synthetic_fraction=2", "shards.max_bytes=1", "output=", "data.max_classes=-1",
+                           "model.resolution=7"])
+    assert [m.split(" ", 1)[0] for m in e.value.errors] == [
+        "model.resolution", "data.max_classes", "output", "shards.max_bytes", "downstream.synthetic_fraction"]

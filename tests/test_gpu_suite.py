@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +25,7 @@ ROW_FIELDS = {"section", "variant", "batch", "compiled", "status", "rounds", "se
               "seconds_primary", "seconds_wall", "device", "driver", "torch", "diffusers"}
 
 
+@pytest.mark.slow  # every section of the suite in a subprocess (still in the default run)
 def test_tiny_rehearsal_writes_every_field(tmp_path):
     env = {**os.environ, "CHIMERA_TEST_THREADS": "1"}
     env.pop("CHIMERA_GPU_TESTS_DEVICE", None)

@@ -77,7 +77,7 @@ def test_full_job_on_local_s3(s3_bucket, tmp_path, tiny_pipe_dir):
     manifest = _upload_dataset(f"{s3_bucket}/data", names=names)
     out = f"{s3_bucket}/runs/r1"
     cmd = [sys.executable, "jobs/full.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test",
-           f"data.source={manifest}", f"model.base={s3_bucket}/models/tiny", f"model.cache_dir={tmp_path / 'cache'}",
+           f"data.source={manifest}", f"model.base={s3_bucket}/models/tiny", f"cache_dir={tmp_path / 'cache'}",
            f"output={out}", "data.max_classes=0", "ray.num_cpus=2", "train.keep_checkpoints=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -103,7 +103,7 @@ def test_full_job_on_local_s3(s3_bucket, tmp_path, tiny_pipe_dir):
 
     # The downstream check reads the real splits and the shards straight from S3 (Ray Train).
     cmd = [sys.executable, "jobs/downstream.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test",
-           f"data.source={manifest}", f"model.base={s3_bucket}/models/tiny", f"model.cache_dir={tmp_path / 'cache'}",
+           f"data.source={manifest}", f"model.base={s3_bucket}/models/tiny", f"cache_dir={tmp_path / 'cache'}",
            f"output={out}", "data.max_classes=0", "ray.num_cpus=2", "downstream.metrics=false"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -216,7 +216,7 @@ def test_broken_base_model_stops_before_ray(tmp_path, tiny_pipe_dir):
     shutil.copytree(tiny_pipe_dir, model)
     (model / "model_index.json").write_text("{broken")
     t0 = time.perf_counter()
-    proc = _run_job(f"output={tmp_path / 'run'}", f"model.base={model}", f"model.cache_dir={tmp_path / 'cache'}")
+    proc = _run_job(f"output={tmp_path / 'run'}", f"model.base={model}", f"cache_dir={tmp_path / 'cache'}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model_index.json is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
     assert "model_invalid" in proc.stderr
@@ -231,9 +231,9 @@ def test_a_run_where_every_class_fails_explains_itself(tmp_path):
     from chimera_ray.inputs import ingest_for_run
 
     cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"), ["data.max_classes=1", f"output={out}",
-                                                             f"model.cache_dir={tmp_path / 'cache'}"])
+                                                             f"cache_dir={tmp_path / 'cache'}"])
     (plan,) = ingest_for_run(cfg, log=None).plans
-    proc = _run_job("--smoke-test", "data.max_classes=1", f"output={out}", f"model.cache_dir={tmp_path / 'cache'}",
+    proc = _run_job("--smoke-test", "data.max_classes=1", f"output={out}", f"cache_dir={tmp_path / 'cache'}",
                     "ray.num_cpus=2", f"ray.faults.fail_train_always={plan.key}", "ray.class_attempts=1")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "no class is left to generate" in proc.stderr and "Traceback" not in proc.stderr

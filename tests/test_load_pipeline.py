@@ -1,5 +1,5 @@
-"""``load_pipeline(cfg.model, device)``: one call shape for a config's model section, and every
-entry point that loads a model honours ``model.family`` (none starts Ray)."""
+"""``load_pipeline(cfg.model, device, cache_dir=cfg.cache_dir)``: one call shape for a config's
+model section, and every entry point that loads a model honours ``model.family`` (none starts Ray)."""
 
 import numpy as np
 import pytest
@@ -35,11 +35,11 @@ def spy(monkeypatch):
     ("bf16", "cuda", torch.bfloat16),
     ("fp32", "cuda", torch.float32),
 ])
-def test_load_pipeline_takes_dtype_family_and_cache_from_the_model_section(spy, monkeypatch, precision, device, dtype):
+def test_load_pipeline_takes_dtype_and_family_from_the_model_section(spy, monkeypatch, precision, device, dtype):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve "cuda" without a GPU: nothing loads
-    model = ModelConfig(base="some/base", cache_dir="/tmp/cache", precision=precision, family="sdxl")
+    model = ModelConfig(base="some/base", precision=precision, family="sdxl")
     with pytest.raises(_Stop):
-        models.load_pipeline(model, device)
+        models.load_pipeline(model, device, cache_dir="/tmp/cache")
     assert spy == [{"source": "some/base", "cache_dir": "/tmp/cache", "device": torch.device(device), "dtype": dtype,
                     "family": "sdxl"}]
 

@@ -70,7 +70,7 @@ class _ClipProbe(torch.nn.Module):
 def build_classifier(cfg: DownstreamConfig, num_classes: int, cache_dir: str | None = None,
                      class_names: Sequence[str] | None = None) -> torch.nn.Module:
     """The configured backbone with a fresh ``num_classes`` head (seeded by ``cfg.seed``); a remote
-    ``cfg.weights`` folder is copied once into the cache (``cache_dir``: ``model.cache_dir``).
+    ``cfg.weights`` folder is copied once into the cache (``cache_dir``: the config's ``cache_dir``).
     ``class_names`` (label order) is needed by ``clip_lora``, whose head is one prompt per class."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

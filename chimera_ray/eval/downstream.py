@@ -166,7 +166,7 @@ def run_downstream(cfg: Config, real_train: ImageSet, synthetic: ImageSet, test:
     t0 = time.perf_counter()
     train = ImageSet.concat([real_train, synthetic]) if d.use_synthetic else real_train
     weights = sampling_weights(train.labels, train.synthetic, len(class_names), d.balanced, d.synthetic_fraction)
-    model = build_classifier(d, len(class_names), cfg.model.cache_dir, class_names).to(device)
+    model = build_classifier(d, len(class_names), cfg.cache_dir, class_names).to(device)
     if wrap is not None:  # e.g. DDP under Ray Train with several workers
         model = wrap(model)
     total = training_steps(d, len(train))
@@ -199,7 +199,7 @@ def class_metrics_table(cfg: Config, dataset, classes: Sequence[str], urls: Sequ
     d = cfg.downstream
     names = dataset.classes
     keys = dataset.keys()
-    extractor = extractor or load_feature_extractor(d.features, cache_dir=cfg.model.cache_dir)
+    extractor = extractor or load_feature_extractor(d.features, cache_dir=cfg.cache_dir)
     real = load_real({n: dataset.by_class(d.test_split)[n] for n in classes}, names, size)
     syn = load_synthetic(urls, names, size)
 

@@ -12,11 +12,11 @@ Both are built once by `build_finemarks_oracle`, cached like ``builtin:toy-featu
 `load_finemarks_oracle`; ``meta.json`` records the class oracle's accuracy and the regressor's
 R^2 on the dataset's real test split (rendered exactly as `build_finemarks` writes it).
 
-Per method and class, `synthetic_set_metrics` reports what issue #17 asks for: class fidelity
-(the oracle's accuracy on the synthetic images), the confusion rate with the tail class's head
-sibling, and PRDC (`chimera_ray.eval.metrics.prdc`) of the held-out real images against the
-synthetic ones in nuisance space (standardised regressor outputs) and in feature space (the
-oracle's features). `evaluate_base_on_finemarks` is the chance-level check of a base model.
+Per method and class, `synthetic_set_metrics` reports class fidelity (the oracle's accuracy on
+the synthetic images), the confusion rate with the tail class's head sibling, and PRDC
+(`chimera_ray.eval.metrics.prdc`) of the held-out real images against the synthetic ones in
+nuisance space (standardised regressor outputs) and in feature space (the oracle's features).
+`evaluate_base_on_finemarks` is the chance-level check of a base model.
 """
 
 from __future__ import annotations
@@ -368,7 +368,7 @@ def sibling_confusion(pred: np.ndarray, label: int) -> float | None:
 
 def synthetic_set_metrics(oracle: _Predictor, synthetic: torch.Tensor, label: int, real: torch.Tensor,
                           k: int = 3) -> dict:
-    """Everything issue #17 reports for one class's synthetic images.
+    """The FineMarks metrics of one class's synthetic images.
 
     Args:
         oracle: A `FineMarksOracle` (or anything with its three methods).

@@ -239,10 +239,10 @@ def probe_run(run_dir: str, *, classes: Sequence[str] = (), seeds: int = 4, alph
     except FileNotFoundError:
         raise FileNotFoundError(f"{run_dir!r} is not a run directory: it has no plan.json (run `chimera-ray run` "
                                 "first)") from None
-    dataset = read_dataset(resolve_dataset(cfg.data.source, cfg.model.cache_dir), cfg.data)
+    dataset = read_dataset(resolve_dataset(cfg.data.source, cfg.cache_dir), cfg.data)
     held = dataset.by_class(cfg.downstream.test_split)
     gen = Generator(model=cfg.model, generate=cfg.generate, mode=cfg.lora.mode, adapter_root=f"{run_dir}/adapters",
-                    pipe=pipe)
+                    pipe=pipe, cache_dir=cfg.cache_dir)
     result: dict = {"run_dir": run_dir, "mode": cfg.lora.mode, "seeds": seeds, "alphas": list(alphas),
                     "per_alpha": per_alpha, "space": f"pixels {PROBE_SIZE}x{PROBE_SIZE} RGB", "classes": {}, "skipped": []}
     wanted = set(classes)

@@ -57,8 +57,8 @@ def absolute_config(cfg: Config) -> Config:
 
     m, g, d, r = cfg.model, cfg.generate, cfg.downstream, cfg.ray
     return replace(
-        cfg, output=path(cfg.output),
-        model=replace(m, base=existing(m.base), cache_dir=path(m.cache_dir)),
+        cfg, output=path(cfg.output), cache_dir=path(cfg.cache_dir),
+        model=replace(m, base=existing(m.base)),
         generate=replace(g, adapters=path(g.adapters), weights_table=existing(g.weights_table)),
         downstream=replace(d, weights=existing(d.weights), shards=tuple(path(u) for u in d.shards)),
         ray=replace(r, storage=path(r.storage)),

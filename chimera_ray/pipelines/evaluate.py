@@ -93,7 +93,7 @@ def train_downstream(cfg: Config, class_names: list[str], train_rows: dict[str, 
     """
     cfg = absolute_config(cfg)
     d = cfg.downstream
-    out = cfg.output.rstrip("/")
+    out = cfg.output_path()
     train_rows = {n: [absolute_url(p) for p in ps] for n, ps in train_rows.items()}
     test_rows = {n: [absolute_url(p) for p in ps] for n, ps in test_rows.items()}
     storage_fs, storage_path = arrow_fs(absolute_url(cfg.ray.storage or f"{out}/ray"))
@@ -119,18 +119,18 @@ def train_downstream(cfg: Config, class_names: list[str], train_rows: dict[str, 
     return out_result
 
 
-def evaluate_run(cfg: Config, inputs, extractor=None, log=print) -> tuple[dict, dict | None]:
+def evaluate_run(cfg: Config, inputs, extractor=None) -> tuple[dict, dict | None]:
     """The downstream classifier (Ray Train) and, with synthetic data, the per-class metrics.
 
     Args:
         cfg: the run's config (``output`` holds its shards unless ``downstream.shards`` says otherwise).
-        inputs: ``chimera_ray.data.validate.RunInputs`` of the run (dataset, plans = tail classes).
+        inputs: ``chimera_ray.inputs.RunInputs`` of the run (dataset, plans = tail classes).
         extractor: a loaded feature extractor to reuse across runs (else ``downstream.features``).
 
     Returns:
         ``(downstream result, metrics or None)`` as written to ``<output>/eval/``.
     """
-    d, out = cfg.downstream, cfg.output.rstrip("/")
+    d, out = cfg.downstream, cfg.output_path()
     names, tail = inputs.dataset.classes, [p.name for p in inputs.plans]
     train_rows = {n: [r.path for r in rows] for n, rows in inputs.dataset.by_class(d.train_split).items()}
     test_rows = {n: [r.path for r in rows] for n, rows in inputs.dataset.by_class(d.test_split).items()}
@@ -138,7 +138,7 @@ def evaluate_run(cfg: Config, inputs, extractor=None, log=print) -> tuple[dict, 
         raise ValueError(f"the dataset has no images in split {d.test_split!r}; set downstream.test_split to the "
                          f"held-out split's name (splits seen: {sorted({r.split for r in inputs.dataset.rows})})")
     urls = shard_urls([absolute_url(u) for u in (list(d.shards) or [f"{out}/shards"])]) if d.use_synthetic else []
-    size = d.image_size or cfg.model.resolution or base_resolution(cfg.model.base, cfg.model.cache_dir)
+    size = d.image_size or cfg.model.resolution or base_resolution(cfg.model.base, cfg.cache_dir)
     result = train_downstream(cfg, names, train_rows, test_rows, tail, urls, size)
     result["classes"] = [{"name": n, "key": k, "label": i, "group": "tail" if n in tail else "head",
                           "n_real_train": len(train_rows[n]), "n_test": len(test_rows[n])}

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def _fault_marker(cfg: Config, name: str) -> str:
-    return f"{cfg.output.rstrip('/')}/_faults/{name}"
+    return cfg.output_path("_faults", name)
 
 
 def _first_time(url: str) -> bool:

@@ -234,8 +234,9 @@ class _GenerateActor:
         self.progress = Reporter(progress)
         self.cfg = config_from_dict(cfg_dict)
         self.shards_dir = shards_dir
-        self.attempts = Attempts(_attempts_dir(self.cfg.output.rstrip("/")))
-        self.gen = Generator(self.cfg.model, self.cfg.generate, mode=self.cfg.lora.mode, adapter_root=adapter_root)
+        self.attempts = Attempts(_attempts_dir(self.cfg.output_path()))
+        self.gen = Generator(self.cfg.model, self.cfg.generate, mode=self.cfg.lora.mode, adapter_root=adapter_root,
+                             cache_dir=self.cfg.cache_dir)
         self._render = threading.Lock()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -341,7 +342,7 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
     """
     t_start = time.time()
     cfg = absolute_config(cfg)
-    out = cfg.output.rstrip("/")
+    out = cfg.output_path()
     shards_dir = f"{out}/shards"
     sh, g = cfg.shards, cfg.generate
     adapter_root = absolute_url(g.adapters or f"{out}/adapters") if cfg.lora.mode != "base" else None

@@ -55,7 +55,7 @@ def run(cfg: Config, report: dict, display: Display | None = None, lease: Output
             lease.check()
         display.event(e)
 
-    t0, out = time.time(), cfg.output.rstrip("/")
+    t0, out = time.time(), cfg.output_path()
     seconds = report["seconds"] = {}
     report["stage"] = "ingest"
     # Same checks as `chimera-ray validate`: stops on fatal problems, else skips and counts bad rows.

@@ -27,12 +27,12 @@ def evaluate(cfg: Config, report: dict, display: Display, lease: OutputLease | N
     """Evaluates the run in ``cfg.output`` (a ``runner.Job``): writes ``eval/downstream[-TAG].json``
     and ``eval/metrics[-TAG].json`` there and shows the results on ``display``. Takes no lease and
     leaves ``report`` unwritten: the run's own files stay the run's; ``tag``: the files' suffix."""
-    out, suffix = cfg.output.rstrip("/"), f"-{tag}" if tag else ""
+    out, suffix = cfg.output_path(), f"-{tag}" if tag else ""
     inputs = ingest_for_run(cfg, log=None)  # same dataset, same tail classes as the run
     display.print(f"evaluate: {len(inputs.plans)} tail classes of {out}; training the downstream classifier "
                   f"({cfg.downstream.steps} steps, {cfg.downstream.backbone})")
     init_ray(cfg)
-    result, metrics = evaluate_run(cfg, inputs, log=lambda m: None)
+    result, metrics = evaluate_run(cfg, inputs)
     write_json(f"{out}/eval/downstream{suffix}.json", result)
     display.print("accuracy:  " + ", ".join(
         f"{k.replace('_acc', '')} " + ("-" if result.get(k) is None else f"{100 * result[k]:.1f} %")

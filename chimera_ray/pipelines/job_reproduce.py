@@ -105,10 +105,10 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
     display.print(inputs.plan_table())
     rows = inputs.dataset.by_class(base_cfg.data.split)
     init_ray(base_cfg)
-    extractor = load_feature_extractor(base_cfg.downstream.features, cache_dir=base_cfg.model.cache_dir)
+    extractor = load_feature_extractor(base_cfg.downstream.features, cache_dir=base_cfg.cache_dir)
     # FineMarks: its oracles judge every run's images (built and cached on first use).
     finemarks = base_cfg.data.source == "builtin:finemarks"
-    oracle = load_finemarks_oracle(base_cfg.model.cache_dir) if finemarks else None
+    oracle = load_finemarks_oracle(base_cfg.cache_dir) if finemarks else None
     tail = [p.name for p in inputs.plans]
 
     def run(name: str, seed: int, mode: str, extra: list[str]) -> dict:
@@ -134,7 +134,7 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
         if not real_only:
             generate_shards(cfg, inputs.plans)
         t_gen = time.time() - t - t_train
-        downstream, metrics = evaluate_run(cfg, inputs, extractor, log=lambda m: None)
+        downstream, metrics = evaluate_run(cfg, inputs, extractor)
         result = {"name": name, "seed": seed, "mode": mode, "overrides": extra, "downstream": downstream,
                   "metrics": metrics}
         if oracle is not None:

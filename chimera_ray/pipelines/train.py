@@ -60,8 +60,8 @@ def _train_group_loop(config: dict) -> None:
     """Ray Train worker loop: trains one group of classes, one after another."""
     worker_logging()
     cfg = config_from_dict(config["cfg"])
-    out = cfg.output.rstrip("/")
-    pipe = load_pipeline(cfg.model)
+    out = cfg.output_path()
+    pipe = load_pipeline(cfg.model, cache_dir=cfg.cache_dir)
     train = wrap_train_one(train_one, cfg)
     progress = Reporter(config.get("progress"))
     attempts = Attempts(_class_attempts_dir(out))
@@ -209,7 +209,7 @@ def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, 
             of the room (``LOOKAHEAD_TRAINERS``) while they are asked for.
     """
     cfg = absolute_config(cfg)
-    out = cfg.output.rstrip("/")
+    out = cfg.output_path()
     status: dict[str, dict] = {}
     resolved: set[str] = set()
     lock = threading.Lock()

@@ -29,7 +29,7 @@ from PIL import Image
 from chimera_ray.cache import build_folder
 
 __all__ = ["SPLITS", "WRITABLE_SPLITS", "Box", "LabelledImage", "class_dir", "longtail_counts", "longtail_summary",
-           "materialize_dataset", "load_manifest"]
+           "materialize_dataset"]
 
 SPLITS = ("train", "test")
 # Splits the writer accepts: a dataset may add a validation split to the two above.
@@ -207,11 +207,5 @@ def _writer(class_names: Sequence[str], summary: dict, samples: Iterable[Labelle
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     return write
-
-
-def load_manifest(out_dir: str | os.PathLike) -> list[dict]:
-    """Read `out_dir/manifest.jsonl` into a list of row dicts."""
-    with open(Path(out_dir) / "manifest.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 

@@ -168,5 +168,5 @@ def test_probe_run_resolves_builtin_datasets(tiny_pipe, shots, tmp_path, monkeyp
     (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
     (run / "plan.json").write_text(json.dumps({"classes": [{"name": "red star", "key": "rs", "shots": paths}]}))
     res = probe_run(str(run), seeds=2, alphas=(1.0,), per_alpha=2, pipe=tiny_pipe)
-    assert asked == [("builtin:finemarks", cfg.model.cache_dir)]
+    assert asked == [("builtin:finemarks", cfg.cache_dir)]
     assert res["classes"]["rs"]["heldout_real"] == 3

@@ -4,6 +4,7 @@ and a tiny oracle build: deterministic, cached, and reading the dataset's own te
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,14 @@ from sklearn.metrics import r2_score
 
 from chimera_ray.eval import finemarks_oracle as fo
 from chimera_ray.toy import finegrained as fm
-from chimera_ray.toy.files import load_manifest
 
 TINY = fo.OracleRecipe(n_train=64, epochs=1, width=4, test_per_class=1)
+
+
+def _load_manifest(folder: Path) -> list[dict]:
+    """The rows of a built dataset's ``manifest.jsonl``."""
+    return [json.loads(line) for line in (Path(folder) / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
 
 
 class PlantedOracle:
@@ -91,7 +97,7 @@ def test_r2_matches_scikit_learn() -> None:
 def test_real_split_is_the_datasets_test_split(tmp_path: Path) -> None:
     fm.build_finemarks(tmp_path / "d", seed=0, head_max=3, head_min=2, val_per_class=0, test_per_class=2)
     x, y, nuis = fo.real_split("test", seed=0, per_class=2, labels=[3, 12])
-    rows = {r["path"]: r for r in load_manifest(tmp_path / "d") if r["split"] == "test"}
+    rows = {r["path"]: r for r in _load_manifest(tmp_path / "d") if r["split"] == "test"}
     for j, (label, i) in enumerate([(3, 0), (3, 1), (12, 0), (12, 1)]):
         name = fm.CLASSES[label].name
         path = f"test/{name.replace(' ', '_')}/test-{label:03d}-{i:05d}.png"

@@ -242,6 +242,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.slow  # a real headless browser (still in the default run)
 @pytest.mark.skipif(_chromium() is None, reason="no chromium binary on PATH (Debian: apt-get install chromium)")
 def test_renders_in_headless_chromium(page, run_dir, tmp_path):
     shot = tmp_path / "page.png"

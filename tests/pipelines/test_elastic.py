@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow  # end to end: Ray Train, Ray Data, a fake autosca
 
 def _cfg(tmp_path, *extra):
     return load_config("jobs/configs/tiny.yaml", [
-        f"output={tmp_path / 'run'}", f"model.cache_dir={tmp_path / 'cache'}", "data.max_classes=6",
+        f"output={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "data.max_classes=6",
         "data.budget=fixed", "data.budget_value=6", "ray.classes_per_trainer=1", "ray.train_cpus=1",
         "ray.gen_cpus=1", "ray.gen_actors_min=1", "ray.gen_actors_max=1", "generate.window_classes=2",
         "generate.unit_samples=4", "generate.batch_size=4", "shards.max_samples=4", *extra])

@@ -48,7 +48,7 @@ def _classes(tmp_path, n=3, shots=2):
 
 def _cfg(tmp_path, *extra):
     return load_config("jobs/configs/tiny.yaml", [
-        f"output={tmp_path / 'run'}", f"model.cache_dir={tmp_path / 'cache'}", "train.steps=4", "train.checkpoint_every=2",
+        f"output={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "train.steps=4", "train.checkpoint_every=2",
         "ray.classes_per_trainer=2", "ray.max_concurrent_trainers=1", "ray.train_cpus=1", "ray.train_gpus=1",
         "ray.gen_gpus=1", "ray.gen_cpus=0.5", "ray.gen_actors_min=1", "ray.gen_actors_max=2",
         "generate.batch_size=4", "generate.unit_samples=4", "shards.max_samples=4", "shards.max_bytes=16384", *extra])
@@ -191,7 +191,7 @@ def test_relative_paths_mean_the_drivers_working_directory(local_ray, tmp_path, 
     from chimera_ray.pipelines import generate_shards, train_classes
 
     plans, rows = _classes(tmp_path, n=1)
-    cfg = _cfg(tmp_path, "output=rel/run", "model.cache_dir=rel/cache")
+    cfg = _cfg(tmp_path, "output=rel/run", "cache_dir=rel/cache")
     monkeypatch.chdir(tmp_path)  # relative paths are resolved when the pipelines run
     assert train_classes(cfg, plans, rows)["class_0"]["status"] == "trained"
     assert (tmp_path / "rel" / "run" / "adapters" / "class_0" / "adapter.json").is_file()

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from chimera_ray.pipelines.watchdog import ray_processes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,6 +24,7 @@ time.sleep(300)
 """
 
 
+@pytest.mark.slow  # starts a local Ray (still in the default run)
 def test_private_ray_ends_when_the_driver_is_killed():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)

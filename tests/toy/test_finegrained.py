@@ -16,9 +16,14 @@ from chimera_ray import models
 from chimera_ray.data.ingest import read_dataset
 from chimera_ray.toy import base as toy_base
 from chimera_ray.toy import finegrained as fm
-from chimera_ray.toy.files import load_manifest
 
 SMALL = dict(head_max=6, head_min=3, val_per_class=1, test_per_class=2)
+
+
+def _load_manifest(folder: Path) -> list[dict]:
+    """The rows of a built dataset's ``manifest.jsonl``."""
+    return [json.loads(line) for line in (Path(folder) / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -45,7 +50,7 @@ def test_rebuild_is_byte_identical(small: Path, tmp_path: Path) -> None:
 
 
 def test_tail_has_exactly_four_shots_and_splits_are_balanced(small: Path) -> None:
-    rows = load_manifest(small)
+    rows = _load_manifest(small)
     count = {(r["split"], r["label"]): 0 for r in rows}
     for r in rows:
         count[r["split"], r["label"]] += 1
@@ -73,7 +78,7 @@ def test_ingest_reads_it_with_boxes_and_val_split(small: Path) -> None:
 
 
 def test_manifest_attributes_are_the_rendered_nuisance(small: Path) -> None:
-    rows = [r for r in load_manifest(small) if r["split"] == "test"]
+    rows = [r for r in _load_manifest(small) if r["split"] == "test"]
     names = [c.name for c in fm.CLASSES]
     for r in rows[::5]:
         label, index = names.index(r["label"]), int(r["path"].rsplit("-", 1)[1].split(".")[0])

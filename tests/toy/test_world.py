@@ -13,12 +13,18 @@ from PIL import Image
 
 from chimera_ray.toy import digits
 from chimera_ray.toy import world as toyworld
-from chimera_ray.toy.files import load_manifest, longtail_counts
+from chimera_ray.toy.files import longtail_counts
 from chimera_ray.toy.world import CLASSES, build_toyworld, render
 
 # Small builds keep the file fast; 5 classes still give a visible long tail.
 SMALL = dict(seed=3, size=32, head_max=12, tail_min=1, test_per_class=2, num_classes=5)
 SMALL_DIGITS = dict(seed=3, size=32, head_max=8, tail_min=1, test_per_class=2)
+
+
+def _load_manifest(folder: Path) -> list[dict]:
+    """The rows of a built dataset's ``manifest.jsonl``."""
+    return [json.loads(line) for line in (Path(folder) / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
@@ -140,7 +146,7 @@ def test_manifest_matches_files_and_counts(toy_dir: Path) -> None:
     summary = json.loads((toy_dir / "summary.json").read_text())
     names = json.loads((toy_dir / "classes.json").read_text())
     assert names == [c.name for c in CLASSES[: SMALL["num_classes"]]] == summary["classes"]
-    rows = load_manifest(toy_dir)
+    rows = _load_manifest(toy_dir)
     on_disk = {p.relative_to(toy_dir).as_posix() for p in toy_dir.glob("*/*/*.png")}
     assert {r["path"] for r in rows} == on_disk and len(rows) == len(on_disk)
 
@@ -204,7 +210,7 @@ def test_digits_boxes_match_nonzero_extent(digits_dir: Path) -> None:
     summary = json.loads((digits_dir / "summary.json").read_text())
     names = json.loads((digits_dir / "classes.json").read_text())
     assert names == digits.CLASS_NAMES and names[0] == "digit zero" and names[9] == "digit nine"
-    rows = load_manifest(digits_dir)
+    rows = _load_manifest(digits_dir)
     on_disk = {p.relative_to(digits_dir).as_posix() for p in digits_dir.glob("*/*/*.png")}
     assert {r["path"] for r in rows} == on_disk
     assert summary["test_counts"] == [SMALL_DIGITS["test_per_class"]] * 10

@@ -131,7 +131,7 @@ def read_synthetic(shards_dir: str, per_class: int) -> _Synthetic:
 # Images and plots
 
 
-def _summary_section(run_dir: str, plan: dict, report: dict | None, index: dict | None, synth: _Synthetic) -> str:
+def _summary_section(plan: dict, report: dict | None, index: dict | None, synth: _Synthetic) -> str:
     s = plan.get("summary", {})
     classes = plan.get("classes", [])
     out = ['<section id="summary"><h2>Run summary</h2>']
@@ -483,7 +483,7 @@ def build_report(run_dir: str, *, samples: int = 8, sweep: bool = True, config: 
               f"<title>chimera-ray report: {e(name)}</title><style>{_CSS}</style></head><body>"),
              (f"<header><div class='inner'><h1>chimera-ray run report</h1><div class='sub'>{e(run_dir)} · "
               f"generated {e(_dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}</div></div></header><main>"),
-             _summary_section(run_dir, plan, report, index, synth)]
+             _summary_section(plan, report, index, synth)]
     for i, c in enumerate(plan.get("classes", [])):
         say(f"[report] class {i + 1}/{len(plan.get('classes', []))}: {c.get('name')}")
         parts.append(_class_section(i, c, report, synth, sweeper, sweep_note, samples))

@@ -80,7 +80,7 @@ class _Sweep:
         if self._gen is None and self._error is None:
             try:
                 self._gen = Generator(self.cfg.model, self.cfg.generate, mode="chimera",
-                                      adapter_root=_join(self.run_dir, "adapters"))
+                                      adapter_root=_join(self.run_dir, "adapters"), cache_dir=self.cfg.cache_dir)
             except Exception as err:  # noqa: BLE001 - a note on the page, not a crash
                 self._error = f"could not load the base model {self.cfg.model.base!r}: {type(err).__name__}: {err}"
         return self._gen

@@ -69,7 +69,7 @@ def cluster(args) -> dict:
     import ray
 
     from benchmarks.fake_cluster import autoscaling_cluster
-    from chimera_ray.inputs import ingest_for_run
+    from chimera_ray.preflight import ingest_for_run
     from chimera_ray.pipelines import generate_shards, train_classes
     from chimera_ray.pipelines.job import run
 
@@ -106,7 +106,7 @@ def rerun(args) -> dict:
     import ray
 
     from chimera_ray.config import config_to_dict
-    from chimera_ray.inputs import ingest_for_run
+    from chimera_ray.preflight import ingest_for_run
     from chimera_ray.pipelines.job import run
     from chimera_ray.units import plan_units, resolve_unit_samples, unit_rows, unit_salt
 

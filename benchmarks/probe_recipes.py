@@ -24,7 +24,7 @@ from chimera_ray.config import load_config
 from chimera_ray.data.ingest import load_image
 from chimera_ray.eval.heads import probe_class, summarize
 from chimera_ray.generate import Generator
-from chimera_ray.inputs import ingest_for_run
+from chimera_ray.preflight import ingest_for_run
 from chimera_ray.local import load_shots
 from chimera_ray.lora.adapter import save_adapter
 from chimera_ray.lora.inject import remove_lora

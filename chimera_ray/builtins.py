@@ -4,7 +4,7 @@
 ``builtin:<name>`` datasets from registries they do not fill: the builders live in
 ``chimera_ray.toy``, which neither may import. Whoever a user or a Ray worker enters through
 imports this module once: the CLI, ``chimera_ray.pipelines`` (the package every Ray task and
-actor of a run unpickles from) and ``chimera_ray.inputs``. It imports torch (the toy models).
+actor of a run unpickles from) and ``chimera_ray.preflight``. It imports torch (the toy models).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ import torch
 
 from chimera_ray.config import Config
 from chimera_ray.generate import Generator
-from chimera_ray.inputs import ingest_for_run
+from chimera_ray.preflight import ingest_for_run
 from chimera_ray.local import load_shots
 from chimera_ray.lora.adapter import save_adapter
 from chimera_ray.models import load_pipeline, resolve_device

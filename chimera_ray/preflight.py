@@ -1,24 +1,29 @@
-"""A run's pre-flight: storage, base model, the dataset's rows, its classes and (some of) its
-images -> one list of problems, one table.
+"""A run's pre-flight, what every job calls first: storage, base model, the dataset's rows, its
+classes and (some of) its images -> one list of problems, one table; then the plan of the tail
+classes and the boxes of their shots (``ingest_for_run``, which stops with every fatal problem
+at once).
 
 ``validate(cfg)`` reports every problem at once as ``Problem(severity, code, where, message)``
 (``chimera_ray.data.validate`` says what ``fatal``, ``skip`` and ``warn`` mean).
 
 It sits above ``chimera_ray.data`` (the row and image checks), ``chimera_ray.models`` (the base
 model) and ``chimera_ray.plan`` (the tail rule picks the images worth opening).
-``chimera_ray.inputs.ingest_for_run`` is what a job calls: these checks, then the plan and the boxes.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import fsspec
 
+import chimera_ray.builtins  # noqa: F401 - registers the builtin models and datasets
 from chimera_ray.config import Config
-from chimera_ray.data.detect import check_detector_source
+from chimera_ray.data.detect import check_detector_source, provide_boxes
 from chimera_ray.data.ingest import (
     Dataset,
     ImageInfo,
@@ -38,14 +43,21 @@ from chimera_ray.data.validate import (
 )
 from chimera_ray.models import check_base
 from chimera_ray.plan import (
+    ClassPlan,
     class_counts,
+    format_plan,
+    plan_classes,
+    plan_json,
     select_tail,
+    summarize,
     tail_rule,
 )
 
 # Problem, DataError and format_problems are re-exported: one import for a caller of the pre-flight.
-__all__ = ["Problem", "DataError", "Validation", "validate", "check_storage", "storage_error",
-           "format_problems", "has_fatal"]
+__all__ = ["Problem", "DataError", "RunInputs", "Validation", "check_storage", "format_problems", "has_fatal",
+           "ingest_for_run", "storage_error", "validate"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -252,3 +264,64 @@ def validate(cfg: Config, images: str | None = None) -> Validation:
                                 f"({kind}={value}); class sizes range {sizes[0]}..{sizes[-1]} over "
                                 f"{len(sizes)} non-empty classes"))
     return Validation(problems, ds, infos, candidates, source)
+
+
+# ---- the run's inputs: the checks above, then the plan and the boxes ----
+
+
+@dataclass
+class RunInputs:
+    """Everything a run needs from its data: cleaned rows, the plan, problems, box provenance."""
+
+    dataset: Dataset
+    plans: list[ClassPlan]
+    problems: list[Problem]
+    counts: dict[str, int]
+    summary: dict
+    boxes: list[dict] = field(default_factory=list)
+
+    def plan_table(self, max_rows: int = 40) -> str:
+        return format_plan(self.plans, self.summary, max_rows)
+
+    def plan_json(self) -> dict:
+        return plan_json(self.plans, self.summary, self.counts)
+
+    def report(self) -> dict:
+        """Run-report entries: every skipped row with its reason, warnings, box sources."""
+        skipped = [{"code": p.code, "where": p.where, "reason": p.message} for p in self.problems if p.severity == "skip"]
+        warnings = [{"code": p.code, "where": p.where, "reason": p.message} for p in self.problems if p.severity == "warn"]
+        return {
+            "skipped_inputs": skipped,
+            "input_problem_counts": dict(Counter(f"{p.severity}:{p.code}" for p in self.problems)),
+            "input_warnings": warnings,
+            "box_sources": dict(Counter(b["source"] for b in self.boxes)),
+        }
+
+
+def ingest_for_run(cfg: Config, *, detector=None, log: Callable[[str], None] | None = log.info) -> RunInputs:
+    """Validate -> plan -> boxes for the planned shots; what every job calls first.
+
+    Args:
+        cfg: the run config.
+        detector: an already built detector (tests); None builds one if the config enables it.
+        log: where the problem table goes (None: nowhere).
+
+    Raises:
+        DataError: any fatal problem (with ``on_bad_input=stop``, any bad row), all listed.
+    """
+    v = validate(cfg)
+    if log is not None and v.problems:
+        log(format_problems(v.problems, max_per_code=5))  # the report lists them all
+    if not v.ok:
+        raise DataError(v.problems)
+    ds = v.dataset
+    plans = plan_classes(ds, cfg, candidates=v.candidates)
+    counts = class_counts(ds, cfg.data.split)
+    shot_paths = {p for plan in plans for p in plan.shots}
+    shot_rows = [r for r in ds.rows if r.path in shot_paths and r.split == cfg.data.split]
+    boxed, prov = provide_boxes(shot_rows, cfg.data.detector, out_dir=cfg.output_path("boxes"), infos=v.infos,
+                                detector=detector, cache_dir=cfg.cache_dir)
+    by_path = {r.path: r for r in boxed}
+    ds = Dataset([by_path.get(r.path, r) if r.split == cfg.data.split else r for r in ds.rows], ds.classes, [], [],
+                 ds.listed, ds.source)
+    return RunInputs(ds, plans, v.problems, counts, summarize(counts, plans, cfg), prov)

@@ -228,7 +228,7 @@ def test_a_run_where_every_class_fails_explains_itself(tmp_path):
     out = tmp_path / "run"
     # The smoke run's single class, found the way the job finds it.
     from chimera_ray.config import load_config
-    from chimera_ray.inputs import ingest_for_run
+    from chimera_ray.preflight import ingest_for_run
 
     cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"), ["data.max_classes=1", f"output={out}",
                                                              f"cache_dir={tmp_path / 'cache'}"])

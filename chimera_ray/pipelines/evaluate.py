@@ -124,7 +124,7 @@ def evaluate_run(cfg: Config, inputs, extractor=None) -> tuple[dict, dict | None
 
     Args:
         cfg: the run's config (``output`` holds its shards unless ``downstream.shards`` says otherwise).
-        inputs: ``chimera_ray.inputs.RunInputs`` of the run (dataset, plans = tail classes).
+        inputs: ``chimera_ray.preflight.RunInputs`` of the run (dataset, plans = tail classes).
         extractor: a loaded feature extractor to reuse across runs (else ``downstream.features``).
 
     Returns:

@@ -27,7 +27,7 @@ from concurrent.futures import Future
 import yaml
 
 from chimera_ray.config import Config, config_to_dict
-from chimera_ray.inputs import ingest_for_run
+from chimera_ray.preflight import ingest_for_run
 from chimera_ray.io import atomic_write, write_json
 from chimera_ray.lease import OutputLease
 from chimera_ray.pipelines import generate_shards, init_ray, train_classes

@@ -13,7 +13,7 @@ Exit codes: 0 done; 1 the evaluation failed; 2 bad config or input.
 """
 
 from chimera_ray.config import Config
-from chimera_ray.inputs import ingest_for_run
+from chimera_ray.preflight import ingest_for_run
 from chimera_ray.io import write_json
 from chimera_ray.lease import OutputLease
 from chimera_ray.pipelines.common import init_ray

@@ -194,7 +194,7 @@ def test_provide_boxes_cache_and_provenance(owlv2_dir, tmp_path, monkeypatch):
 
 
 def test_run_ingest_with_detector_and_validate_checks_it(owlv2_dir, tmp_path):
-    from chimera_ray.inputs import ingest_for_run
+    from chimera_ray.preflight import ingest_for_run
     from chimera_ray.preflight import validate
 
     for cls in ("red_star", "blue_square"):

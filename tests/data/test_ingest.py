@@ -22,7 +22,7 @@ from chimera_ray.data.ingest import (
     source_format,
     to_rgb,
 )
-from chimera_ray.inputs import ingest_for_run
+from chimera_ray.preflight import ingest_for_run
 from chimera_ray.preflight import validate
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from chimera_ray.config import load_config
 from chimera_ray.data.boxes import Box
-from chimera_ray.inputs import ingest_for_run
+from chimera_ray.preflight import ingest_for_run
 from chimera_ray.preflight import DataError, Problem, format_problems, validate
 
 W, H = 32, 24  # every corpus image is 32x24 (landscape) unless its case says otherwise

@@ -42,7 +42,7 @@ def _build_run(out: str, source: str) -> None:
     """jobs/full.py's layout (plan.json, adapters/, shards/ + index.json, report.json), without Ray."""
     from chimera_ray.config import config_to_dict, load_config
     from chimera_ray.generate import Generator
-    from chimera_ray.inputs import ingest_for_run
+    from chimera_ray.preflight import ingest_for_run
     from chimera_ray.io import write_json
     from chimera_ray.local import train_one
     from chimera_ray.models import load_pipeline

@@ -89,7 +89,7 @@ def test_rerun_after_a_failed_class_generates_exactly_its_units(local_ray, tmp_p
     out = tmp_path / "run"
     # Which key fails: the third class of the plan (a window in the middle, so later windows exist).
     probe = _cfg(tmp_path)
-    from chimera_ray.inputs import ingest_for_run
+    from chimera_ray.preflight import ingest_for_run
 
     keys = sorted(p.key for p in ingest_for_run(probe, log=lambda m: None).plans)
     bad = keys[2]

@@ -37,6 +37,7 @@ from chimera_ray.plan import (
     summarize,
 )
 from chimera_ray.sampling import mixture_weights
+from chimera_ray.summary import run_summary  # light: formatting only
 
 __all__ = ["main", "build_parser"]
 
@@ -378,7 +379,6 @@ def _cmd_run(args) -> int:
     # Ray and the pipelines: imported only by the jobs' handlers.
     from chimera_ray.pipelines.job import run
     from chimera_ray.pipelines.runner import run_job
-    from chimera_ray.summary import run_summary
 
     cfg = _job_config(args, SMOKE_RUN if args.smoke_test else (),
                       missing="no config: pass --config FILE.yaml (see jobs/configs/)")

@@ -11,6 +11,13 @@ torch.set_num_threads(int(os.environ.get("CHIMERA_TEST_THREADS", "2")))
 WORDS = ["a", "photo", "of", "red", "star", "blue", "square"]
 
 
+def pytest_configure(config):
+    """Failures and errors are always named in the short summary, even when ``-r`` asks for skips only
+    (the README's test command passes ``-rs``): the summary is the part of a long log that is kept."""
+    chars = config.option.reportchars or ""
+    config.option.reportchars = chars + "".join(c for c in "fE" if c not in chars)
+
+
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests need CUDA: skipped without it, unless ``CHIMERA_GPU_TESTS_DEVICE=cpu`` asks to run
     their assertions on CPU (``benchmarks/gpu_suite.py --tiny`` rehearses them that way)."""

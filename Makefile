@@ -29,7 +29,8 @@ demo: $(STAMP)
 	RAY_AUTH_MODE=disabled $(PY) -m chimera_ray.cli run jobs/configs/demo.yaml $(ARGS)
 
 smoke: $(STAMP)
-	RAY_AUTH_MODE=disabled $(PY) -m chimera_ray.cli run jobs/configs/tiny.yaml --smoke-test $(ARGS)
+	$(PY) tests/tiny.py >/dev/null  # the tiny random model (test material) it loads
+	RAY_AUTH_MODE=disabled $(PY) -m chimera_ray.cli run tests/configs/tiny.yaml --smoke-test $(ARGS)
 
 # pytest exits 5 when no test was collected; any non-zero exit fails `make test`.
 test: $(STAMP)

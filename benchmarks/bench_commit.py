@@ -29,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tests.tiny import ensure_tiny_random  # noqa: E402 - after the path: the model tiny.yaml loads
 
 
 class SlowLocalFileSystem(LocalFileSystem):
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=25, help="denoising steps (a unit's render time)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    ensure_tiny_random()
 
     import torch
 
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-commit-") as tmp:
         for mode in ("serial", "overlap"):
             out = f"slowfile://{tmp}/{mode}"
-            cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"), [
+            cfg = load_config(str(ROOT / "tests/configs/tiny.yaml"), [
                 f"output={out}", f"cache_dir={tmp}/cache", "lora.mode=base", "generate.batch_size=4",
                 f"generate.num_inference_steps={args.steps}",
                 "shards.max_samples=4"])  # 2 parts per unit of 8: 3 PUTs + the attempt marker per commit

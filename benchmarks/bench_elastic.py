@@ -33,12 +33,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tests.tiny import ensure_tiny_random  # noqa: E402 - after the path: the model tiny.yaml loads
 
 
 def _cfg(out: Path, classes: int, *extra: str):
     from chimera_ray.config import load_config
 
-    return load_config(str(ROOT / "jobs/configs/tiny.yaml"), [
+    return load_config(str(ROOT / "tests/configs/tiny.yaml"), [
         f"output={out}", f"cache_dir={out.parent / 'cache'}", f"data.max_classes={classes}",
         "data.budget=fixed", "data.budget_value=8", "ray.classes_per_trainer=1", "ray.train_cpus=1", "ray.gen_cpus=1",
         "ray.gen_actors_min=1", "ray.gen_actors_max=1", "generate.window_classes=2", "generate.unit_samples=4",
@@ -103,6 +104,7 @@ def cluster(args) -> dict:
 
 
 def rerun(args) -> dict:
+    import pytest
     import ray
 
     from chimera_ray.config import config_to_dict
@@ -119,7 +121,11 @@ def rerun(args) -> dict:
             plans = ingest_for_run(cfg, log=lambda m: None).plans
             bad = sorted(p.key for p in plans)[len(plans) // 2]
             r1, r2 = {}, {}
-            run(_cfg(out, args.classes, f"ray.faults.fail_train_always={bad}"), r1)
+            with pytest.MonkeyPatch.context() as m:  # run 1 fails the class (the tests' fault injection)
+                from tests.faults import inject
+
+                inject(m, out, fail_train_always=bad)
+                run(cfg, r1)
             run(cfg, r2)
             n = resolve_unit_samples(cfg.generate, cfg.model)
             classes = [(p.key, p.budget) for p in plans]
@@ -190,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     p.add_argument("--budget", type=int, default=500, help="images per class (paper.yaml: 500)")
     args = ap.parse_args(argv)
+    ensure_tiny_random()
     t0 = time.time()
     result = {"cluster": cluster, "rerun": rerun, "plan": plan}[args.part](args)
     result["seconds"] = round(time.time() - t0, 1)

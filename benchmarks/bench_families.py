@@ -53,12 +53,28 @@ from benchmarks.common import (
 )
 from chimera_ray.families import FAMILIES
 from chimera_ray.lora.inject import inject_lora, set_mixture
-from chimera_ray.toy.families import (
-    SD35_MEDIUM_TRANSFORMER,
-    SD35_TRANSFORMER,
-    SDXL_UNET,
-    build_tiny_sd3_pipeline,
-    build_tiny_sdxl_pipeline,
+from tests.tiny import build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
+
+# The real models' denoiser configs (built here with random weights: the speed of the real size).
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (2.57 B parameters).
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+# stabilityai/stable-diffusion-3.5-large transformer/config.json (8.1 B parameters).
+SD35_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+    num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+    pos_embed_max_size=192, qk_norm="rms_norm",
+)
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json (2.5 B parameters; MMDiT-X).
+SD35_MEDIUM_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)),
 )
 
 DEFAULTS = {

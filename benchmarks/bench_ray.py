@@ -1,6 +1,6 @@
 """Ray scale-out costs: fixed overhead per Ray Train run, generation actors 1 vs 2, shard writer share.
 
-    python benchmarks/bench_ray.py [--base builtin:tiny-random] [--classes 4] [--steps 20] [--images 48]
+    python benchmarks/bench_ray.py [--base tests/.tiny-random] [--classes 4] [--steps 20] [--images 48]
 
 Runs on a private local Ray (2 CPUs here). Prints markdown tables; --json writes the numbers.
 """
@@ -16,8 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import sys
+
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.tiny
+from tests.tiny import ensure_tiny_random  # noqa: E402 - after the path
 
 
 def _dataset(root: Path, n: int, shots: int):
@@ -60,7 +65,7 @@ def _empty_fits(work: Path, n: int = 3) -> list[float]:
 
 def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", default="builtin:tiny-random")
+    ap.add_argument("--base", default=None, help="base model (default: the tests' tiny random model)")
     ap.add_argument("--classes", type=int, default=4)
     ap.add_argument("--shots", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
@@ -69,6 +74,7 @@ def main() -> dict:
     ap.add_argument("--json")
     ap.add_argument("--only", choices=["empty", "train", "generate"], help="run one part only")
     args = ap.parse_args()
+    args.base = args.base or str(ensure_tiny_random())
 
     import ray
 
@@ -81,7 +87,7 @@ def main() -> dict:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
     def cfg(out, *extra):
-        return load_config("jobs/configs/tiny.yaml", [
+        return load_config("tests/configs/tiny.yaml", [
             f"model.base={args.base}", f"output={out}", f"train.steps={args.steps}", "train.checkpoint_every=0",
             "train.batch_size=4", "ray.max_concurrent_trainers=1", "ray.train_cpus=2", "ray.gen_cpus=1",
             f"generate.num_inference_steps={args.gen_steps}", "generate.batch_size=8", *extra])

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.tiny import ensure_tiny_random  # noqa: E402 - after the path: the model tiny.yaml loads
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,11 +33,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     per_class = args.units * args.unit // 2
+    ensure_tiny_random()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     with tempfile.TemporaryDirectory(prefix="bench-resume-") as tmp:
         out = Path(tmp) / "run"
-        cmd = [sys.executable, "jobs/full.py", "--config", "jobs/configs/tiny.yaml", f"output={out}",
+        cmd = [sys.executable, "jobs/full.py", "--config", "tests/configs/tiny.yaml", f"output={out}",
                f"cache_dir={tmp}/cache", "lora.mode=base", "data.max_classes=2",
                f"generate.samples_per_class={per_class}", "generate.batch_size=4", f"shards.max_samples={args.unit}",
                "ray.num_cpus=2", "ray.gen_actors_min=1", "ray.gen_actors_max=1", "ray.gen_cpus=1"]

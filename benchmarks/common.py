@@ -37,6 +37,8 @@ __all__ = [
     "markdown_table",
     "median",
     "paired_ratio",
+    "primary_measure",
+    "select_variants",
     "setup",
     "swap_modules",
     "sync",
@@ -99,6 +101,19 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     return torch.device(args.device), DTYPES[args.dtype]
 
 
+def select_variants(spec: str, choices: tuple[str, ...], always: tuple[str, ...]) -> list[str]:
+    """The variants a comma-separated ``--variants`` list names, plus ``always``, in ``choices`` order.
+
+    Raises:
+        ValueError: a name that is not in ``choices``.
+    """
+    named = set(spec.split(","))
+    unknown = named - set(choices) - {""}
+    if unknown:
+        raise ValueError(f"--variants has unknown names {sorted(unknown)}; choose from {','.join(choices)}")
+    return [v for v in choices if v in named | set(always)]
+
+
 def build_unet(size: str, seed: int = 0):
     """A random-weight UNet of the given size, eval mode, frozen."""
     from diffusers import UNet2DConditionModel
@@ -113,7 +128,7 @@ def build_unet(size: str, seed: int = 0):
 
 def build_pipe(seed: int = 0):
     """The tiny random pipeline (8x8 latents, 16x16 images) with progress bars off."""
-    from chimera_ray.toy.arch import build_tiny_pipeline
+    from tests.tiny import build_tiny_pipeline  # test material: the tiny random pipeline
 
     pipe = build_tiny_pipeline(seed=seed, words=["a", "photo", "of", "class"])
     pipe.set_progress_bar_config(disable=True)
@@ -157,6 +172,11 @@ class Timings:
     def primary(self, device: torch.device | str) -> dict[str, list[float]]:
         """The measure the goals are judged on: wall on CUDA, CPU time on CPU."""
         return self.wall if torch.device(device).type == "cuda" else self.cpu
+
+
+def primary_measure(device: torch.device | str) -> str:
+    """The name of ``Timings.primary``'s measure on ``device``, as the reports print it."""
+    return "wall" if torch.device(device).type == "cuda" else "CPU time"
 
 
 def interleaved(

@@ -14,7 +14,6 @@ from functools import partial
 import chimera_ray.toy.base as toy_base
 from chimera_ray.data.ingest import register_dataset
 from chimera_ray.models import register_builtin
-from chimera_ray.toy.arch import build_tiny_random
 from chimera_ray.toy.digits import build_digits
 from chimera_ray.toy.finegrained import build_finemarks
 from chimera_ray.toy.world import build_toyworld
@@ -22,7 +21,6 @@ from chimera_ray.toy.world import build_toyworld
 __all__: list[str] = []
 
 # The version is stored with each cached build: bump it when a recipe changes.
-register_builtin("tiny-random", build_tiny_random, "2")
 register_builtin("toy", toy_base.build_builtin_toy, toy_base.VERSION)
 register_builtin("toy-head", toy_base.build_builtin_toy_head, toy_base.HEAD_VERSION)
 register_builtin("toy-finemarks", toy_base.build_builtin_toy_finemarks, toy_base.FINEMARKS_VERSION)

@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_cluster_jobs(sub)
+    _add_local_commands(sub)
+    _add_inspection_commands(sub)
+    _add_toy_command(sub)
+    return parser
+
+
+def _add_cluster_jobs(sub) -> None:
+    """The cluster jobs: ``run`` (the main job), ``plan`` (its cost), ``evaluate``, ``reproduce``."""
     p = sub.add_parser("run", help="the main job: tail classes -> Ray Train fine-tunes -> Ray Data shards",
                        description="Validate, plan, fine-tune every tail class on Ray Train and generate WebDataset "
                                    "shards on Ray Data (what jobs/full.py runs under `ray job submit`). Shows one "
@@ -89,7 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "<output>/logs/run.log. " + _EXIT_CODES)
     _job_args(p)
     p.add_argument("--smoke-test", action="store_true", help="tiny run: 2 classes, 4 steps, 3 images each")
-
     p = sub.add_parser("plan", help="the plan and its cost: GPU-hours and storage, from a short measured calibration",
                        description="Validate and plan like `run`, then time a few training steps and one generation "
                                    "batch of the configured base model on this machine's device and extrapolate: "
@@ -102,7 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the plan, counts and storage bound: load no model, time nothing")
     p.add_argument("--smoke-test", action="store_true", help="estimate the `run --smoke-test` run")
     _config_args(p)
-
     p = sub.add_parser("evaluate", help="downstream classifier + fidelity metrics of a finished run",
                        description="Train a classifier with Ray Train on the run's real training split plus its "
                                    "synthetic shards, score it on the real test split (<output>/eval/downstream.json), "
@@ -111,11 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(p)
     p.add_argument("--smoke-test", action="store_true", help="tiny run: 20 classifier steps")
     p.add_argument("--tag", default="", help="suffix for the result files (downstream-TAG.json)")
-
     p = sub.add_parser("reproduce", help="the method comparison: real-only, base, class-wise, image-wise, ChimeraLoRA",
                        description="Every method over several seeds plus ablations on the embedded default, each run "
                                    "in <out>/seed<S>/<method>/ with its shards and eval/*.json; a rerun skips finished "
-                                   "runs. Writes <out>/results.json and results.md (docs/results.md); what "
+                                   "runs. Writes <out>/results.json and results.md (docs/results/results.md); what "
                                    "jobs/reproduce.py runs. Config default: jobs/configs/demo.yaml. " + _EXIT_CODES)
     _job_args(p)
     p.add_argument("--out", default="outputs/reproduce", help="root folder of all runs (default: outputs/reproduce)")
@@ -128,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summarize-only", action="store_true",
                    help="only aggregate the runs already finished under --out into results.json/.md (no Ray)")
 
+
+def _add_local_commands(sub) -> None:
+    """One machine, no Ray: ``train`` one class, ``generate`` from adapters, ``export-lora``."""
     p = sub.add_parser("train", help="fine-tune one class's adapters on this machine",
                        description="Fine-tune one class (a folder of its images, optional boxes) into <output>/adapters/<key>.")
     p.add_argument("--images", required=True, help="folder (or URL) holding the class's real images")
@@ -135,14 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boxes", help="JSON file mapping image file name -> [[x0, y0, x1, y1], ...] in pixels")
     p.add_argument("--label", type=int, default=0, help="integer label id recorded with the adapter (default 0)")
     _config_args(p)
-
     p = sub.add_parser("generate", help="generate images from trained adapters into a folder",
                        description="Generate generate.samples_per_class images per class into <output>/images/<key>/ "
                                    "with metadata.jsonl.")
     p.add_argument("--classes", help="comma-separated class keys (default: every adapter under <output>/adapters)")
     p.add_argument("--num", type=int, help="images per class (overrides generate.samples_per_class)")
     _config_args(p)
-
     p = sub.add_parser("export-lora", help="write one fixed mixture as a standard diffusers LoRA",
                        description="Export (A_c, B' = sum_i w_i B_i) as pytorch_lora_weights.safetensors that "
                                    "diffusers' pipe.load_lora_weights(folder) loads.")
@@ -153,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-index", type=int, help="use the Dirichlet draw of this sample index (run seed from config)")
     _config_args(p, output=False)
 
+
+def _add_inspection_commands(sub) -> None:
+    """Look before and after a run: ``validate``, ``config``, ``report``, ``probe``."""
     p = sub.add_parser("validate", help="check config, dataset and storage; print every problem in one table",
                        description="Check the config, every URL it names (data, S3 prefixes, output), the dataset's rows "
                                    "and images, and print the plan. Exit 0 when nothing is fatal, 1 when something "
@@ -162,10 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-code", type=int, default=20, help="table rows shown per problem code (default 20)")
     p.add_argument("--json", dest="json_out", help="also write every problem as JSON to this file")
     _config_args(p)
-
     p = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) as YAML")
     _config_args(p)
-
     p = sub.add_parser("report", help="write one self-contained HTML page for a run directory",
                        description="Real shots, synthetic samples with their mixture weights, a Dirichlet "
                                    "concentration sweep, weight distributions and (when present) eval results of a "
@@ -177,7 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the concentration sweep (it loads the base model and generates 6 images per class)")
     p.add_argument("--config", help="YAML config for the sweep's model settings (default: the run's, as the page says)")
     p.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP + " (of the sweep's config, e.g. model.device=cpu)")
-
     p = sub.add_parser("probe", help="do the heads carry their shots? one-hot images, identification, coverage",
                        description="Per trained class of a run: images at one-hot head weights with shared noise "
                                    "seeds; how far apart the heads' images are (against the noise), how often head i's "
@@ -191,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-alpha", type=int, default=16, help="images per alpha (default 16)")
     p.add_argument("--out", help="folder for probe.json and the grids (default RUN_DIR/probe)")
 
+
+def _add_toy_command(sub) -> None:
+    """``toy build`` / ``toy evaluate``: the embedded toy base model."""
     p = sub.add_parser("toy", help="build or evaluate the embedded toy base model",
                        description="The embedded toy base model (builtin:toy): pretrain it from scratch into a folder, "
                                    "or measure how recognisable its generations are.")
@@ -217,7 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--grid", default=None, help="also save a sample grid PNG here")
     e.add_argument("--json", default=None, help="also write the report here")
     _config_args(e, output=False)
-    return parser
 
 
 def _load(args, preset: tuple[str, ...] = ()) -> Config:
@@ -355,7 +364,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_probe(args) -> int:
-    from chimera_ray.eval.heads import (
+    from chimera_ray.eval.probes.heads import (
         probe_run,  # loads the base model: only for `probe`
     )
 
@@ -439,7 +448,7 @@ def _cmd_toy(args) -> int:
 
     import torch
 
-    from chimera_ray.eval.probe import evaluate_base, sample_grid
+    from chimera_ray.eval.probes.base_model import evaluate_base, sample_grid
     from chimera_ray.models import load_pipeline
     from chimera_ray.toy.base import DEFAULT_RECIPE, build_toy_base
 

@@ -32,7 +32,6 @@ __all__ = [
     "DataConfig",
     "ShardsConfig",
     "RayConfig",
-    "FaultConfig",
     "DownstreamConfig",
     "Config",
     "RECIPES",
@@ -451,25 +450,6 @@ class ShardsConfig:
 
 
 @dataclass(frozen=True)
-class FaultConfig:
-    # Test hooks (fault injection). Empty: off.
-    # "raise" or "kill": the generation actor fails / dies on its first attempt at a batch
-    # containing sample index 0 of any class (retried by Ray; the run must still be exact).
-    generate_once: str = ""
-    # Class key whose training worker process dies once (retried by Ray Train).
-    kill_train_once: str = ""
-    # Class key whose training always raises (isolated: the other classes finish).
-    fail_train_always: str = ""
-
-    def problems(self) -> list[str]:
-        """Every problem with ``ray.faults``, one message each."""
-        return _failed(
-            (self.generate_once in ("", "raise", "kill"),
-             f"ray.faults.generate_once must be '', raise or kill (got {self.generate_once!r})"),
-        )
-
-
-@dataclass(frozen=True)
 class RayConfig:
     # Cluster address; null starts a local Ray (or joins RAY_ADDRESS, as under `ray job submit`).
     address: str | None = None
@@ -478,7 +458,7 @@ class RayConfig:
     num_gpus: int | None = None
     # One Ray Train run fine-tunes this many classes one after another on one worker: a
     # trainer costs ~10 s of fixed setup (controller, worker group, base model load), more
-    # than a few-shot class takes to train on a small model (docs/benchmarks.md).
+    # than a few-shot class takes to train on a small model (docs/performance/benchmarks.md).
     classes_per_trainer: int = 4
     # Most trainers running at once (an optional cap); each holds one worker with the resources
     # below. 0 (default): no cap. Every waiting trainer is shown to Ray as resource demand, so
@@ -515,10 +495,9 @@ class RayConfig:
     # any work: workers on other nodes would write to their own disks and the driver would
     # never see their adapters or shards.
     shared_fs: bool = False
-    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def problems(self) -> list[str]:
-        """Every problem with this section (``ray.faults`` included), one message each."""
+        """Every problem with this section, one message each."""
         return _failed(
             (self.classes_per_trainer >= 1, f"ray.classes_per_trainer must be >= 1 (got {self.classes_per_trainer})"),
             (self.max_concurrent_trainers >= 0,
@@ -532,7 +511,7 @@ class RayConfig:
             (self.max_failures >= 0 and self.class_attempts >= 1,
              "ray.max_failures must be >= 0 and ray.class_attempts >= 1"),
             (self.unit_attempts >= 1, f"ray.unit_attempts must be >= 1 (got {self.unit_attempts})"),
-        ) + self.faults.problems()
+        )
 
 
 @dataclass(frozen=True)
@@ -542,7 +521,7 @@ class DownstreamConfig:
     # small_cnn: trained from scratch (toy scale, 32-64 px). clip: a CLIP vision tower from a
     # local folder (`weights`), frozen, with a trained linear head (a standard few-shot probe).
     # clip_lora: the ChimeraLoRA paper's classifier, a whole CLIP model (`weights`) with LoRA on
-    # both towers; logits are CLIP's, image vs one prompt per class (chimera_ray.eval.clip_lora).
+    # both towers; logits are CLIP's, image vs one prompt per class (chimera_ray.eval.downstream.clip_lora).
     backbone: Literal["small_cnn", "clip", "clip_lora"] = "small_cnn"
     # Local folder / fsspec URL of the backbone's weights (clip, clip_lora); never downloaded.
     # clip_lora needs a full CLIPModel folder with its tokenizer (save_pretrained format).

@@ -5,7 +5,7 @@ Calibration: the configured base model is loaded on the configured device (``mod
 the first planned class trains ``1 + train_steps`` steps (the first is a warm-up) and its
 adapter renders one generation batch (``generate.batch_size`` images, after a one-image
 warm-up). Everything else is arithmetic on the plan, with Ray's fixed costs as constants
-measured on this project's benchmarks (docs/benchmarks.md). Ray-free: runs in a second.
+measured on this project's benchmarks (docs/performance/benchmarks.md). Ray-free: runs in a second.
 
 Timings run with as many torch threads as a Ray worker of the run gets (``ray.train_cpus``,
 ``ray.gen_cpus``: Ray sets ``OMP_NUM_THREADS`` from them); on a GPU the device decides.
@@ -49,7 +49,7 @@ from chimera_ray.units import plan_units, resolve_unit_samples
 __all__ = ["estimate_run", "format_estimate", "TRAINER_FIXED_S", "GENERATE_FIXED_S"]
 
 # A Ray Train run's fixed cost (controller, worker group, process start), without the model
-# load (timed here): 10.4 s per run on 2 CPU cores (docs/benchmarks.md, "4 classes: one run each
+# load (timed here): 10.4 s per run on 2 CPU cores (docs/performance/benchmarks.md, "4 classes: one run each
 # vs packed into one run"); the model load is measured on top.
 TRAINER_FIXED_S = 10.0
 # Ray Data's start-up for the generation graph (actor pool, the light stage), model load aside.

@@ -1,4 +1,4 @@
-"""Base text-to-image models: load a Stable Diffusion pipeline from anywhere, build tiny ones.
+"""Base text-to-image models: load a Stable Diffusion pipeline from anywhere.
 
 A base model is a diffusers pipeline folder (``save_pretrained`` layout) of a supported
 family (``chimera_ray.families``: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
@@ -7,8 +7,8 @@ family (``chimera_ray.families``: ``StableDiffusionPipeline``, ``StableDiffusion
 * a local folder: used in place;
 * an fsspec URL (``s3://bucket/sd``, ``gs://...``): copied once into the cache;
 * ``builtin:<name>``: a model this package builds itself, cached (the registry ``_BUILTINS``,
-  filled with ``register_builtin`` by ``chimera_ray.builtins``: ``tiny-random`` for tests, the
-  embedded ``toy``, ``toy-head`` and ``toy-finemarks`` bases of ``chimera_ray.toy``);
+  filled with ``register_builtin`` by ``chimera_ray.builtins``: the embedded ``toy``,
+  ``toy-head`` and ``toy-finemarks`` bases of ``chimera_ray.toy``);
 * anything else is a Hugging Face hub id, loaded by diffusers (offline: a clear error).
 
 Weights load with ``use_safetensors=True``; no remote code is ever executed.

@@ -464,12 +464,7 @@ def train_class(
         mode=lora.mode, rank=lora.rank, lora_alpha=lora.lora_alpha, targets=list(targets), num_heads=num_heads,
         shared_a=shared_a, class_name=class_name, class_key=class_key, label=label,
         shot_ids=[sid for _, _, sid in views], base_model=getattr(pipe, "chimera_base_id", ""),
-        extra={"resolution": resolution, "prompt": prompt, "prediction_type": family.prediction_type(
-                   family.training_scheduler(pipe)), "seed": train.seed, **_family_extra(family),
-               "recipe": {"lr": train.lr, "lr_a_scale": train.lr_a_scale, "schedule": train.schedule,
-                          "warmup_fraction": train.warmup_fraction, "batch_size": train.batch_size,
-                          "init_a": lora.init_a, "crop": train.crop.method, "flip_p": train.crop.flip_p},
-               "text_encoder_targets": list(lora.text_encoder_targets) if lora.text_encoder else []},
+        extra=_meta_extra(pipe, family, lora, train, resolution=resolution, prompt=prompt),
     )
     report.update(resumed_from_step=0, crop_fallbacks=0, num_heads=num_heads, trainable_params=0)
     fit = dict(lora=lora, train=train, targets=targets, text=text, prompt=prompt, resolution=resolution, precision=precision,
@@ -477,18 +472,8 @@ def train_class(
     total = train.steps * (len(views) if lora.mode == "imagewise" else 1)
     bar = tqdm(total=total, desc=f"train {class_key}", unit="step", disable=not progress)
     if lora.mode == "imagewise":
-        # LoFT: each image's LoRA alone (K=1 head, its own A, optimiser and seed), then stacked
-        # as the K groups of one imagewise adapter.
-        parts, losses = [], []
-        for i, view in enumerate(views):
-            sub = meta.__class__(**{**meta.__dict__, "num_heads": 1, "shot_ids": [view[2]]})
-            sid = view[2] or str(i)
-            state_i, losses_i = _fit(pipe, [view], num_heads=1, shared_a=True, seed_key=f"{class_key}/shot:{sid}",
-                                     meta=sub, checkpoint_dir=f"{checkpoint_dir.rstrip('/')}/shot-{i:03d}"
-                                     if checkpoint_dir else None, bar=bar, step_offset=i * train.steps, **fit)
-            parts.append(state_i)
-            losses += losses_i
-        state = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        state, losses = _fit_imagewise(pipe, views, class_key=class_key, meta=meta, checkpoint_dir=checkpoint_dir,
+                                       bar=bar, **fit)
     else:
         state, losses = _fit(pipe, views, num_heads=num_heads, shared_a=shared_a, seed_key=class_key, meta=meta,
                              checkpoint_dir=checkpoint_dir, bar=bar, step_offset=0, **fit)
@@ -497,3 +482,31 @@ def train_class(
     tail = losses[-max(1, len(losses) // 10):] if losses else [math.nan]
     report.update(seconds=round(time.time() - t_start, 3), final_loss=float(np.mean(tail)), steps=train.steps)
     return TrainResult(state=state, meta=meta, losses=losses, report=report)
+
+
+def _meta_extra(pipe, family, lora: LoRAConfig, train: TrainConfig, *, resolution: int, prompt: str) -> dict:
+    """What an adapter records of how it was trained (``AdapterMeta.extra``)."""
+    return {"resolution": resolution, "prompt": prompt,
+            "prediction_type": family.prediction_type(family.training_scheduler(pipe)), "seed": train.seed,
+            **_family_extra(family),
+            "recipe": {"lr": train.lr, "lr_a_scale": train.lr_a_scale, "schedule": train.schedule,
+                       "warmup_fraction": train.warmup_fraction, "batch_size": train.batch_size,
+                       "init_a": lora.init_a, "crop": train.crop.method, "flip_p": train.crop.flip_p},
+            "text_encoder_targets": list(lora.text_encoder_targets) if lora.text_encoder else []}
+
+
+def _fit_imagewise(pipe, views, *, class_key: str, meta: AdapterMeta, checkpoint_dir: str | None, bar,
+                   **fit) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """LoFT: each image's LoRA alone (K=1 head, its own A, optimiser and seed), then stacked as
+    the K groups of one imagewise adapter."""
+    steps = fit["train"].steps
+    parts, losses = [], []
+    for i, view in enumerate(views):
+        sub = meta.__class__(**{**meta.__dict__, "num_heads": 1, "shot_ids": [view[2]]})
+        sid = view[2] or str(i)
+        state_i, losses_i = _fit(pipe, [view], num_heads=1, shared_a=True, seed_key=f"{class_key}/shot:{sid}",
+                                 meta=sub, checkpoint_dir=f"{checkpoint_dir.rstrip('/')}/shot-{i:03d}"
+                                 if checkpoint_dir else None, bar=bar, step_offset=i * steps, **fit)
+        parts.append(state_i)
+        losses += losses_i
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, losses

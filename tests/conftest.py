@@ -1,4 +1,6 @@
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +10,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded; fail 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 torch.set_num_threads(int(os.environ.get("CHIMERA_TEST_THREADS", "2")))
 
+# The test support modules (``tests.faults``) import as ``tests.*`` here and in Ray workers, which
+# get the driver's working directory, the repository root, on their path.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
 WORDS = ["a", "photo", "of", "red", "star", "blue", "square"]
+
+
+def pytest_sessionstart(session):
+    """The tiny random model tests/configs/tiny.yaml loads, built once (it is test material)."""
+    from tests.tiny import ensure_tiny_random
+
+    ensure_tiny_random()
 
 
 def pytest_configure(config):
@@ -32,7 +47,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory):
     """A tiny random SD pipeline saved once per session (loaded back by tests that need a copy)."""
-    from chimera_ray.toy.arch import build_tiny_pipeline
+    from tests.tiny import build_tiny_pipeline
 
     d = tmp_path_factory.mktemp("tiny_pipe")
     build_tiny_pipeline(seed=0, words=WORDS).save_pretrained(d, safe_serialization=True)

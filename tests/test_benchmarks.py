@@ -1,7 +1,7 @@
 """Smoke tests of the benchmark scripts: each main() runs in --quick mode and returns finite ratios.
 
 Performance goals are not asserted here (numbers from a --quick run on a shared CPU mean
-nothing); the measured tables live in docs/benchmarks.md.
+nothing); the measured tables live in docs/performance/benchmarks.md.
 """
 
 import json

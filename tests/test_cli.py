@@ -37,7 +37,7 @@ def test_help_everywhere(sub):
 def test_every_job_refuses_a_bad_config_with_exit_2(sub, tmp_path, capsys):
     from chimera_ray.cli import main
 
-    code = main([*sub, "jobs/configs/tiny.yaml", "lora.rank=0", f"output={tmp_path / 'run'}"])
+    code = main([*sub, "tests/configs/tiny.yaml", "lora.rank=0", f"output={tmp_path / 'run'}"])
     captured = capsys.readouterr()
     assert code == 2 and "lora.rank must be >= 1" in captured.err + captured.out
     assert "Traceback" not in captured.err and not (tmp_path / "run").exists()
@@ -45,7 +45,7 @@ def test_every_job_refuses_a_bad_config_with_exit_2(sub, tmp_path, capsys):
 
 def test_plan_without_calibration_gives_counts_and_a_storage_bound(tmp_path):
     out = tmp_path / "est.json"
-    res = run(["-m", "chimera_ray.cli", "plan", "jobs/configs/tiny.yaml", "--no-calibration", "--json", str(out),
+    res = run(["-m", "chimera_ray.cli", "plan", "tests/configs/tiny.yaml", "--no-calibration", "--json", str(out),
                "generate.samples_per_class=1500", "data.max_classes=3", "generate.unit_samples=1000"])
     est = json.loads(out.read_text())
     # 3 classes x 1500 images in units of <= 1000 samples of <= generate.window_classes classes.
@@ -64,7 +64,7 @@ def test_train_generate_export_round_trip(tmp_path):
     (tmp_path / "boxes.json").write_text(json.dumps({"img0.png": [[2, 2, 12, 14]], "img1.png": [[-3, 0, 30, 10]]}))
     out = tmp_path / "run"
     env = {"CHIMERA_RAY_CACHE": str(tmp_path / "cache")}
-    common = ["--config", "jobs/configs/tiny.yaml", "--output", str(out)]
+    common = ["--config", "tests/configs/tiny.yaml", "--output", str(out)]
     res = run(["-m", "chimera_ray.cli", "train", "--images", str(images), "--class-name", "Red star / v2",
                "--boxes", str(tmp_path / "boxes.json"), *common, "train.steps=3"], env)
     key = json.loads(res.stdout.split("\nadapter:")[0])["key"]
@@ -98,7 +98,7 @@ RAY_INTERNALS = ("PlacementGroupCleaner", "RayTrainWorker", "TrainController", "
                  "INFO", "WARNING", "Traceback", "(pid=", "streaming_executor", "Execution plan", "Running Dataset")
 # How far a phase's estimate may be from the run's measured time. The estimate and the run time
 # the same work minutes apart, and on a shared machine any timing moves up to 3x from one minute
-# to the next (docs/plan.md); the estimate's own error was 0.83-1.26x there. Noise alone thus
+# to the next (docs/guides/plan.md); the estimate's own error was 0.83-1.26x there. Noise alone thus
 # gives at most 3 x 1.26 ~ 3.8x: 5x leaves a margin. The bound is a sanity check (a 10x error
 # fails unless the machine is 2x faster in the run than in calibration); the arithmetic itself is
 # checked without timings in tests/test_estimate.py.
@@ -111,12 +111,12 @@ def test_full_job_smoke_and_resume(tmp_path):
     `ray job logs` show it: not a terminal), then the same command again resumes."""
     env = {"CHIMERA_RAY_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "job"
-    plan = run(["-m", "chimera_ray.cli", "plan", "jobs/configs/tiny.yaml", "--smoke-test", f"output={out}",
+    plan = run(["-m", "chimera_ray.cli", "plan", "tests/configs/tiny.yaml", "--smoke-test", f"output={out}",
                 "ray.num_cpus=2"], env)  # the run's cluster: the same trainers and actors at once
     assert "train:" in plan.stdout and "generate:" in plan.stdout and "storage:" in plan.stdout
     est = json.loads((out / "estimate.json").read_text())
 
-    args = ["jobs/full.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test", f"output={out}", "ray.num_cpus=2"]
+    args = ["jobs/full.py", "--config", "tests/configs/tiny.yaml", "--smoke-test", f"output={out}", "ray.num_cpus=2"]
     first = run(args, env)
     assert "budget" in first.stdout and "plan:" in first.stdout  # the plan is printed before work starts
     report = json.loads((out / "report.json").read_text())
@@ -156,11 +156,11 @@ def test_full_job_smoke_and_resume(tmp_path):
 def test_config_file_positional_or_flag_in_every_subcommand(capsys):
     from chimera_ray.cli import main
 
-    assert main(["config", "jobs/configs/tiny.yaml", "train.steps=3"]) == 0
+    assert main(["config", "tests/configs/tiny.yaml", "train.steps=3"]) == 0
     positional = capsys.readouterr().out
-    assert main(["config", "--config", "jobs/configs/tiny.yaml", "train.steps=3"]) == 0
+    assert main(["config", "--config", "tests/configs/tiny.yaml", "train.steps=3"]) == 0
     assert capsys.readouterr().out == positional and "steps: 3" in positional
-    assert main(["config", "--config", "jobs/configs/tiny.yaml", "jobs/configs/demo.yaml"]) == 2
+    assert main(["config", "--config", "tests/configs/tiny.yaml", "jobs/configs/demo.yaml"]) == 2
     assert "two config files" in capsys.readouterr().err
 
 
@@ -168,7 +168,7 @@ def test_run_refuses_a_bad_config_before_anything_starts(capsys, tmp_path):
     from chimera_ray.cli import main
 
     # Overrides after an option still count (argparse alone would reject them).
-    code = main(["run", "jobs/configs/tiny.yaml", "--smoke-test", "lora.rank=0", f"output={tmp_path / 'run'}"])
+    code = main(["run", "tests/configs/tiny.yaml", "--smoke-test", "lora.rank=0", f"output={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and "lora.rank must be >= 1" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()

@@ -9,7 +9,7 @@ import pytest
 from chimera_ray import estimate
 from chimera_ray.config import SMOKE_RUN, load_config
 
-TINY = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml")
+TINY = str(Path(__file__).resolve().parents[1] / "tests" / "configs" / "tiny.yaml")
 # Round numbers, large enough that the estimate's rounding (0.1 s) does not matter.
 CAL = {"device": "cpu", "model_load_s": 3.0, "class": "", "train_step_s": 100.0, "train_class_setup_s": 7.0,
        "adapter_bytes": 1000, "trainable_params": 250, "generate_batch": 4, "generate_batch_s": 200.0,
@@ -24,7 +24,7 @@ def _estimate(monkeypatch, tmp_path, *overrides) -> dict:
 
 
 def test_estimate_is_the_documented_sum(monkeypatch, tmp_path):
-    """docs/plan.md: training = runs x (Ray Train's fixed cost + model load) + classes x (setup +
+    """docs/guides/plan.md: training = runs x (Ray Train's fixed cost + model load) + classes x (setup +
     steps x step time), generation = images x time per image + actors x (model load + Ray Data's
     fixed cost); each over what runs at once."""
     est = _estimate(monkeypatch, tmp_path)

@@ -3,7 +3,7 @@ path at tiny sizes (fp32 on CPU) and writes the JSON and markdown with every fie
 
 The suite runs in a subprocess, exactly as on the GPU machine, so its record of imported modules
 proves it needs neither Ray nor webdataset. The goals are not asserted: tiny CPU numbers mean
-nothing (docs/benchmarks.md, "GPU suite").
+nothing (docs/performance/benchmarks.md, "GPU suite").
 """
 
 import json

@@ -76,7 +76,7 @@ def test_full_job_on_local_s3(s3_bucket, tmp_path, tiny_pipe_dir):
     assert keys_of["class 0"] == "class_0" and keys_of["red_star"] == "red_star" != keys_of["red star"]
     manifest = _upload_dataset(f"{s3_bucket}/data", names=names)
     out = f"{s3_bucket}/runs/r1"
-    cmd = [sys.executable, "jobs/full.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test",
+    cmd = [sys.executable, "jobs/full.py", "--config", "tests/configs/tiny.yaml", "--smoke-test",
            f"data.source={manifest}", f"model.base={s3_bucket}/models/tiny", f"cache_dir={tmp_path / 'cache'}",
            f"output={out}", "data.max_classes=0", "ray.num_cpus=2", "train.keep_checkpoints=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
@@ -102,7 +102,7 @@ def test_full_job_on_local_s3(s3_bucket, tmp_path, tiny_pipe_dir):
     assert report["written"] == {keys_of[n]: 3 for n in names} and not report["failed_classes"]
 
     # The downstream check reads the real splits and the shards straight from S3 (Ray Train).
-    cmd = [sys.executable, "jobs/downstream.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test",
+    cmd = [sys.executable, "jobs/downstream.py", "--config", "tests/configs/tiny.yaml", "--smoke-test",
            f"data.source={manifest}", f"model.base={s3_bucket}/models/tiny", f"cache_dir={tmp_path / 'cache'}",
            f"output={out}", "data.max_classes=0", "ray.num_cpus=2", "downstream.metrics=false"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
@@ -147,7 +147,7 @@ def test_ray_job_submit_smoke_on_a_real_local_cluster(tmp_path):
             time.sleep(1)
         submit = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT),
                   "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", ".git"]}), "--",
-                  "python", "jobs/full.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test", f"output={out}"]
+                  "python", "jobs/full.py", "--config", "tests/configs/tiny.yaml", "--smoke-test", f"output={out}"]
         # The head's job agent may still be starting ("No available agent"); on a busy 2-core
         # machine that took over 40 s, so wait on a deadline rather than a retry count.
         deadline = time.monotonic() + 300
@@ -192,8 +192,10 @@ def _stop_group(proc: subprocess.Popen) -> None:
 # ---- user errors and failed runs: a message, an exit code, a report --------------------------
 
 
-def _run_job(*overrides, timeout=600):
-    cmd = [sys.executable, "jobs/full.py", "--config", "jobs/configs/tiny.yaml", *overrides]
+def _run_job(*overrides, timeout=600, faults=None):
+    """``jobs/full.py`` on the tiny config; ``faults`` (a spec) runs it through ``tests/faults.py``."""
+    launch = [] if faults is None else ["tests/faults.py", json.dumps(faults)]
+    cmd = [sys.executable, *launch, "jobs/full.py", "--config", "tests/configs/tiny.yaml", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -230,11 +232,11 @@ def test_a_run_where_every_class_fails_explains_itself(tmp_path):
     from chimera_ray.config import load_config
     from chimera_ray.preflight import ingest_for_run
 
-    cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"), ["data.max_classes=1", f"output={out}",
+    cfg = load_config(str(ROOT / "tests/configs/tiny.yaml"), ["data.max_classes=1", f"output={out}",
                                                              f"cache_dir={tmp_path / 'cache'}"])
     (plan,) = ingest_for_run(cfg, log=None).plans
     proc = _run_job("--smoke-test", "data.max_classes=1", f"output={out}", f"cache_dir={tmp_path / 'cache'}",
-                    "ray.num_cpus=2", f"ray.faults.fail_train_always={plan.key}", "ray.class_attempts=1")
+                    "ray.num_cpus=2", "ray.class_attempts=1", faults={"fail_train_always": plan.key})
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "no class is left to generate" in proc.stderr and "Traceback" not in proc.stderr
     report = json.loads((out / "report.json").read_text())

@@ -235,7 +235,7 @@ def test_two_cli_runs_on_one_output_the_second_exits_2_in_one_line(tmp_path):
     not move the snapshot; its lease stays fresh for the ttl (120 s), far longer than this takes."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
-    cmd = [sys.executable, "jobs/full.py", "--config", "jobs/configs/tiny.yaml", "--smoke-test", f"output={out}",
+    cmd = [sys.executable, "jobs/full.py", "--config", "tests/configs/tiny.yaml", "--smoke-test", f"output={out}",
            "ray.num_cpus=2"]
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -59,10 +59,10 @@ def test_load_pipeline_loads_a_real_pipeline(tiny_pipe_dir):
 def test_plan_honours_model_family(spy, tmp_path, capsys):
     from chimera_ray.cli import main
 
-    # builtin:tiny-random is an SD 1.x pipeline: "auto" would load it as sd.
-    code = main(["plan", "jobs/configs/tiny.yaml", "model.family=sdxl", "model.device=cpu", f"output={tmp_path}"])
+    # The tiny random model is an SD 1.x pipeline: "auto" would load it as sd.
+    code = main(["plan", "tests/configs/tiny.yaml", "model.family=sdxl", "model.device=cpu", f"output={tmp_path}"])
     assert code == 2 and "stopped by the test's spy" in capsys.readouterr().err
-    assert [(c["source"], c["family"], c["device"]) for c in spy] == [("builtin:tiny-random", "sdxl",
+    assert [(c["source"], c["family"], c["device"]) for c in spy] == [("tests/.tiny-random", "sdxl",
                                                                       torch.device("cpu"))]
 
 
@@ -72,8 +72,8 @@ def test_train_subcommand_honours_model_family(spy, tmp_path, capsys):
     images = tmp_path / "shots"
     images.mkdir()
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(images / "a.png")
-    code = main(["train", "--images", str(images), "--class-name", "star", "--config", "jobs/configs/tiny.yaml",
+    code = main(["train", "--images", str(images), "--class-name", "star", "--config", "tests/configs/tiny.yaml",
                  "--output", str(tmp_path / "run"), "model.family=sd3", "model.device=cpu"])
     assert code == 2 and "stopped by the test's spy" in capsys.readouterr().err
-    assert [(c["source"], c["family"], c["device"]) for c in spy] == [("builtin:tiny-random", "sd3",
+    assert [(c["source"], c["family"], c["device"]) for c in spy] == [("tests/.tiny-random", "sd3",
                                                                       torch.device("cpu"))]

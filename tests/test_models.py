@@ -14,7 +14,7 @@ from chimera_ray.models import (
     native_resolution,
     resolve_base,
 )
-from chimera_ray.toy.arch import build_tiny_pipeline
+from tests.tiny import build_tiny_pipeline
 
 
 def test_local_folder_round_trip(tiny_pipe_dir):
@@ -40,7 +40,12 @@ def test_fsspec_url_is_copied_to_cache_once(tiny_pipe_dir, tmp_path):
         resolve_base("memory://bucket/empty", cache_dir=str(tmp_path))
 
 
-def test_builtin_is_built_once_and_a_corrupt_cache_is_rebuilt(tmp_path):
+def test_builtin_is_built_once_and_a_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
+    import chimera_ray.models as models
+
+    # A builtin registered the way chimera_ray.builtins registers the toy bases.
+    monkeypatch.setitem(models._BUILTINS, "tiny-random",
+                        (lambda f: build_tiny_pipeline(seed=0).save_pretrained(f, safe_serialization=True), "1"))
     pipe = load_base("builtin:tiny-random", cache_dir=str(tmp_path))
     expected = [t.clone() for t in pipe.unet.state_dict().values()]
     del pipe  # safetensors may memory-map the cached file

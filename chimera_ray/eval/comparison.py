@@ -14,8 +14,8 @@ import math
 import numpy as np
 from scipy import stats
 
-from chimera_ray.eval.downstream import load_real, load_synthetic
-from chimera_ray.eval.finemarks_oracle import synthetic_set_metrics
+from chimera_ray.eval.downstream.data import load_real, load_synthetic
+from chimera_ray.eval.probes.finemarks_oracle import synthetic_set_metrics
 from chimera_ray.shards import iter_samples, shard_urls
 from chimera_ray.toy import finegrained as fm
 
@@ -66,7 +66,7 @@ def oracle_metrics(shards_dir: str, dataset, tail: list[str], oracle, split: str
                    k: int = 3) -> dict | None:
     """The FineMarks oracle's view of one run's synthetic tail images, per tail class and mean.
 
-    Per class, `chimera_ray.eval.finemarks_oracle.synthetic_set_metrics` of the run's synthetic
+    Per class, `chimera_ray.eval.probes.finemarks_oracle.synthetic_set_metrics` of the run's synthetic
     images of the class against the class's real `split` images (read from the dataset, as the
     downstream classifier reads them): class fidelity, confusion with the head sibling, and
     precision/recall/density/coverage in nuisance and in feature space.

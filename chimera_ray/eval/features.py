@@ -8,7 +8,7 @@ mapping images ``(n, 3, H, W)`` in ``[-1, 1]`` to features ``(n, dim)``:
   ToyWorld; it exists so that the demo and the tests can measure fidelity and diversity
   with nothing downloaded. Its numbers are not comparable to published FID/KID.
 * ``builtin:finemarks-features``: the FineMarks class oracle's pooled features
-  (`chimera_ray.eval.finemarks_oracle`, 96-d, trained and cached on first use); only
+  (`chimera_ray.eval.probes.finemarks_oracle`, 96-d, trained and cached on first use); only
   meaningful on FineMarks images.
 * ``torchvision:<arch>=<weights>``: a torchvision classifier (``inception_v3``, 2048-d,
   the usual FID network; or a ResNet) built with ``weights=None`` and loaded from a state
@@ -45,7 +45,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 
 from chimera_ray.cache import build_folder, cache_root
-from chimera_ray.eval import finemarks_oracle, probe
+from chimera_ray.eval.probes import base_model, finemarks_oracle
 from chimera_ray.toy import world as toyworld
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ __all__ = [
     "ToyFeatureRecipe",
     "build_toy_features",
     "load_feature_extractor",
+    "read_state_dict",
 ]
 
 # Bump when the toy network's recipe or architecture changes: the cached copy carries it,
@@ -247,14 +248,14 @@ _META = "meta.json"
 
 
 def _toy_network() -> torch.nn.Module:
-    """The probe classifier's architecture (`chimera_ray.eval.probe.probe_network`), untrained."""
-    return probe.probe_network(len(toyworld.CLASSES))
+    """The probe classifier's architecture (`chimera_ray.eval.probes.base_model.probe_network`), untrained."""
+    return base_model.probe_network(len(toyworld.CLASSES))
 
 
 def build_toy_features(folder: str | Path, recipe: ToyFeatureRecipe = ToyFeatureRecipe(), progress: bool = True) -> dict:
     """Train the toy feature network and write ``weights.safetensors`` + ``meta.json`` into ``folder``.
 
-    A toy: the ToyWorld probe classifier (`chimera_ray.eval.probe.train_probe_classifier`, a
+    A toy: the ToyWorld probe classifier (`chimera_ray.eval.probes.base_model.train_probe_classifier`, a
     three-stage CNN) trained on ``recipe.n_train`` fresh real renders. Deterministic from
     ``recipe.seed`` on a given machine and torch version.
 
@@ -272,8 +273,8 @@ def build_toy_features(folder: str | Path, recipe: ToyFeatureRecipe = ToyFeature
         log.info("training the toy feature network (%d ToyWorld renders, %d epochs, seed %d)", recipe.n_train,
                  recipe.epochs, recipe.seed)
     t0 = time.perf_counter()
-    model, info = probe.train_probe_classifier(recipe.resolution, seed=recipe.seed, n_train=recipe.n_train,
-                                         epochs=recipe.epochs, render_size=recipe.render_size)
+    model, info = base_model.train_probe_classifier(recipe.resolution, seed=recipe.seed, n_train=recipe.n_train,
+                                                    epochs=recipe.epochs, render_size=recipe.render_size)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / _WEIGHTS), metadata={"version": TOY_FEATURES_VERSION})
     meta = {
@@ -359,7 +360,7 @@ def _finemarks_extractor(spec: str, device, batch_size: int, cache_dir: str | No
 # ---- torchvision:<arch>=<weights> ----------------------------------------------------------
 
 
-def _read_state_dict(source: str) -> dict[str, torch.Tensor]:
+def read_state_dict(source: str) -> dict[str, torch.Tensor]:
     """A state dict from a local path or fsspec URL, ``.safetensors`` or ``.pth``/``.pt`` (no pickled code)."""
     suffix = Path(source.split("?", 1)[0]).suffix.lower()
     if suffix not in (".safetensors", ".pth", ".pt", ".bin"):
@@ -399,7 +400,7 @@ def _torchvision_extractor(spec: str, rest: str, device, batch_size: int) -> Fea
             "https://download.pytorch.org/whl/cpu` (your CUDA index on a GPU machine)"
         ) from e
 
-    state = _read_state_dict(weights)
+    state = read_state_dict(weights)
     # A fine-tuned head has another class count; the head is dropped below, but must load first.
     num_classes = state["fc.weight"].shape[0] if "fc.weight" in state else 1000
     if arch == "inception_v3":

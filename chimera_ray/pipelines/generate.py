@@ -36,6 +36,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -48,7 +49,6 @@ from ray.data.datasource import Datasource, ReadTask
 from chimera_ray.config import Config, config_from_dict, config_to_dict
 from chimera_ray.generate import Generator, Rendered
 from chimera_ray.pipelines.common import Attempts, absolute_config, absolute_url, worker_logging
-from chimera_ray.pipelines.faults import check_generate_batch
 from chimera_ray.pipelines.progress import Reporter, progress_feed
 from chimera_ray.plan import ClassPlan
 from chimera_ray.sampling import row_weights
@@ -182,15 +182,30 @@ class ClassGate:
     """Which classes are resolved (committed, or failed training), told by the training thread
     while generation runs (driver side, thread-safe). The first word on a class wins.
 
-    It also says whether a generation round is streaming now (``generating``): training leaves
-    room for the generation pool's smallest size meanwhile, so that on a cluster at its largest
-    a window's units commit while other classes still train instead of after all of them.
+    It also says whether generation needs the cluster's room now (``wants_room``): while a round
+    streams (``generating``), or as soon as a window that generation waits for (``expect``) has
+    all its classes resolved, before the round that takes it starts. Training leaves room for
+    the generation pool's smallest size meanwhile, so that on a cluster at its largest a window's
+    units commit while other classes still train instead of after all of them. Decided here, on
+    the thread that resolves classes, so no trainer started after a window's last class can take
+    the pool's room first.
     """
 
     def __init__(self):
         self.state: dict[str, bool] = {}
         self.generating = False
+        self._expected: list[frozenset[str]] = []
         self._changed = threading.Condition()
+
+    def expect(self, windows) -> None:
+        """The windows (class keys each) whose rounds have not started yet."""
+        with self._changed:
+            self._expected = [frozenset(w) for w in windows]
+
+    @property
+    def wants_room(self) -> bool:
+        with self._changed:
+            return self.generating or any(all(k in self.state for k in w) for w in self._expected)
 
     def resolve(self, key: str, ok: bool) -> None:
         with self._changed:
@@ -257,7 +272,6 @@ class _GenerateActor:
                 start = time.time()
                 for s in range(0, len(rows["class_key"]), bs):
                     micro = {c: rows[c][s:s + bs] for c in _ROW_COLUMNS}
-                    check_generate_batch(self.cfg, micro)  # ray.faults (tests): a no-op unless configured
                     bg.submit(self.gen.render(micro))  # encoding + writing overlap the next render
                     self.progress.send({"kind": "images", "unit": unit, "n": len(micro["class_key"]),
                                         "of": len(rows["class_key"])})
@@ -344,17 +358,53 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
     cfg = absolute_config(cfg)
     out = cfg.output_path()
     shards_dir = f"{out}/shards"
-    sh, g = cfg.shards, cfg.generate
+    g = cfg.generate
     adapter_root = absolute_url(g.adapters or f"{out}/adapters") if cfg.lora.mode != "base" else None
     unit_samples = resolve_unit_samples(g, cfg.model)
-    window = g.window_classes
-    seed = g.seed if sh.shuffle else None
-    gen_dict, cfg_dict = config_to_dict(g), config_to_dict(cfg)
+    seed = g.seed if cfg.shards.shuffle else None
+    planned = _plan(cfg, plans, unit_samples, seed)
+    extra = {"plan_signature": planned.signature, "generate": config_to_dict(g), "mode": cfg.lora.mode,
+             "base_model": cfg.model.base}
+    committed, kept_stats = _resume(cfg, shards_dir, planned, extra)
+    todo = [u for u in planned.units if u.index not in committed]
+    log.info("[generate] %d units planned, %d already committed, %d to generate", len(planned.units),
+             len(committed), len(todo))
+    emit = on_event or (lambda e: None)
+    emit({"kind": "generate_start", "images": sum(u.count for u in planned.units), "units": len(planned.units),
+          **kept_stats})
+    rounds = _Rounds(cfg, plans, planned, committed, adapter_root=adapter_root, seed=seed, unit_samples=unit_samples,
+                     gate=gate, exclude=exclude, emit=emit)
+    t_plan = time.time()
+    if todo:
+        rounds.index(False, {})
+        # Attempt counts are per run: a rerun gives every uncommitted unit its attempts again.
+        afs, apath = fsspec.core.url_to_fs(_attempts_dir(out))
+        if afs.exists(apath):
+            afs.rm(apath, recursive=True)
+        with progress_feed(on_event) as sink:
+            rounds.run(todo, sink)
+        rounds.finish(todo)
+    index = rounds.index(not rounds.held and not rounds.unit_errors, rounds.timing(t_start, t_plan))
+    emit({"kind": "generate_end"})
+    return index
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A run's units: planned from every class (or from ``generate.weights_table``'s rows)."""
+
+    units: list[Unit]
+    windows: list[list[tuple[str, int]]]  # each window's (class key, budget)
+    tables: dict[int, str]  # a unit's rows of generate.weights_table (JSON), when one is given
+    signature: str  # of the whole plan (in the index)
+
+
+def _plan(cfg: Config, plans: list[ClassPlan], unit_samples: int, seed: int | None) -> _Planned:
+    g, window = cfg.generate, cfg.generate.window_classes
     # Exactly the settings that decide a unit's bytes (units.UNIT_FIELDS): batch size, actor
     # counts, resources and the adapter cache change nothing committed.
-    salt = unit_salt(cfg_dict, unit_samples,
+    salt = unit_salt(config_to_dict(cfg), unit_samples,
                      {"weights_table": _table_digest(g.weights_table) if g.weights_table else None})
-    classes = [(p.key, p.budget) for p in plans]
     tables: dict[int, str] = {}
     if g.weights_table:
         # The user's rows and mixtures replace the plan's budgets and Dirichlet draws.
@@ -364,156 +414,179 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
             raise ValueError(f"generate.weights_table names classes that are not in the plan: {unknown[:5]}")
         units, order = plan_units_from_rows([r["class_key"] for r in rows], [int(r["sample_index"]) for r in rows],
                                             unit_samples=unit_samples, window_classes=window, seed=seed, salt=salt)
-        rows = [rows[i] for i in order]
-        table_rows = [[str(r["class_key"]), int(r["sample_index"]), [float(x) for x in r["weights"]]] for r in rows]
+        table_rows = [[str(r["class_key"]), int(r["sample_index"]), [float(x) for x in r["weights"]]]
+                      for r in (rows[i] for i in order)]
         offsets = np.concatenate([[0], np.cumsum([u.count for u in units])])
         tables = {u.index: json.dumps(table_rows[offsets[k]:offsets[k] + u.count]) for k, u in enumerate(units)}
-        table_budgets: dict[str, int] = {}
+        budgets: dict[str, int] = {}
         for r in table_rows:
-            table_budgets[r[0]] = table_budgets.get(r[0], 0) + 1
-        window_list = sorted(table_budgets.items())
+            budgets[r[0]] = budgets.get(r[0], 0) + 1
+        window_list = sorted(budgets.items())
     else:
+        classes = [(p.key, p.budget) for p in plans]
         units = plan_units(classes, unit_samples=unit_samples, window_classes=window, seed=seed, salt=salt)
         window_list = sorted((k, b) for k, b in classes if b > 0)
     windows = [window_list[i:i + window] for i in range(0, len(window_list), window)]
-    plan_sig = hashlib.sha256(json.dumps([u.signature for u in units]).encode()).hexdigest()[:16]
-    extra = {"plan_signature": plan_sig, "generate": gen_dict, "mode": cfg.lora.mode, "base_model": cfg.model.base}
+    signature = hashlib.sha256(json.dumps([u.signature for u in units]).encode()).hexdigest()[:16]
+    return _Planned(units, windows, tables, signature)
 
-    # Resume: keep units whose manifest matches the plan, delete everything else.
+
+def _resume(cfg: Config, shards_dir: str, planned: _Planned, extra: dict) -> tuple[IndexWriter, dict]:
+    """Keeps the units whose manifest matches the plan and deletes everything else; returns the
+    index writer that holds them (the driver's one compact record of committed units) and their
+    totals."""
+    sh = cfg.shards
     done = committed_units(shards_dir)
-    planned = {u.index: u for u in units}
-    kept = [e for i, m in done.items() if i in planned and m.get("signature") == planned[i].signature
+    by_index = {u.index: u for u in planned.units}
+    kept = [e for i, m in done.items() if i in by_index and m.get("signature") == by_index[i].signature
             for e in m["shards"]]
     del done
     removed = remove_stale(shards_dir, [e["name"] for e in kept], keep_units={e["unit"] for e in kept})
     if removed:
         log.info("[generate] removed %d stale files from %s", len(removed), shards_dir)
-    held: list[int] = []
-
     # index.json: rewritten as units commit, at intervals that grow with its size (O(units)
     # bytes over a run, shards.IndexWriter), and once more at the end.
-    # It is also the driver's record of committed units ("in committed"): one compact copy.
     committed = IndexWriter(shards_dir, entries=kept, extra=extra, max_bytes=sh.max_bytes,
                             max_samples=sh.max_samples or None)
-    kept_stats = {"units_committed": len(committed), "images_committed": sum(e["samples"] for e in kept),
-                  "shards_committed": len(kept), "bytes_committed": sum(e["bytes"] for e in kept)}
-    del kept
-    todo = [u for u in units if u.index not in committed]
-    skipped = len(committed)
-    log.info("[generate] %d units planned, %d already committed, %d to generate", len(units), skipped, len(todo))
+    stats = {"units_committed": len(committed), "images_committed": sum(e["samples"] for e in kept),
+             "shards_committed": len(kept), "bytes_committed": sum(e["bytes"] for e in kept)}
+    return committed, stats
 
-    def generation() -> dict:
-        return {"generation": {"units_planned": len(units), "units_skipped": skipped,
-                               "units_generated": len(committed) - skipped, "units_held": len(held),
-                               "units_failed": len(unit_errors),
-                               "failed_units": {str(k): v for k, v in sorted(unit_errors.items())[:20]},
-                               "unit_samples": unit_samples}}
 
-    def index_now(complete: bool, seconds: dict) -> dict:
-        return committed.flush(complete=complete, extra={**generation(), "timing": seconds})
+class _Rounds:
+    """The units left to generate, streamed in rounds (the module docstring), and what came of
+    each: committed (into the ``IndexWriter``), failed (out of attempts) or held back (a class of
+    the unit failed training)."""
 
-    emit = on_event or (lambda e: None)
-    emit({"kind": "generate_start", "images": sum(u.count for u in units), "units": len(units), **kept_stats})
-    t_plan = t_gen = time.time()
-    unit_seconds, t_first = 0.0, None
-    unit_errors: dict[int, str] = {}
-    # Per actor, render start/end of every unit attempt that returned, as flat doubles (16 bytes a unit).
-    renders: dict[str, array] = {}
-    if todo:
-        index_now(False, {})
-        # Attempt counts are per run: a rerun gives every uncommitted unit its attempts again.
-        afs, apath = fsspec.core.url_to_fs(_attempts_dir(out))
-        if afs.exists(apath):
-            afs.rm(apath, recursive=True)
-        stalled, started = 0, False
-        held_now: set[int] = set()
-        with progress_feed(on_event) as sink:
-            while True:
-                # A round streams the units of every window whose classes are all resolved now and
-                # ends when they are done, so the generation actors never hold the cluster while
-                # they wait for training (on a full cluster that would starve the trainers they
-                # wait for); windows that become ready meanwhile go in the next round. A round
-                # whose stream fails (a lost node can surface as ActorUnavailableError) is
-                # followed by one with what is left, as long as rounds make progress.
-                left = [u for u in todo if u.index not in committed and u.index not in unit_errors
-                        and u.index not in held_now]
-                if not left:
-                    break
-                ready = {w for w in dict.fromkeys(u.window for u in left)
-                         if gate is None or gate.resolved(k for k, _ in windows[w])}
-                if not ready:
-                    gate.wait(timeout=POLL_S)
-                    continue
-                if not started:
-                    t_gen, started = time.time(), True  # generation proper starts with the first ready window
-                failed_now = set(exclude) | (gate.failed() if gate is not None else set())
-                round_units = [u for u in left if u.window in ready]
-                by_window: dict[int, list[Unit]] = {}
-                for u in round_units:
-                    by_window.setdefault(u.window, []).append(u)
+    def __init__(self, cfg: Config, plans: list[ClassPlan], planned: _Planned, committed: IndexWriter, *,
+                 adapter_root: str | None, seed: int | None, unit_samples: int, gate: ClassGate | None,
+                 exclude: frozenset[str] | set[str], emit: Callable[[dict], None]):
+        self.cfg, self.plans, self.planned, self.committed = cfg, plans, planned, committed
+        self.adapter_root, self.seed, self.unit_samples = adapter_root, seed, unit_samples
+        self.gate, self.exclude, self.emit = gate, exclude, emit
+        self.shards_dir = f"{cfg.output_path()}/shards"
+        self.skipped = len(committed)
+        self.unit_errors: dict[int, str] = {}
+        self.held: list[int] = []
+        self.unit_seconds, self.t_first, self.t_gen = 0.0, None, None
+        # Per actor, render start/end of every unit attempt that returned, as flat doubles (16 bytes a unit).
+        self.renders: dict[str, array] = {}
+
+    def generation(self) -> dict:
+        return {"generation": {"units_planned": len(self.planned.units), "units_skipped": self.skipped,
+                               "units_generated": len(self.committed) - self.skipped, "units_held": len(self.held),
+                               "units_failed": len(self.unit_errors),
+                               "failed_units": {str(k): v for k, v in sorted(self.unit_errors.items())[:20]},
+                               "unit_samples": self.unit_samples}}
+
+    def index(self, complete: bool, seconds: dict) -> dict:
+        return self.committed.flush(complete=complete, extra={**self.generation(), "timing": seconds})
+
+    def _failed(self) -> set[str]:
+        return set(self.exclude) | (self.gate.failed() if self.gate is not None else set())
+
+    def run(self, todo: list[Unit], sink) -> None:
+        """Rounds until every unit is committed, failed or held back. A round streams the units of
+        every window whose classes are all resolved now and ends when they are done, so the
+        generation actors never hold the cluster while they wait for training (on a full cluster
+        that would starve the trainers they wait for); windows that become ready meanwhile go in
+        the next round. A round whose stream fails (a lost node can surface as
+        ActorUnavailableError) is followed by one with what is left, as long as rounds make
+        progress."""
+        stalled, held_now, windows, gate = 0, set(), self.planned.windows, self.gate
+        while True:
+            left = [u for u in todo if u.index not in self.committed and u.index not in self.unit_errors
+                    and u.index not in held_now]
+            if not left:
                 if gate is not None:
-                    gate.generating = True  # until the round ends: training leaves the pool its room
-                source = _UnitSource([(windows[w], us, [tables.get(u.index) for u in us])
-                                      for w, us in by_window.items()],
-                                     _read_fn(cfg, plans, adapter_root, failed_now, seed, unit_samples))
-                ds = _unit_dataset(cfg, source, unit_samples, adapter_root, shards_dir, sink)
-                done_before = len(committed) + len(unit_errors)
-                try:
-                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-                        for u, es, s, err, r in zip(batch["unit"], batch["entries"], batch["seconds"], batch["error"],
-                                                    batch["render"]):
-                            name, start, end = json.loads(str(r))
-                            renders.setdefault(name, array("d")).extend((start, end))
-                            if err:
-                                unit_errors[int(u)] = str(err)
-                                log.warning("[generate] unit %d failed: %s", int(u), err)
-                                continue
-                            unit_entries = json.loads(str(es))
-                            committed.add(unit_entries, extra=generation())
-                            unit_seconds += float(s)
-                            t_first = t_first or time.time()
-                            emit({"kind": "unit_done", "unit": int(u),
-                                  "samples": sum(e["samples"] for e in unit_entries),
-                                  "shards": len(unit_entries), "bytes": sum(e["bytes"] for e in unit_entries)})
-                except Exception as e:  # noqa: BLE001 - a new round resumes; no progress: re-raised
-                    progress = len(committed) + len(unit_errors) - done_before
-                    stalled = 0 if progress else stalled + 1
-                    if stalled >= STALLED_ROUNDS:
-                        raise
-                    log.warning("[generate] the generation stream failed after %d more units (%s: %s); streaming "
-                                "the units left in a new round", progress, type(e).__name__, str(e)[:300])
-                    continue
-                finally:
-                    if gate is not None:
-                        gate.generating = False
-                # The stream ended: the round's units that did not come back hold a failed class.
-                held_now |= {u.index for u in round_units if u.index not in committed and u.index not in unit_errors}
-        failed = set(exclude) | (gate.failed() if gate is not None else set())
-        missing = [u for u in todo if u.index not in committed and u.index not in unit_errors]
-        held = [u.index for u in missing if _holds(u, windows[u.window], seed, tables.get(u.index), failed)]
-        lost = sorted(set(u.index for u in missing) - set(held))
+                    gate.expect([])
+                return
+            waiting = list(dict.fromkeys(u.window for u in left))
+            ready = {w for w in waiting if gate is None or gate.resolved(k for k, _ in windows[w])}
+            if gate is not None:
+                # Generation wants the pool's room from the moment a window is ready (wants_room);
+                # generating is set before the ready windows leave the expected ones: no gap.
+                gate.generating = bool(ready)
+                gate.expect([k for k, _ in windows[w]] for w in waiting if w not in ready)
+            if not ready:
+                gate.wait(timeout=POLL_S)
+                continue
+            self.t_gen = self.t_gen or time.time()  # generation proper starts with the first ready window
+            round_units = [u for u in left if u.window in ready]
+            done_before = len(self.committed) + len(self.unit_errors)
+            try:
+                self._round(round_units, sink)
+            except Exception as e:  # noqa: BLE001 - a new round resumes; no progress: re-raised
+                progress = len(self.committed) + len(self.unit_errors) - done_before
+                stalled = 0 if progress else stalled + 1
+                if stalled >= STALLED_ROUNDS:
+                    raise
+                log.warning("[generate] the generation stream failed after %d more units (%s: %s); streaming "
+                            "the units left in a new round", progress, type(e).__name__, str(e)[:300])
+                continue
+            finally:
+                if gate is not None:
+                    gate.generating = False
+            # The stream ended: the round's units that did not come back hold a failed class.
+            held_now |= {u.index for u in round_units
+                         if u.index not in self.committed and u.index not in self.unit_errors}
+
+    def _round(self, round_units: list[Unit], sink) -> None:
+        by_window: dict[int, list[Unit]] = {}
+        for u in round_units:
+            by_window.setdefault(u.window, []).append(u)
+        read = _read_fn(self.cfg, self.plans, self.adapter_root, self._failed(), self.seed, self.unit_samples)
+        source = _UnitSource([(self.planned.windows[w], us, [self.planned.tables.get(u.index) for u in us])
+                              for w, us in by_window.items()], read)
+        ds = _unit_dataset(self.cfg, source, self.unit_samples, self.adapter_root, self.shards_dir, sink)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            for row in zip(batch["unit"], batch["entries"], batch["seconds"], batch["error"], batch["render"]):
+                self._result(*row)
+
+    def _result(self, unit, entries, seconds, error, render) -> None:
+        name, start, end = json.loads(str(render))
+        self.renders.setdefault(name, array("d")).extend((start, end))
+        if error:
+            self.unit_errors[int(unit)] = str(error)
+            log.warning("[generate] unit %d failed: %s", int(unit), error)
+            return
+        unit_entries = json.loads(str(entries))
+        self.committed.add(unit_entries, extra=self.generation())
+        self.unit_seconds += float(seconds)
+        self.t_first = self.t_first or time.time()
+        self.emit({"kind": "unit_done", "unit": int(unit), "samples": sum(e["samples"] for e in unit_entries),
+                   "shards": len(unit_entries), "bytes": sum(e["bytes"] for e in unit_entries)})
+
+    def finish(self, todo: list[Unit]) -> None:
+        """Units that did not come back are held back (they hold a failed class) or lost (an
+        error); then the parts no manifest names are removed."""
+        failed, windows, tables = self._failed(), self.planned.windows, self.planned.tables
+        missing = [u for u in todo if u.index not in self.committed and u.index not in self.unit_errors]
+        self.held = [u.index for u in missing if _holds(u, windows[u.window], self.seed, tables.get(u.index), failed)]
+        lost = sorted(set(u.index for u in missing) - set(self.held))
         if lost:
             raise RuntimeError(f"generation returned no result for units {lost[:10]}; rerun to resume")
-        if held:
+        if self.held:
             log.warning("[generate] %d units held back: they hold classes that failed training (%s); a rerun that "
-                        "trains them generates exactly these units", len(held), ", ".join(sorted(failed)[:5]))
+                        "trains them generates exactly these units", len(self.held), ", ".join(sorted(failed)[:5]))
         # Parts of attempts that died mid-unit or lost their unit's commit: no manifest names them.
-        remove_stale(shards_dir, committed.names(), keep_units=committed)
-    # plan + resume checks on the driver; the streamed generation (from the first ready window); the
-    # actors' time inside units.
-    timing = {"generate_plan_s": round(t_plan - t_start, 2), "generate_s": round(time.time() - t_gen, 2),
-              "generate_units_sum_s": round(unit_seconds, 2)}
-    gaps = _idle_gaps(renders)
-    if gaps.size:
-        # Between two units of one actor that rendered back to back (the next was waiting): the
-        # accelerator's idle time at a unit boundary (a commit on the render path shows here).
-        timing["unit_boundary_idle_s"] = {"median": round(float(np.median(gaps)), 3),
-                                          "max": round(float(gaps.max()), 3), "boundaries": int(gaps.size)}
-    if t_first is not None:
-        timing["first_unit_at"] = round(t_first, 3)  # wall clock (s since the epoch): overlap figures
-    index = index_now(not held and not unit_errors, timing)
-    emit({"kind": "generate_end"})
-    return index
+        remove_stale(self.shards_dir, self.committed.names(), keep_units=self.committed)
+
+    def timing(self, t_start: float, t_plan: float) -> dict:
+        """Plan + resume checks on the driver; the streamed generation (from the first ready
+        window); the actors' time inside units; idle time at unit boundaries; the first commit."""
+        timing = {"generate_plan_s": round(t_plan - t_start, 2),
+                  "generate_s": round(time.time() - (self.t_gen or t_plan), 2),
+                  "generate_units_sum_s": round(self.unit_seconds, 2)}
+        gaps = _idle_gaps(self.renders)
+        if gaps.size:
+            # Between two units of one actor that rendered back to back (the next was waiting): the
+            # accelerator's idle time at a unit boundary (a commit on the render path shows here).
+            timing["unit_boundary_idle_s"] = {"median": round(float(np.median(gaps)), 3),
+                                              "max": round(float(gaps.max()), 3), "boundaries": int(gaps.size)}
+        if self.t_first is not None:
+            timing["first_unit_at"] = round(self.t_first, 3)  # wall clock (s since the epoch): overlap figures
+        return timing
 
 
 def _idle_gaps(renders: dict[str, array]) -> np.ndarray:

@@ -128,10 +128,11 @@ def _train(cfg: Config, plans, rows, show, gate: ClassGate) -> dict:
 
 
 def _pool_room(cfg: Config, gate: ClassGate) -> dict[str, float]:
-    """While a generation round streams, the resources of the generation pool's smallest size
+    """While generation wants the room (a round streams, or a window it waits for is ready:
+    ``ClassGate.wants_room``), the resources of the generation pool's smallest size
     (``ray.gen_actors_min`` actors): training leaves them free, so the pool gets them as soon as a
     trainer ends even when the cluster cannot grow."""
-    if not gate.generating:
+    if not gate.wants_room:
         return {}
     n = cfg.ray.gen_actors_min
     return {k: n * v for k, v in (("CPU", cfg.ray.gen_cpus), ("GPU", cfg.ray.gen_gpus)) if v > 0}

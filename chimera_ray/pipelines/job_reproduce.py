@@ -47,7 +47,7 @@ from chimera_ray.eval.comparison import (
     summarize,
 )
 from chimera_ray.eval.features import load_feature_extractor
-from chimera_ray.eval.finemarks_oracle import load_finemarks_oracle
+from chimera_ray.eval.probes.finemarks_oracle import load_finemarks_oracle
 from chimera_ray.preflight import ingest_for_run
 from chimera_ray.io import atomic_write, write_json
 from chimera_ray.lease import OutputLease

@@ -47,7 +47,6 @@ from chimera_ray.pipelines.common import (
     arrow_fs,
     worker_logging,
 )
-from chimera_ray.pipelines.faults import wrap_train_one
 from chimera_ray.pipelines.progress import Reporter, progress_feed
 from chimera_ray.plan import ClassPlan
 
@@ -61,8 +60,7 @@ def _train_group_loop(config: dict) -> None:
     worker_logging()
     cfg = config_from_dict(config["cfg"])
     out = cfg.output_path()
-    pipe = load_pipeline(cfg.model, cache_dir=cfg.cache_dir)
-    train = wrap_train_one(train_one, cfg)
+    pipe = None  # loaded for the first class that trains: a failed load counts as its attempt
     progress = Reporter(config.get("progress"))
     attempts = Attempts(_class_attempts_dir(out))
     for item in config["classes"]:
@@ -78,13 +76,21 @@ def _train_group_loop(config: dict) -> None:
             continue  # failed in an earlier incarnation of this worker group (this run)
         # Worker groups restart without a run-wide cap (a lost node is routine); a class whose
         # worker keeps dying under it is given up after class_attempts + max_failures starts.
-        _, starts = attempts.start(plan.key)
+        marker, starts = attempts.start(plan.key)
         if starts > cfg.ray.class_attempts + cfg.ray.max_failures:
             write_json(failure, {"class": plan.name, "key": plan.key, "attempts": starts - 1,
-                                 "error": f"its training worker died {starts - 1} times (process or node lost); "
-                                          "see the Ray Train logs", "traceback": ""})
+                                 "error": f"its training worker died {starts - 1} times; the last time: "
+                                          f"{attempts.last_error(plan.key)}", "traceback": ""})
             progress.send({"kind": "class_failed", "class": plan.key, "error": "training worker died repeatedly"})
             continue
+        if pipe is None:
+            try:
+                pipe = load_pipeline(cfg.model, cache_dir=cfg.cache_dir)
+            except Exception as e:
+                # The worker restarts (a node's disk or network may be at fault); a load that
+                # keeps failing ends this class's starts, then the next class's, never a loop.
+                attempts.fail(marker, f"the base model did not load on the training worker: {type(e).__name__}: {e}")
+                raise
         last_error = ""
 
         def on_step(step: int, loss: float, _key: str = plan.key) -> None:
@@ -93,7 +99,7 @@ def _train_group_loop(config: dict) -> None:
         for attempt in range(cfg.ray.class_attempts):
             try:
                 started = time.time()
-                report = train(pipe, plan, rows, cfg, progress=False, on_step=on_step)
+                report = train_one(pipe, plan, rows, cfg, progress=False, on_step=on_step)
                 report.update(started_at=started, ended_at=time.time())  # wall clock: overlap figures
                 write_json(f"{out}/reports/train-{plan.key}.json", report)
                 log.info("[train] %s: loss %.4f, %.1fs, resumed from step %d", plan.key, report["final_loss"],
@@ -209,119 +215,146 @@ def train_classes(cfg: Config, plans: list[ClassPlan], rows_by_class: dict[str, 
             of the room (``LOOKAHEAD_TRAINERS``) while they are asked for.
     """
     cfg = absolute_config(cfg)
-    out = cfg.output_path()
-    status: dict[str, dict] = {}
-    resolved: set[str] = set()
-    lock = threading.Lock()
-    emit = on_event or (lambda e: None)
+    training = _Training(cfg, rows_by_class, on_event, on_class)
+    todo = training.skip_committed(plans)
+    training.forget_earlier_failures(todo)
+    per = cfg.ray.classes_per_trainer
+    groups = [todo[i : i + per] for i in range(0, len(todo), per)]
+    cap = cfg.ray.max_concurrent_trainers or len(groups)
+    log.info("[train] %d groups of up to %d classes; trainers start as the cluster has room%s", len(groups), per,
+             f" (at most {cap} at once)" if cfg.ray.max_concurrent_trainers else "")
+    training.emit({"kind": "train_start", "total": len(plans), "committed": len(plans) - len(todo),
+                   "steps": cfg.train.steps})
+    training.schedule(groups, cap, leave)
+    training.emit({"kind": "train_end"})
+    return training.status
 
-    def resolve(key: str, ok: bool) -> None:
-        with lock:
-            if key in resolved:
+
+class _Training:
+    """One ``train_classes`` call: its trainers, and what the driver knows of each class."""
+
+    def __init__(self, cfg: Config, rows_by_class: dict[str, list], on_event: Callable[[dict], None] | None,
+                 on_class: Callable[[str, bool], None] | None):
+        self.cfg, self.rows_by_class, self.on_class = cfg, rows_by_class, on_class
+        self.out = cfg.output_path()
+        self.emit = on_event or (lambda e: None)
+        self.status: dict[str, dict] = {}
+        self._resolved: set[str] = set()
+        self._lock = threading.Lock()
+        self.fs, self.failures = fsspec.core.url_to_fs(f"{self.out}/failures")
+        self.cfg_dict = config_to_dict(cfg)
+        self.storage_fs, self.storage_path = arrow_fs(absolute_url(cfg.ray.storage or f"{self.out}/ray"))
+
+    def resolve(self, key: str, ok: bool) -> None:
+        with self._lock:
+            if key in self._resolved:
                 return
-            resolved.add(key)
-        if on_class is not None:
-            on_class(key, ok)
+            self._resolved.add(key)
+        if self.on_class is not None:
+            self.on_class(key, ok)
 
-    committed = committed_adapters(f"{out}/adapters")  # one listing; digests are checked where loaded
-    todo = []
-    for p in plans:
-        if p.key in committed:
-            status[p.key] = {"status": "skipped (already committed)"}
-            resolve(p.key, True)
-        else:
-            todo.append(p)
-    # A failure record (or attempt count) of an earlier run says nothing about this one: the
-    # class trains again.
-    fs, failures = fsspec.core.url_to_fs(f"{out}/failures")
-    stale = [f"{failures}/{p.key}.json" for p in todo if fs.exists(f"{failures}/{p.key}.json")]
-    if stale:
-        fs.rm(stale)
-    afs, apath = fsspec.core.url_to_fs(_class_attempts_dir(out))
-    if afs.exists(apath):
-        afs.rm(apath, recursive=True)
-    groups = [todo[i : i + cfg.ray.classes_per_trainer] for i in range(0, len(todo), cfg.ray.classes_per_trainer)]
-    storage_fs, storage_path = arrow_fs(absolute_url(cfg.ray.storage or f"{out}/ray"))
-    cfg_dict = config_to_dict(cfg)
+    def skip_committed(self, plans: list[ClassPlan]) -> list[ClassPlan]:
+        """The classes left to train; committed ones are resolved now."""
+        committed = committed_adapters(f"{self.out}/adapters")  # one listing; digests are checked where loaded
+        todo = []
+        for p in plans:
+            if p.key in committed:
+                self.status[p.key] = {"status": "skipped (already committed)"}
+                self.resolve(p.key, True)
+            else:
+                todo.append(p)
+        return todo
 
-    def payload(p: ClassPlan) -> dict:
-        by_path = {r.path: r for r in rows_by_class[p.name]}
+    def forget_earlier_failures(self, todo: list[ClassPlan]) -> None:
+        """A failure record (or attempt count) of an earlier run says nothing about this one: the
+        class trains again."""
+        stale = [f"{self.failures}/{p.key}.json" for p in todo if self.fs.exists(f"{self.failures}/{p.key}.json")]
+        if stale:
+            self.fs.rm(stale)
+        afs, apath = fsspec.core.url_to_fs(_class_attempts_dir(self.out))
+        if afs.exists(apath):
+            afs.rm(apath, recursive=True)
+
+    def _payload(self, p: ClassPlan) -> dict:
+        by_path = {r.path: r for r in self.rows_by_class[p.name]}
         return {"plan": {**asdict(p), "shots": [absolute_url(s) for s in p.shots]},
                 "rows": [{"path": absolute_url(s), "boxes": [b.as_list() for b in by_path[s].boxes]} for s in p.shots]}
 
-    def run_group(group: list[ClassPlan], sink) -> None:
-        name = _group_name([p.key for p in group])
-        trainer = TorchTrainer(
+    def _trainer(self, group: list[ClassPlan], sink) -> TorchTrainer:
+        r = self.cfg.ray
+        return TorchTrainer(
             _train_group_loop,
-            train_loop_config={"cfg": cfg_dict, "classes": [payload(p) for p in group], "progress": sink},
+            train_loop_config={"cfg": self.cfg_dict, "classes": [self._payload(p) for p in group], "progress": sink},
             # One worker: a class's fine-tune is small; parallelism comes from many classes.
             # gloo: no NCCL process group is needed for a single worker, and it works on CPU hosts
             # where GPUs were only declared to Ray.
             torch_config=TorchConfig(backend="gloo"),
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.ray.train_gpus > 0,
-                                         resources_per_worker={"CPU": cfg.ray.train_cpus, "GPU": cfg.ray.train_gpus}
-                                         if cfg.ray.train_gpus > 0 else {"CPU": cfg.ray.train_cpus}),
-            run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=r.train_gpus > 0,
+                                         resources_per_worker={"CPU": r.train_cpus, "GPU": r.train_gpus}
+                                         if r.train_gpus > 0 else {"CPU": r.train_cpus}),
+            run_config=RunConfig(name=_group_name([p.key for p in group]), storage_path=self.storage_path,
+                                 storage_filesystem=self.storage_fs,
                                  # No run-wide cap on worker restarts: each class bounds its own
                                  # (_train_group_loop), so a long run survives any number of lost nodes.
                                  failure_config=FailureConfig(max_failures=-1),
                                  checkpoint_config=CheckpointConfig(num_to_keep=1)),
         )
-        try:
-            trainer.fit()
-        except Exception as e:  # noqa: BLE001 - the group's classes are reported below
-            log.warning("[train] group %s ended with an error: %s: %s", name, type(e).__name__, str(e)[:300])
 
-    def group_ended(group: list[ClassPlan]) -> None:
+    def _run_group(self, group: list[ClassPlan], sink) -> None:
+        try:
+            self._trainer(group, sink).fit()
+        except Exception as e:  # noqa: BLE001 - the group's classes are reported by _group_ended
+            log.warning("[train] group %s ended with an error: %s: %s", _group_name([p.key for p in group]),
+                        type(e).__name__, str(e)[:300])
+
+    def _group_ended(self, group: list[ClassPlan]) -> None:
         """The trainer's word is final now: a listing says which of its classes are committed."""
-        done = committed_adapters(f"{out}/adapters") & {p.key for p in group}
+        done = committed_adapters(f"{self.out}/adapters") & {p.key for p in group}
         for p in group:
             if p.key in done:
-                status[p.key] = {"status": "trained"}
-                resolve(p.key, True)
+                self.status[p.key] = {"status": "trained"}
+                self.resolve(p.key, True)
                 continue
-            path = f"{failures}/{p.key}.json"
-            if fs.exists(path):
-                with fs.open(path, "r") as f:
+            path = f"{self.failures}/{p.key}.json"
+            if self.fs.exists(path):
+                with self.fs.open(path, "r") as f:
                     err = json.load(f)["error"]
             else:
                 err = "training run ended before this class finished (see the Ray Train logs)"
-            status[p.key] = {"status": "failed", "error": err}
-            emit({"kind": "class_failed", "class": p.key, "error": err})  # also those whose worker never said so
-            resolve(p.key, False)
+            self.status[p.key] = {"status": "failed", "error": err}
+            self.emit({"kind": "class_failed", "class": p.key, "error": err})  # also those whose worker never said so
+            self.resolve(p.key, False)
 
-    def on_worker_event(e: dict) -> None:
+    def _on_worker_event(self, e: dict) -> None:
         # Fast path: a class is ready for generation as soon as its trainer says it is
         # committed (a failure waits for the trainer's end: Ray Train may still restart it).
         if e.get("kind") == "class_done":
-            resolve(e["class"], True)
-        emit(e)
+            self.resolve(e["class"], True)
+        self.emit(e)
 
-    cap = cfg.ray.max_concurrent_trainers or len(groups)
-    bundle = trainer_bundle(cfg.ray)
-    log.info("[train] %d groups of up to %d classes; trainers start as the cluster has room%s", len(groups),
-             cfg.ray.classes_per_trainer, f" (at most {cap} at once)" if cfg.ray.max_concurrent_trainers else "")
-    emit({"kind": "train_start", "total": len(plans), "committed": len(plans) - len(todo), "steps": cfg.train.steps})
-    demand = _Demand(bundle)
-    waiting = list(groups)
-    running: dict[Future, list[ClassPlan]] = {}
-    with progress_feed(on_worker_event) as sink, ThreadPoolExecutor(max_workers=max(1, min(cap, 256))) as pool:
-        try:
-            while waiting or running:
-                demand.prune()  # a placed marker must not keep a trainer from the room it found
-                others = leave() if leave is not None else {}
-                room = _fits(_minus(ray.cluster_resources(), others), bundle) + (0 if others else LOOKAHEAD_TRAINERS)
-                while waiting and len(running) < min(cap, max(1, room)):
-                    group = waiting.pop(0)
-                    running[pool.submit(run_group, group, sink)] = group
-                # Markers only while the cluster is full: where there is free room, a new marker
-                # would race the starting trainers for it (and win: it is placed at once).
-                full = _fits(ray.available_resources(), bundle) == 0
-                demand.set(min(len(waiting), max(0, cap - len(running)), MAX_DEMAND) if full else 0)
-                finished, _ = wait(list(running), timeout=POLL_S, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    group_ended(running.pop(f))
-        finally:
-            demand.clear()
-    emit({"kind": "train_end"})
-    return status
+    def schedule(self, groups: list[list[ClassPlan]], cap: int, leave: Callable[[], dict[str, float]] | None) -> None:
+        """Starts a trainer per group as the cluster has room (and ``LOOKAHEAD_TRAINERS`` more, shown
+        to an autoscaler as demand), at most ``cap`` at once, until every group has ended."""
+        bundle = trainer_bundle(self.cfg.ray)
+        demand = _Demand(bundle)
+        waiting = list(groups)
+        running: dict[Future, list[ClassPlan]] = {}
+        with progress_feed(self._on_worker_event) as sink, \
+                ThreadPoolExecutor(max_workers=max(1, min(cap, 256))) as pool:
+            try:
+                while waiting or running:
+                    demand.prune()  # a placed marker must not keep a trainer from the room it found
+                    others = leave() if leave is not None else {}
+                    room = _fits(_minus(ray.cluster_resources(), others), bundle) + (0 if others else LOOKAHEAD_TRAINERS)
+                    while waiting and len(running) < min(cap, max(1, room)):
+                        group = waiting.pop(0)
+                        running[pool.submit(self._run_group, group, sink)] = group
+                    # Markers only while the cluster is full: where there is free room, a new marker
+                    # would race the starting trainers for it (and win: it is placed at once).
+                    full = _fits(ray.available_resources(), bundle) == 0
+                    demand.set(min(len(waiting), max(0, cap - len(running)), MAX_DEMAND) if full else 0)
+                    finished, _ = wait(list(running), timeout=POLL_S, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        self._group_ended(running.pop(f))
+            finally:
+                demand.clear()

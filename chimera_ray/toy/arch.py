@@ -1,18 +1,17 @@
 """The one Stable Diffusion architecture builder (random weights, nothing downloaded).
 
-Tests use tiny pipelines, the embedded toy base model a larger one; both are the same
-``StableDiffusionPipeline`` layout (UNet2DConditionModel with cross-attention, AutoencoderKL
+The embedded toy base model is built here (tests build tiny pipelines with it, in
+``tests/tiny.py``): a ``StableDiffusionPipeline`` layout (UNet2DConditionModel with cross-attention, AutoencoderKL
 with 4 latent channels, CLIPTextModel + a hand-made CLIP BPE tokenizer, DDIM scheduler with
 SD-1's beta schedule), built here from a handful of sizes.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
-__all__ = ["build_tokenizer", "build_sd_pipeline", "build_tiny_pipeline", "build_tiny_random"]
+__all__ = ["build_tokenizer", "build_sd_pipeline"]
 
 _SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
 
@@ -128,26 +127,3 @@ def build_sd_pipeline(
         unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-
-
-def build_tiny_pipeline(
-    seed: int = 0,
-    *,
-    sample_size: int = 8,
-    block_out_channels: tuple[int, ...] = (32, 64),
-    cross_attention_dim: int = 32,
-    words: list[str] = ("a", "photo", "of"),
-    max_length: int = 16,
-    prediction_type: str = "epsilon",
-):
-    """A tiny random pipeline for tests (~0.8 M UNet parameters); images are ``sample_size * 2`` px."""
-    return build_sd_pipeline(
-        seed, latent_size=sample_size, unet_channels=block_out_channels, unet_attention=(True, False),
-        attention_heads=4, unet_norm_groups=8, vae_channels=(16, 32), vae_norm_groups=8, text_width=cross_attention_dim,
-        text_intermediate=64, text_layers=2, words=words, max_length=max_length, prediction_type=prediction_type,
-    )
-
-
-def build_tiny_random(folder: Path) -> None:
-    """``builtin:tiny-random``: a tiny random pipeline saved into ``folder``."""
-    build_tiny_pipeline(seed=0, max_length=32).save_pretrained(folder, safe_serialization=True)

@@ -25,7 +25,7 @@ given machine and torch version. The training length is a *nominal* budget
 (``minutes_budget`` scales the step counts of the calibrated recipe), never a
 wall-clock deadline, for the same reason.
 
-``chimera_ray.eval.probe.evaluate_base`` measures what the model learned: a small CNN trained on real
+``chimera_ray.eval.probes.base_model.evaluate_base`` measures what the model learned: a small CNN trained on real
 ToyWorld renders classifies the model's prompted generations.
 
 Command line::
@@ -528,7 +528,7 @@ def build_builtin_toy_head(folder: Path) -> None:
 # v1 used `builtin:toy`'s 1200 UNet steps on a 3072-image pool: it learnt badge, colour, pose
 # and background but drew the 6 px mark as a blob (head classes 21.9 % on the class oracle,
 # although its VAE keeps the mark: the oracle reads 86.5 % of VAE reconstructions of the test
-# split). v2 trains the denoiser 2.5x longer on a pool twice as large (docs/embedded.md).
+# split). v2 trains the denoiser 2.5x longer on a pool twice as large (docs/guides/embedded.md).
 # Two threads: deterministic for a given thread count; build it on an otherwise idle machine
 # (two-thread OpenMP regions stall behind other processes on a shared 2-core machine).
 FINEMARKS_RECIPE = dataclasses.replace(DEFAULT_RECIPE, world="finemarks", render_size=32, pretrain_classes=8,

@@ -320,7 +320,7 @@ def test_problem_is_a_plain_value():
 
 
 def _tiny_model(root: Path) -> Path:
-    from chimera_ray.toy.arch import build_tiny_pipeline
+    from tests.tiny import build_tiny_pipeline
 
     d = root / "model"
     build_tiny_pipeline().save_pretrained(d, safe_serialization=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from chimera_ray.eval import probe
+from chimera_ray.eval.probes import base_model
 from chimera_ray.eval.features import (
     CLIP_MEAN,
     CLIP_STD,
@@ -19,8 +19,8 @@ from chimera_ray.eval.features import (
     TOY_FEATURES_VERSION,
     FeatureExtractorError,
     ToyFeatureRecipe,
-    _read_state_dict,
     load_feature_extractor,
+    read_state_dict,
 )
 from chimera_ray.toy import world as toyworld
 from chimera_ray.toy.base import render_pool
@@ -92,8 +92,8 @@ def test_toy_cache_reused_then_rebuilt_when_corrupt(tmp_path, monkeypatch, rende
     original = weights.read_bytes()
 
     calls = []
-    real_train = probe.train_probe_classifier
-    monkeypatch.setattr(probe, "train_probe_classifier", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    real_train = base_model.train_probe_classifier
+    monkeypatch.setattr(base_model, "train_probe_classifier", lambda *a, **k: calls.append(1) or real_train(*a, **k))
     load_feature_extractor(TOY, cache_dir=cache, toy_recipe=TINY, progress=False)
     assert calls == []  # reused
 
@@ -248,7 +248,7 @@ def test_state_dict_reader_local_and_fsspec(tmp_path, suffix):
     with fsspec.open(f"memory://features-test/w{suffix}", "wb") as fh:
         fh.write(data)
     for source in (str(tmp_path / f"w{suffix}"), f"memory://features-test/w{suffix}"):
-        loaded = _read_state_dict(source)
+        loaded = read_state_dict(source)
         assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
 

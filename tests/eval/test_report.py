@@ -48,7 +48,7 @@ def _build_run(out: str, source: str) -> None:
     from chimera_ray.models import load_pipeline
     from chimera_ray.shards import Sample, UnitWriter, write_index
 
-    config = str(ROOT / "jobs/configs/tiny.yaml")
+    config = str(ROOT / "tests/configs/tiny.yaml")
     cfg = load_config(config, ["train.steps=2", "train.checkpoint_every=0", f"generate.samples_per_class={BUDGET}",
                                f"data.source={source}", f"output={out}"])
     inputs = ingest_for_run(cfg, log=None)

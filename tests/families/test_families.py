@@ -29,7 +29,7 @@ from chimera_ray.lora.inject import (
     set_mixture,
 )
 from chimera_ray.models import check_base, load_base
-from chimera_ray.toy.families import build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
+from tests.tiny import build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
 from chimera_ray.train import denoising_loss, encode_prompt, train_class
 
 WORDS = ["a", "photo", "of", "red", "star", "blue", "square"]

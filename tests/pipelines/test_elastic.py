@@ -20,12 +20,13 @@ ray = pytest.importorskip("ray")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `benchmarks` is a top-level folder, not installed
 from benchmarks import fake_cluster  # noqa: E402 - after the importorskip and the path
 from benchmarks.bench_elastic import peak_overlap, train_intervals  # noqa: E402
+from tests.faults import inject  # noqa: E402
 
 pytestmark = pytest.mark.slow  # end to end: Ray Train, Ray Data, a fake autoscaling cluster
 
 
 def _cfg(tmp_path, *extra):
-    return load_config("jobs/configs/tiny.yaml", [
+    return load_config("tests/configs/tiny.yaml", [
         f"output={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "data.max_classes=6",
         "data.budget=fixed", "data.budget_value=6", "ray.classes_per_trainer=1", "ray.train_cpus=1",
         "ray.gen_cpus=1", "ray.gen_actors_min=1", "ray.gen_actors_max=1", "generate.window_classes=2",
@@ -85,7 +86,7 @@ def _units_holding(cfg, plans_json: dict, key: str) -> set[int]:
                                                             seed=cfg.generate.seed)[0].tolist())}
 
 
-def test_rerun_after_a_failed_class_generates_exactly_its_units(local_ray, tmp_path):
+def test_rerun_after_a_failed_class_generates_exactly_its_units(local_ray, tmp_path, monkeypatch):
     out = tmp_path / "run"
     # Which key fails: the third class of the plan (a window in the middle, so later windows exist).
     probe = _cfg(tmp_path)
@@ -93,7 +94,9 @@ def test_rerun_after_a_failed_class_generates_exactly_its_units(local_ray, tmp_p
 
     keys = sorted(p.key for p in ingest_for_run(probe, log=lambda m: None).plans)
     bad = keys[2]
-    r1 = _run(_cfg(tmp_path, f"ray.faults.fail_train_always={bad}"))
+    with monkeypatch.context() as m:
+        inject(m, out, fail_train_always=bad)
+        r1 = _run(_cfg(tmp_path))
     assert r1["failed_classes"] == [bad]
     gen1 = r1["generation"]
     plan = json.loads((out / "plan.json").read_text())

@@ -78,7 +78,7 @@ def test_the_job_survives_three_lost_nodes_exactly_once(cluster, tmp_path):
     from chimera_ray.pipelines.job import run
 
     out = tmp_path / "run"
-    cfg = load_config("jobs/configs/tiny.yaml", [
+    cfg = load_config("tests/configs/tiny.yaml", [
         f"output={out}", f"cache_dir={tmp_path / 'cache'}", "data.max_classes=4", "data.budget=fixed",
         "data.budget_value=12", "train.steps=40", "train.checkpoint_every=4", "ray.classes_per_trainer=1",
         # one trainer at a time: the node that runs it trains the class whose checkpoint was seen

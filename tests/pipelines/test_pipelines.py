@@ -1,7 +1,7 @@
 """Ray Train + Ray Data on a local Ray (CPU host, GPUs declared to test GPU scheduling).
 
-One module-scoped Ray; each test runs the real pipelines on a tiny model, with fault
-injection through the config's ``ray.faults`` hooks.
+One module-scoped Ray; each test runs the real pipelines on a tiny model, with faults injected
+from outside the product (``tests/faults.py``: wrappers around the worker loop and the actor).
 """
 
 import io
@@ -16,6 +16,7 @@ from chimera_ray.config import load_config
 from chimera_ray.data.boxes import Box
 from chimera_ray.data.ingest import ImageRow
 from chimera_ray.plan import ClassPlan
+from tests.faults import inject
 
 ray = pytest.importorskip("ray")
 
@@ -47,7 +48,7 @@ def _classes(tmp_path, n=3, shots=2):
 
 
 def _cfg(tmp_path, *extra):
-    return load_config("jobs/configs/tiny.yaml", [
+    return load_config("tests/configs/tiny.yaml", [
         f"output={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "train.steps=4", "train.checkpoint_every=2",
         "ray.classes_per_trainer=2", "ray.max_concurrent_trainers=1", "ray.train_cpus=1", "ray.train_gpus=1",
         "ray.gen_gpus=1", "ray.gen_cpus=0.5", "ray.gen_actors_min=1", "ray.gen_actors_max=2",
@@ -70,13 +71,13 @@ def _read_shards(out):
     return index, keys
 
 
-def test_train_and_generate_with_faults_exactly_once(local_ray, tmp_path):
+def test_train_and_generate_with_faults_exactly_once(local_ray, tmp_path, monkeypatch):
     from chimera_ray.pipelines import generate_shards, train_classes
     from chimera_ray.progress import RunProgress
 
     plans, rows = _classes(tmp_path)
-    cfg = _cfg(tmp_path, "ray.faults.kill_train_once=class_0", "ray.faults.fail_train_always=class_2",
-               "ray.faults.generate_once=kill")
+    cfg = _cfg(tmp_path)
+    inject(monkeypatch, cfg.output, kill_train_once="class_0", fail_train_always="class_2", generate_once="kill")
     progress, events = RunProgress(), []
 
     def on_event(e):
@@ -138,11 +139,12 @@ def test_train_and_generate_with_faults_exactly_once(local_ray, tmp_path):
     assert _read_shards(out)[0]["shards"] == written["shards"] and rerun["generation"]["units_generated"] == 0
 
 
-def test_generation_exception_is_retried_and_shards_are_deterministic(local_ray, tmp_path):
+def test_generation_exception_is_retried_and_shards_are_deterministic(local_ray, tmp_path, monkeypatch):
     from chimera_ray.pipelines import generate_shards, train_classes
 
     plans, rows = _classes(tmp_path, n=2)
-    a = _cfg(tmp_path, "ray.faults.generate_once=raise")
+    a = _cfg(tmp_path)
+    inject(monkeypatch, a.output, generate_once="raise")
     assert all(v["status"] == "trained" for v in train_classes(a, plans, rows).values())
     generate_shards(a, plans)
     first, _ = _read_shards(tmp_path / "run")
@@ -151,6 +153,7 @@ def test_generation_exception_is_retried_and_shards_are_deterministic(local_ray,
     import shutil
 
     shutil.rmtree(tmp_path / "run" / "shards")
+    monkeypatch.undo()  # no faults from here on
     b = _cfg(tmp_path, "ray.gen_actors_max=1", "generate.batch_size=3")
     generate_shards(b, plans)
     second, _ = _read_shards(tmp_path / "run")
@@ -190,11 +193,30 @@ def test_relative_paths_mean_the_drivers_working_directory(local_ray, tmp_path, 
     must still land where the user ran the job."""
     from chimera_ray.pipelines import generate_shards, train_classes
 
+    from tests.tiny import TINY_RANDOM
+
     plans, rows = _classes(tmp_path, n=1)
-    cfg = _cfg(tmp_path, "output=rel/run", "cache_dir=rel/cache")
+    # The tiny model by its absolute path: the tiny config's is relative to the repository root.
+    cfg = _cfg(tmp_path, "output=rel/run", "cache_dir=rel/cache", f"model.base={TINY_RANDOM}")
     monkeypatch.chdir(tmp_path)  # relative paths are resolved when the pipelines run
     assert train_classes(cfg, plans, rows)["class_0"]["status"] == "trained"
     assert (tmp_path / "rel" / "run" / "adapters" / "class_0" / "adapter.json").is_file()
     index = generate_shards(cfg, plans)
     assert index["totals"]["samples"] == plans[0].budget
     assert (tmp_path / "rel" / "run" / "shards" / "index.json").is_file()
+
+
+def test_a_base_model_the_workers_cannot_load_fails_the_class_not_the_loop(local_ray, tmp_path):
+    """A base that loads on the driver but not on a training worker (a path only the driver's
+    machine has) fails its classes after their attempts, with the reason; it never restarts the
+    worker forever."""
+    from chimera_ray.pipelines import train_classes
+
+    plans, rows = _classes(tmp_path, n=1)
+    cfg = _cfg(tmp_path, f"model.base={tmp_path / 'only-on-the-driver'}", "ray.class_attempts=1",
+               "ray.max_failures=0")
+    status = train_classes(cfg, plans, rows)
+    assert status["class_0"]["status"] == "failed"
+    failure = json.loads((tmp_path / "run" / "failures" / "class_0.json").read_text())
+    assert "the base model did not load on the training worker" in failure["error"]
+    assert "only-on-the-driver" in failure["error"]

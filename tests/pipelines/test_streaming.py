@@ -30,7 +30,7 @@ CLASSES, PER_CLASS, UNIT = 2, 24, 4  # 48 samples in 12 units of 4
 
 
 def _cmd(tmp_path):
-    return [sys.executable, "jobs/full.py", "--config", "jobs/configs/tiny.yaml", f"output={tmp_path / 'run'}",
+    return [sys.executable, "jobs/full.py", "--config", "tests/configs/tiny.yaml", f"output={tmp_path / 'run'}",
             f"cache_dir={tmp_path / 'cache'}", "lora.mode=base", f"data.max_classes={CLASSES}",
             f"generate.samples_per_class={PER_CLASS}", "generate.batch_size=2", f"generate.unit_samples={UNIT}",
             "ray.num_cpus=2", "ray.gen_actors_min=1", "ray.gen_actors_max=1", "ray.gen_cpus=1",

@@ -41,11 +41,22 @@ def test_room_left_for_the_generation_pool_is_not_trained_on():
     from chimera_ray.pipelines.job import _pool_room
     from chimera_ray.pipelines.train import _fits, _minus
 
-    cfg = load_config("jobs/configs/tiny.yaml", ["ray.gen_actors_min=2", "ray.gen_cpus=1", "ray.gen_gpus=1"])
+    cfg = load_config("tests/configs/tiny.yaml", ["ray.gen_actors_min=2", "ray.gen_cpus=1", "ray.gen_gpus=1"])
     gate = ClassGate()
     assert _pool_room(cfg, gate) == {}  # no round streams: training may use every node
     gate.generating = True
     assert _pool_room(cfg, gate) == {"CPU": 2.0, "GPU": 2.0}
+    # Between rounds: the room is asked for from the moment a waiting window's last class is
+    # resolved (on the training thread, before it starts another trainer), not when the round starts.
+    gate.generating = False
+    gate.expect([["a", "b"], ["c"]])
+    gate.resolve("a", True)
+    assert _pool_room(cfg, gate) == {}
+    gate.resolve("b", False)  # failed classes resolve a window too (its units are held back)
+    assert _pool_room(cfg, gate) == {"CPU": 2.0, "GPU": 2.0}
+    gate.expect([["c"]])  # the round took window a,b
+    assert _pool_room(cfg, gate) == {}
+    gate.generating = True
     # 8 GPU nodes, a 1-GPU trainer: 6 trainers while the pool's 2 actors need their GPUs.
     cluster = {"CPU": 64.0, "GPU": 8.0}
     assert _fits(_minus(cluster, _pool_room(cfg, gate)), {"CPU": 4.0, "GPU": 1.0}) == 6

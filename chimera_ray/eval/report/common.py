@@ -1,4 +1,4 @@
-"""Reading a run directory (local or any fsspec URL) for the report."""
+"""Reading a run directory (local or any fsspec URL) for the report's modules."""
 
 from __future__ import annotations
 
@@ -7,19 +7,19 @@ from typing import Any
 
 import fsspec
 
-__all__ = ["_join", "_exists", "_read_json"]  # private to the report package
+__all__ = ["join_url", "url_exists", "read_json"]
 
 
-def _join(root: str, *parts: str) -> str:
+def join_url(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-def _exists(url: str) -> bool:
+def url_exists(url: str) -> bool:
     fs, path = fsspec.core.url_to_fs(url)
     return fs.exists(path)
 
 
-def _read_json(url: str) -> Any | None:
+def read_json(url: str) -> Any | None:
     """The parsed file, or None when it does not exist (bad JSON raises ValueError)."""
     try:
         with fsspec.open(url, "r") as f:

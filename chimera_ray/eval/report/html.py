@@ -12,11 +12,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+__all__ = ["CSS", "e", "data_uri", "img_tag", "note", "cell", "fmt", "fmt_bytes", "pct", "card", "kv_table", "table",
+           "weights_caption", "stat"]
+
 e = html.escape
 _THUMB = 128  # displayed thumbnail size in px: small images are upscaled (nearest) to about this
 
 
-def _data_uri(png: bytes) -> str:
+def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
@@ -40,11 +43,11 @@ def _thumbnail(img: Image.Image, size: int = _THUMB) -> Image.Image:
     return img
 
 
-def _img_tag(img: Image.Image, alt: str) -> str:
-    return f'<img src="{_data_uri(_png(_thumbnail(img)))}" alt="{e(alt)}">'
+def img_tag(img: Image.Image, alt: str) -> str:
+    return f'<img src="{data_uri(_png(_thumbnail(img)))}" alt="{e(alt)}">'
 
 
-_CSS = """
+CSS = """
 *{box-sizing:border-box}
 body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Helvetica,Arial,sans-serif;margin:0;
      background:#f4f5f7;color:#1d2330;font-size:14px;line-height:1.4}
@@ -90,15 +93,15 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;background
 """
 
 
-def _note(text: str) -> str:
+def note(text: str) -> str:
     return f'<div class="note">{e(text)}</div>'
 
 
-def _cell(img_html: str, caption_html: str) -> str:
+def cell(img_html: str, caption_html: str) -> str:
     return f"<figure>{img_html}<figcaption>{caption_html}</figcaption></figure>"
 
 
-def _fmt(v: Any) -> str:
+def fmt(v: Any) -> str:
     if v is None:
         return "–"
     if isinstance(v, bool):
@@ -112,7 +115,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _bytes(n: int) -> str:
+def fmt_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -120,29 +123,29 @@ def _bytes(n: int) -> str:
     return ""
 
 
-def _pct(v: Any) -> str:
+def pct(v: Any) -> str:
     return f"{100 * float(v):.1f} %" if isinstance(v, (int, float)) else "–"
 
 
-def _card(value: str, key: str, bad: bool = False) -> str:
+def card(value: str, key: str, bad: bool = False) -> str:
     return f'<div class="card{" bad" if bad else ""}"><div class="v">{e(value)}</div><div class="k">{e(key)}</div></div>'
 
 
-def _kv_table(items: Sequence[tuple[str, Any]]) -> str:
-    rows = "".join(f"<tr><td>{e(str(k))}</td><td>{e(_fmt(v))}</td></tr>" for k, v in items)
+def kv_table(items: Sequence[tuple[str, Any]]) -> str:
+    rows = "".join(f"<tr><td>{e(str(k))}</td><td>{e(fmt(v))}</td></tr>" for k, v in items)
     return f'<div class="scroll"><table class="kv">{rows}</table></div>'
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], mean_last: bool = False) -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], mean_last: bool = False) -> str:
     head = "".join(f"<th>{e(h.replace('_', ' '))}</th>" for h in header)
     body = []
     for i, r in enumerate(rows):
         cls = ' class="mean"' if mean_last and i == len(rows) - 1 else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{e(_fmt(v))}</td>" for v in r) + "</tr>")
+        body.append(f"<tr{cls}>" + "".join(f"<td>{e(fmt(v))}</td>" for v in r) + "</tr>")
     return f'<div class="scroll"><table><tr>{head}</tr>{"".join(body)}</table></div>'
 
 
-def _weights_caption(w: Sequence[float]) -> str:
+def weights_caption(w: Sequence[float]) -> str:
     if not len(w):
         return ""
     top = int(np.argmax(w))
@@ -150,7 +153,7 @@ def _weights_caption(w: Sequence[float]) -> str:
     return f'<span class="w">w=[{", ".join(parts)}]</span>'
 
 
-def _stat(entry: Any, field: str) -> float | None:
+def stat(entry: Any, field: str) -> float | None:
     if isinstance(entry, dict):
         v = entry.get(field)
     elif field == "mean" and isinstance(entry, (int, float)):

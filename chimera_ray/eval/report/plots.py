@@ -13,7 +13,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from chimera_ray.eval.report.html import _data_uri, _note, _stat, e
+from chimera_ray.eval.report.html import data_uri, e, note, stat
+
+__all__ = ["plot", "weights_plot", "acc_bar_plot", "history_plot", "comparison_plot"]
 
 _TAIL_COLOUR, _HEAD_COLOUR = "#d9480f", "#8da0b6"
 
@@ -29,19 +31,19 @@ def _fig_tag(fig, alt: str) -> str:
     buf = io.BytesIO()
     with matplotlib.rc_context({"text.parse_math": False}):  # a "$" in a class name is text, not TeX
         fig.savefig(buf, format="png", bbox_inches="tight")
-    return f'<img class="plot" src="{_data_uri(buf.getvalue())}" alt="{e(alt)}">'
+    return f'<img class="plot" src="{data_uri(buf.getvalue())}" alt="{e(alt)}">'
 
 
-def _plot(build: Callable[[], str]) -> str:
+def plot(build: Callable[[], str]) -> str:
     """Runs a plot builder; a missing matplotlib or a plotting error becomes a note."""
     try:
         with matplotlib.rc_context({"text.parse_math": False, "font.size": 9}):
             return build()
     except Exception as err:  # noqa: BLE001 - a note on the page, not a crash
-        return _note(f"plot failed: {type(err).__name__}: {err}")
+        return note(f"plot failed: {type(err).__name__}: {err}")
 
 
-def _weights_plot(W: np.ndarray) -> str:
+def weights_plot(W: np.ndarray) -> str:
     """Per-head box plot and max-weight histogram of a class's mixture weights ``(n, K)``."""
     n, k = W.shape
     fig = _figure(9.5, 2.6)
@@ -61,7 +63,7 @@ def _weights_plot(W: np.ndarray) -> str:
     return _fig_tag(fig, "mixture weight distribution")
 
 
-def _acc_bar_plot(classes: list[dict], per_class: dict[str, float], head: float | None, tail: float | None) -> str:
+def acc_bar_plot(classes: list[dict], per_class: dict[str, float], head: float | None, tail: float | None) -> str:
     names = [c["name"] for c in classes if c.get("name") in per_class]
     names += [n for n in per_class if n not in names]
     group = {c.get("name"): c.get("group") for c in classes}
@@ -86,7 +88,7 @@ def _acc_bar_plot(classes: list[dict], per_class: dict[str, float], head: float 
     return _fig_tag(fig, "per-class test accuracy")
 
 
-def _history_plot(history: list[dict]) -> str:
+def history_plot(history: list[dict]) -> str:
     ep = [h.get("epoch", i) for i, h in enumerate(history)]
     fig = _figure(6.0, 2.4)
     ax = fig.subplots()
@@ -102,15 +104,15 @@ def _history_plot(history: list[dict]) -> str:
     return _fig_tag(fig, "classifier training history")
 
 
-def _comparison_plot(methods: dict[str, dict], metrics: list[str]) -> str:
+def comparison_plot(methods: dict[str, dict], metrics: list[str]) -> str:
     names = list(methods)
     fig = _figure(min(11.5, max(5.0, 1.1 * len(names) * len(metrics) ** 0.5 + 2)), 3.0)
     ax = fig.subplots()
     width = 0.8 / len(metrics)
     palette = (_TAIL_COLOUR, "#4a5a70", "#5c940d", "#862e9c", "#1971c2")
     for j, m in enumerate(metrics):
-        mean = [_stat(methods[n].get(m), "mean") for n in names]
-        std = [_stat(methods[n].get(m), "std") or 0.0 for n in names]
+        mean = [stat(methods[n].get(m), "mean") for n in names]
+        std = [stat(methods[n].get(m), "std") or 0.0 for n in names]
         x = np.arange(len(names)) + (j - (len(metrics) - 1) / 2) * width
         ax.bar(x, [np.nan if v is None else v for v in mean], width, yerr=std, capsize=3,
                color=palette[j % len(palette)], label=m)

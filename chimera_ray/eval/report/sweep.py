@@ -9,11 +9,13 @@ import numpy as np
 from PIL import Image
 
 from chimera_ray.config import config_from_dict, config_to_dict, load_config
-from chimera_ray.eval.report.common import _exists, _join
-from chimera_ray.eval.report.html import _cell, _img_tag, _note, e
+from chimera_ray.eval.report.common import join_url, url_exists
+from chimera_ray.eval.report.html import cell, e, img_tag, note
 from chimera_ray.generate import Generator
 from chimera_ray.lora.adapter import load_adapter
 from chimera_ray.sampling import mixture_weights
+
+__all__ = ["SWEEP_ALPHAS", "Sweep", "sweep_config", "sweep_weights"]
 
 # Dirichlet concentrations of the sweep row: near one shot ... near the class average, then
 # the exact average. The run's own alpha is added when it is not among them.
@@ -22,8 +24,8 @@ SWEEP_ALPHAS: tuple[float | str, ...] = (0.05, 0.2, 1.0, 5.0, 50.0, "uniform")
 _SAVED_CONFIGS = ("config.yaml", "resolved_config.yaml")
 
 
-def _sweep_config(run_dir: str, report: dict | None, index: dict | None, config: str | None,
-                  overrides: Sequence[str] = ()):
+def sweep_config(run_dir: str, report: dict | None, index: dict | None, config: str | None,
+                 overrides: Sequence[str] = ()):
     """The config the sweep generates with, and a sentence saying where it came from.
 
     Model settings (cache, precision, device, resolution) come from the first of: ``config``,
@@ -31,11 +33,11 @@ def _sweep_config(run_dir: str, report: dict | None, index: dict | None, config:
     defaults; then ``overrides``. The generation settings, mode and base model the shards were made with
     (``shards/index.json``) always win, so the sweep reproduces the run's noise and prompts.
     """
-    saved = [_join(run_dir, n) for n in _SAVED_CONFIGS]
+    saved = [join_url(run_dir, n) for n in _SAVED_CONFIGS]
     candidates = ([config] if config else []) + saved + ([str(report["config"])] if report and report.get("config") else [])
     cfg, source = None, "defaults"
     for c in candidates:
-        if c and _exists(c):
+        if c and url_exists(c):
             cfg, source = load_config(c, list(overrides)), c
             break
     if cfg is None:
@@ -69,7 +71,7 @@ def sweep_weights(num_heads: int, alphas: Sequence[float | str], run_seed: int, 
     return out
 
 
-class _Sweep:
+class Sweep:
     """Loads the base model once (lazily) and generates one sweep row per class."""
 
     def __init__(self, run_dir: str, cfg, source: str, index: int = 0):
@@ -80,7 +82,7 @@ class _Sweep:
         if self._gen is None and self._error is None:
             try:
                 self._gen = Generator(self.cfg.model, self.cfg.generate, mode="chimera",
-                                      adapter_root=_join(self.run_dir, "adapters"), cache_dir=self.cfg.cache_dir)
+                                      adapter_root=join_url(self.run_dir, "adapters"), cache_dir=self.cfg.cache_dir)
             except Exception as err:  # noqa: BLE001 - a note on the page, not a crash
                 self._error = f"could not load the base model {self.cfg.model.base!r}: {type(err).__name__}: {err}"
         return self._gen
@@ -88,12 +90,12 @@ class _Sweep:
     def row(self, plan: dict) -> str:
         key = str(plan.get("key"))
         try:
-            _, meta = load_adapter(_join(self.run_dir, "adapters", key))
+            _, meta = load_adapter(join_url(self.run_dir, "adapters", key))
         except Exception as err:  # noqa: BLE001 - a note on the page, not a crash
-            return _note(f"no sweep: the adapter adapters/{key} does not load ({type(err).__name__}: {err})")
+            return note(f"no sweep: the adapter adapters/{key} does not load ({type(err).__name__}: {err})")
         gen = self._generator()
         if gen is None:
-            return _note(f"no sweep: {self._error}")
+            return note(f"no sweep: {self._error}")
         g = self.cfg.generate
         alphas = list(SWEEP_ALPHAS)
         if g.dirichlet_concentration not in alphas:
@@ -110,14 +112,14 @@ class _Sweep:
                        "label": np.array([int(plan.get("label", -1))] * n), "sample_index": np.array([self.index] * n),
                        "weights": weights})
         except Exception as err:  # noqa: BLE001 - a note on the page, not a crash
-            return _note(f"sweep generation failed: {type(err).__name__}: {err}")
+            return note(f"sweep generation failed: {type(err).__name__}: {err}")
         cells = []
         for (a, w), img in zip(rows, out["image"]):
             label = "uniform" if a == "uniform" else f"α = {a:g}"
             run = " (run)" if a == g.dirichlet_concentration else ""
             top = int(np.argmax(w))
-            cells.append(_cell(_img_tag(Image.open(io.BytesIO(img)), label),
-                               f"<b>{e(label)}{run}</b><br>max w {w[top]:.2f} (head {top})"))
+            cells.append(cell(img_tag(Image.open(io.BytesIO(img)), label),
+                              f"<b>{e(label)}{run}</b><br>max w {w[top]:.2f} (head {top})"))
         extra = " With one head every mixture is the same." if meta.num_heads == 1 else ""
         return (f'<p class="hint">Sample #{self.index}: the same noise seed for every image; only the mixture changes. '
                 f"Small α stays close to one shot, large α approaches the class average.{extra} "

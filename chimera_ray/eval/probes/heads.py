@@ -16,7 +16,7 @@ and measures:
 
 The space is the image's pixels at 16 x 16 (RGB, [0, 1]). Shots of one class differ in where
 the object sits, its size, colour and the background, which pixels keep; the class-level
-feature network (``eval.features``) is trained to map every instance of a class to the same
+feature network (``chimera_ray.eval.features``) is trained to map every instance of a class to the same
 place, so in it heads that reproduce their shots would look alike by construction. A shot is
 compared as the trainer saw it at rest: the whole image zero-padded to a square (the ``boost``
 crop with no jitter) at the model's resolution.
@@ -46,7 +46,7 @@ from chimera_ray.io import atomic_write
 from chimera_ray.sampling import mixture_weights
 
 __all__ = ["PROBE_SIZE", "pixel_features", "shot_view", "spread", "identification", "coverage_sweep",
-           "probe_class", "probe_run", "image_grid"]
+           "probe_class", "probe_run", "image_grid", "summarize"]
 
 log = logging.getLogger(__name__)
 

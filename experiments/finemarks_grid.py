@@ -1,7 +1,7 @@
 """One picture of a FineMarks comparison: per tail class (rows), its 4 real shots, then the first
 images of each method's shards (seed 0), with each tail class's head sibling's real images.
 
-    python benchmarks/finemarks_grid.py outputs/finemarks --out docs/finemarks_methods.png
+    python experiments/finemarks_grid.py outputs/finemarks --out docs/results/finemarks_methods.png
 
 Columns: sibling (2 real images of the confusable head class) | shots (4) | base | classwise |
 imagewise | chimera (``--per-method`` images each, the same noise seeds across methods).
@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from chimera_ray.data.ingest import load_image
-from chimera_ray.eval.finemarks_oracle import real_split
+from chimera_ray.eval.probes.finemarks_oracle import real_split
 from chimera_ray.shards import iter_samples
 from chimera_ray.toy import finegrained as fm
 
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["base", "classwise", "imagewise", "chimera"])
     ap.add_argument("--per-method", type=int, default=4)
     ap.add_argument("--scale", type=int, default=2)
-    ap.add_argument("--out", default="docs/finemarks_methods.png")
+    ap.add_argument("--out", default="docs/results/finemarks_methods.png")
     args = ap.parse_args()
 
     names = [c.name for c in fm.CLASSES]

@@ -1,6 +1,8 @@
-"""Image classifiers for the downstream check: the backbones, a plain torch training loop and
-an accuracy table (overall, head, tail and per class). Data comes as uint8 image tensors
-(`chimera_ray.eval.downstream.ImageSet`); Ray lives in `chimera_ray.pipelines.evaluate`.
+"""Image classifiers for the downstream check: the backbones (``small_cnn``: `SmallCNN` from
+`chimera_ray.eval.small_cnn`; ``clip``: a frozen CLIP vision tower with a linear head;
+``clip_lora``: `chimera_ray.eval.downstream.clip_lora`), a plain torch training loop and an
+accuracy table (overall, head, tail and per class). Data comes as uint8 image tensors
+(`chimera_ray.eval.downstream.data.ImageSet`); Ray lives in `chimera_ray.pipelines.evaluate`.
 """
 
 from __future__ import annotations
@@ -15,29 +17,10 @@ import torch.nn.functional as F
 
 from chimera_ray.cache import fetch_folder
 from chimera_ray.config import DownstreamConfig
-from chimera_ray.eval.clip_lora import ClipLoRAClassifier
+from chimera_ray.eval.downstream.clip_lora import ClipLoRAClassifier
+from chimera_ray.eval.small_cnn import SmallCNN
 
-__all__ = ["SmallCNN", "build_classifier", "training_steps", "build_optimizer", "train_classifier",
-           "evaluate_classifier"]
-
-
-class SmallCNN(torch.nn.Module):
-    """Three conv-BN-ReLU-pool stages, global pooling and a linear head: a from-scratch classifier for 32-64 px."""
-
-    def __init__(self, num_classes: int, width: int = 32) -> None:
-        super().__init__()
-        layers: list[torch.nn.Module] = []
-        c_in = 3
-        for c in (width, 2 * width, 4 * width):
-            layers += [torch.nn.Conv2d(c_in, c, 3, padding=1), torch.nn.BatchNorm2d(c), torch.nn.ReLU(),
-                       torch.nn.MaxPool2d(2)]
-            c_in = c
-        self.features = torch.nn.Sequential(*layers)
-        self.head = torch.nn.Linear(c_in, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``(batch, 3, S, S)`` in [-1, 1] -> logits ``(batch, num_classes)``."""
-        return self.head(self.features(x).mean(dim=(2, 3)))
+__all__ = ["build_classifier", "training_steps", "build_optimizer", "train_classifier", "evaluate_classifier"]
 
 
 class _ClipProbe(torch.nn.Module):

@@ -1,8 +1,12 @@
-"""Probe classifiers: how recognisable are a model's generations of a class?
+"""The base-model probe (``chimera-ray toy evaluate``): how recognisable are a base model's
+prompted generations of each ToyWorld class?
 
-A small CNN trained on real ToyWorld renders (`train_probe_classifier`) judges a base model's
-prompted generations (`evaluate_base`, behind ``chimera-ray toy evaluate``) and supplies the
-toy feature network of `chimera_ray.eval.features`.
+A small CNN trained on real ToyWorld renders (the probe classifier, `train_probe_classifier`)
+judges the base model's generations (`evaluate_base`); `sample_grid` draws them. The same
+classifier, trained once and cached, is the toy feature network of `chimera_ray.eval.features`,
+and `generate_class_images` also feeds the FineMarks check
+(`chimera_ray.eval.probes.finemarks_oracle.evaluate_base_on_finemarks`). Not to be confused
+with ``chimera-ray probe``, which probes a run's LoRA heads (`chimera_ray.eval.probes.heads`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from chimera_ray.eval.classifier import SmallCNN
+from chimera_ray.eval.small_cnn import SmallCNN
 from chimera_ray.models import native_resolution
 from chimera_ray.toy import world as toyworld
 from chimera_ray.toy.base import PROMPT_TEMPLATE, render_pool
@@ -25,7 +29,7 @@ __all__ = ["probe_network", "train_probe_classifier", "generate_class_images", "
 
 
 def probe_network(num_classes: int, width: int = 24) -> torch.nn.Module:
-    """The probe classifier: `chimera_ray.eval.classifier.SmallCNN` (3 conv stages and a linear
+    """The probe classifier: `chimera_ray.eval.small_cnn.SmallCNN` (3 conv stages and a linear
     head) at width 24, ample for 16 ToyWorld classes at 32 px."""
     return SmallCNN(num_classes, width)
 

@@ -1,6 +1,6 @@
 """Where a FineMarks comparison's synthetic tail images sit in nuisance space, per method.
 
-    python benchmarks/finemarks_nuisance.py outputs/finemarks [--seed 0]
+    python experiments/finemarks_nuisance.py outputs/finemarks [--seed 0]
 
 The oracle's nuisance regressor (standardised: real renders have mean 0, std 1 per field) on
 every method's synthetic tail images and on the real tail test images: per field mean and std
@@ -19,7 +19,7 @@ import torch
 
 from chimera_ray.data.ingest import ImageRow
 from chimera_ray.eval.downstream import load_real, load_synthetic
-from chimera_ray.eval.finemarks_oracle import load_finemarks_oracle, real_split
+from chimera_ray.eval.probes.finemarks_oracle import load_finemarks_oracle, real_split
 from chimera_ray.shards import shard_urls
 from chimera_ray.toy import finegrained as fm
 

@@ -1,6 +1,6 @@
-"""The FineMarks comparison's tables in docs/results.md, from a results.json of `chimera-ray reproduce`.
+"""The FineMarks comparison's tables in docs/results/results.md, from a results.json of `chimera-ray reproduce`.
 
-    python benchmarks/finemarks_tables.py docs/results_finemarks.json
+    python experiments/finemarks_tables.py docs/results/results_finemarks.json
 
 Prints markdown: per method mean ± sample std over seeds (points), the paired differences
 chimera minus each method with their 95 % t-intervals, wins and per-seed values, per-seed tail
@@ -67,7 +67,8 @@ def tables(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", help="results.json of `chimera-ray reproduce` (e.g. docs/results_finemarks.json)")
+    ap.add_argument("results",
+                    help="results.json of `chimera-ray reproduce` (e.g. docs/results/results_finemarks.json)")
     args = ap.parse_args(argv)
     text = tables(json.loads(Path(args.results).read_text()))
     print(text)

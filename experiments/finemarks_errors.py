@@ -1,6 +1,6 @@
 """Where the FineMarks classifier's tail errors go, and how much class fidelity buys downstream.
 
-    python benchmarks/finemarks_errors.py outputs/finemarks
+    python experiments/finemarks_errors.py outputs/finemarks
 
 Reads every finished run of a `chimera-ray reproduce jobs/configs/finemarks.yaml` folder
 (``seed*/<method>/eval/result.json``) and prints:

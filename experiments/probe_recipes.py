@@ -2,9 +2,9 @@
 
 The same toy base and budget, recipes side by side (the paper's default and
 this project's first one), each class trained with ``chimera_ray.train.train_class`` and
-measured with ``chimera_ray.eval.heads.probe_class``. Everything runs in one process, no Ray.
+measured with ``chimera_ray.eval.probes.heads.probe_class``. Everything runs in one process, no Ray.
 
-    python benchmarks/probe_recipes.py --out runs/probe_recipes --classes 3 \\
+    python experiments/probe_recipes.py --out runs/probe_recipes --classes 3 \\
         --recipe paper= --recipe "old=lora.init_a=kaiming;train.lr_a_scale=1;train.crop.method=boost_strong;train.crop.flip_p=0.5"
 
 Writes ``<out>/<recipe>/probe.json`` (+ grids) and prints one summary line per recipe.
@@ -22,7 +22,7 @@ import torch
 
 from chimera_ray.config import load_config
 from chimera_ray.data.ingest import load_image
-from chimera_ray.eval.heads import probe_class, summarize
+from chimera_ray.eval.probes.heads import probe_class, summarize
 from chimera_ray.generate import Generator
 from chimera_ray.preflight import ingest_for_run
 from chimera_ray.local import load_shots

@@ -1,4 +1,4 @@
-"""FineMarks oracles (`chimera_ray.eval.finemarks_oracle`): the metric functions on constructed
+"""FineMarks oracles (`chimera_ray.eval.probes.finemarks_oracle`): the metric functions on constructed
 inputs (a stand-in oracle that reads a label planted in the pixels), R^2 against scikit-learn,
 and a tiny oracle build: deterministic, cached, and reading the dataset's own test images."""
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import r2_score
 
-from chimera_ray.eval import finemarks_oracle as fo
+from chimera_ray.eval.probes import finemarks_oracle as fo
 from chimera_ray.toy import finegrained as fm
 
 TINY = fo.OracleRecipe(n_train=64, epochs=1, width=4, test_per_class=1)
@@ -142,7 +142,7 @@ def test_finemarks_features_spec_is_the_oracles_feature_space(tmp_path: Path, mo
 
 
 def test_base_check_counts_oracle_votes_per_class() -> None:
-    from chimera_ray.toy.arch import build_tiny_pipeline
+    from tests.tiny import build_tiny_pipeline
     from chimera_ray.toy.base import caption_words
 
     pipe = build_tiny_pipeline(seed=0, words=caption_words("finemarks"), max_length=16)

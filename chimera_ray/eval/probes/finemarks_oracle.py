@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from chimera_ray.cache import build_folder, cache_root, is_complete
-from chimera_ray.eval.classifier import SmallCNN
 from chimera_ray.eval.metrics import prdc
-from chimera_ray.eval.probe import generate_class_images
+from chimera_ray.eval.probes.base_model import generate_class_images
+from chimera_ray.eval.small_cnn import SmallCNN
 from chimera_ray.toy import finegrained as fm
 
 log = logging.getLogger(__name__)

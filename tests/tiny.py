@@ -1,41 +1,66 @@
-"""SDXL and SD 3.5 architectures from configs, random weights, nothing downloaded.
+"""Tiny random pipelines for tests (test material: nothing of the product imports this).
 
+``build_tiny_pipeline`` is a Stable Diffusion 1.x pipeline with ~0.8 M UNet parameters;
 ``build_tiny_sdxl_pipeline`` / ``build_tiny_sd3_pipeline`` follow diffusers' own pipeline
 tests (tiny ``UNet2DConditionModel`` with ``addition_embed_type="text_time"``; tiny
 ``SD3Transformer2DModel``), with tokenizers made here (CLIP BPE from ``build_tokenizer``, a
-T5 Unigram vocabulary from ``build_t5_tokenizer``). ``SDXL_UNET`` and ``SD35_TRANSFORMER``
-are the real models' denoiser configs (benchmarks build them with random weights).
+T5 Unigram vocabulary from ``build_t5_tokenizer``). Random weights, nothing downloaded.
+
+``TINY_RANDOM`` is the tiny pipeline saved once (``ensure_tiny_random``, also
+``python tests/tiny.py``): ``tests/configs/tiny.yaml`` loads it as a local folder, the way a user's
+model is loaded, in the tests' Ray workers and job subprocesses as well.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import torch
 
-from chimera_ray.toy.arch import build_tokenizer
+from chimera_ray.toy.arch import build_sd_pipeline, build_tokenizer
 
-__all__ = ["build_t5_tokenizer", "build_tiny_sdxl_pipeline", "build_tiny_sd3_pipeline", "SDXL_UNET",
-           "SD35_TRANSFORMER", "SD35_MEDIUM_TRANSFORMER"]
+__all__ = ["build_tiny_pipeline", "build_t5_tokenizer", "build_tiny_sdxl_pipeline", "build_tiny_sd3_pipeline",
+           "TINY_RANDOM", "ensure_tiny_random"]
 
-# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (2.57 B parameters).
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
-    transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-)
-# stabilityai/stable-diffusion-3.5-large transformer/config.json (8.1 B parameters).
-SD35_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
-    num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
-    pos_embed_max_size=192, qk_norm="rms_norm",
-)
-# stabilityai/stable-diffusion-3.5-medium transformer/config.json (2.5 B parameters; MMDiT-X).
-SD35_MEDIUM_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)),
-)
+# Where tests/configs/tiny.yaml finds the tiny random model (git-ignored; rebuilt when RECIPE changes).
+TINY_RANDOM = Path(__file__).resolve().parent / ".tiny-random"
+RECIPE = "tiny-random 2: build_tiny_pipeline(seed=0, max_length=32)"
+
+
+def build_tiny_pipeline(
+    seed: int = 0,
+    *,
+    sample_size: int = 8,
+    block_out_channels: tuple[int, ...] = (32, 64),
+    cross_attention_dim: int = 32,
+    words: list[str] = ("a", "photo", "of"),
+    max_length: int = 16,
+    prediction_type: str = "epsilon",
+):
+    """A tiny random SD 1.x pipeline (~0.8 M UNet parameters); images are ``sample_size * 2`` px."""
+    return build_sd_pipeline(
+        seed, latent_size=sample_size, unet_channels=block_out_channels, unet_attention=(True, False),
+        attention_heads=4, unet_norm_groups=8, vae_channels=(16, 32), vae_norm_groups=8, text_width=cross_attention_dim,
+        text_intermediate=64, text_layers=2, words=words, max_length=max_length, prediction_type=prediction_type,
+    )
+
+
+def ensure_tiny_random() -> Path:
+    """``TINY_RANDOM``, built (into a temporary folder, renamed last) unless it holds this ``RECIPE``."""
+    stamp = TINY_RANDOM / "RECIPE"
+    if stamp.is_file() and stamp.read_text() == RECIPE:
+        return TINY_RANDOM
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-random-", dir=TINY_RANDOM.parent))
+    build_tiny_pipeline(seed=0, max_length=32).save_pretrained(tmp, safe_serialization=True)
+    (tmp / "RECIPE").write_text(RECIPE)
+    shutil.rmtree(TINY_RANDOM, ignore_errors=True)
+    try:
+        tmp.rename(TINY_RANDOM)
+    except OSError:  # another process built it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TINY_RANDOM
 
 
 def build_t5_tokenizer(words: list[str] = (), model_max_length: int = 16):
@@ -141,3 +166,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, *, sample_size: int = 8, words: list[
         text_encoder=_clip(tok, 32, seed + 2, 32), tokenizer=tok, text_encoder_2=_clip(tok2, 32, seed + 3, 32),
         tokenizer_2=tok2, text_encoder_3=text_encoder_3, tokenizer_3=tok3 if t5 else None,
     )
+
+
+if __name__ == "__main__":
+    print(ensure_tiny_random())

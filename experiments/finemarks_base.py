@@ -1,8 +1,8 @@
 """Build ``builtin:toy-finemarks`` into the cache (timed) and run its chance-level check.
 
-    python benchmarks/finemarks_base.py [--rebuild] [--n-per-class 16] [--out docs/toy_finemarks_eval.json]
+    python experiments/finemarks_base.py [--rebuild] [--n-per-class 16] [--out docs/results/toy_finemarks_eval.json]
 
-The check (`chimera_ray.eval.finemarks_oracle.evaluate_base_on_finemarks`): prompted generations of
+The check (`chimera_ray.eval.probes.finemarks_oracle.evaluate_base_on_finemarks`): prompted generations of
 every FineMarks class judged by the class oracle; the tail should sit near chance (the base never
 saw it), the head well above (the base can draw a mark at all). Also the oracle's accuracy on VAE
 reconstructions of the real test split (does the autoencoder keep the mark?). Writes the JSON
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import chimera_ray.builtins  # noqa: F401 - registers the builtin models and datasets
-from chimera_ray.eval.finemarks_oracle import (
+from chimera_ray.eval.probes.finemarks_oracle import (
     evaluate_base_on_finemarks,
     load_finemarks_oracle,
     real_split,
@@ -35,8 +35,8 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="docs/toy_finemarks_eval.json")
-    ap.add_argument("--grid", default="docs/toy_finemarks_base_grid.png")
+    ap.add_argument("--out", default="docs/results/toy_finemarks_eval.json")
+    ap.add_argument("--grid", default="docs/results/toy_finemarks_base_grid.png")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -59,7 +59,7 @@ def main() -> None:
     out["eval_seconds"] = round(time.perf_counter() - t1, 1)
     out["loadavg_start"], out["loadavg_end"] = load0, os.getloadavg()
     out["oracle"] = oracle.meta
-    out["command"] = "python benchmarks/finemarks_base.py " + " ".join(
+    out["command"] = "python experiments/finemarks_base.py " + " ".join(
         (["--rebuild"] if args.rebuild else []) + ["--n-per-class", str(args.n_per_class)])
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)

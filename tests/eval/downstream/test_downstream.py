@@ -10,12 +10,12 @@ from PIL import Image
 
 from chimera_ray.config import DownstreamConfig
 from chimera_ray.data.ingest import ImageRow
-from chimera_ray.eval.classifier import (
+from chimera_ray.eval.downstream.classifier import (
     build_classifier,
     evaluate_classifier,
     train_classifier,
 )
-from chimera_ray.eval.downstream import (
+from chimera_ray.eval.downstream.data import (
     ImageSet,
     load_real,
     load_synthetic,
@@ -184,7 +184,7 @@ def test_accuracy_table_matches_hand_computation():
 @pytest.mark.parametrize("use_synthetic,share", [(False, 0.0), (True, 0.5)])
 def test_run_downstream_real_only_and_mixed(use_synthetic, share):
     from chimera_ray.config import Config
-    from chimera_ray.eval.downstream import run_downstream
+    from chimera_ray.eval.downstream.recipe import run_downstream
 
     torch.set_num_threads(1)
     real, test = _colour_set(4, 0), _colour_set(4, 1)

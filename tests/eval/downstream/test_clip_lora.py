@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from chimera_ray.config import Config, ConfigError, DownstreamConfig
-from chimera_ray.eval.classifier import (
+from chimera_ray.eval.downstream.classifier import (
     build_classifier,
     build_optimizer,
     train_classifier,
     training_steps,
 )
-from chimera_ray.eval.clip_lora import ClipLoRAClassifier
-from chimera_ray.eval.downstream import ImageSet, run_downstream, sampling_weights
+from chimera_ray.eval.downstream.clip_lora import ClipLoRAClassifier
+from chimera_ray.eval.downstream.data import ImageSet, sampling_weights
+from chimera_ray.eval.downstream.recipe import run_downstream
 
 NAMES = ["red", "green", "blue"]
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220)]

@@ -15,7 +15,7 @@ from chimera_ray.config import (
     TrainConfig,
     config_to_dict,
 )
-from chimera_ray.eval.heads import (
+from chimera_ray.eval.probes.heads import (
     coverage_sweep,
     identification,
     pixel_features,
@@ -158,7 +158,7 @@ def test_probe_run_resolves_builtin_datasets(tiny_pipe, shots, tmp_path, monkeyp
         asked.append((source, cache_dir))
         return str(data) if source == "builtin:finemarks" else source
 
-    monkeypatch.setattr("chimera_ray.eval.heads.resolve_dataset", resolve)
+    monkeypatch.setattr("chimera_ray.eval.probes.heads.resolve_dataset", resolve)
     run = tmp_path / "run"
     for s, p in zip(shots, paths):
         s.image, s.shot_id = Image.open(p).convert("RGB"), p.rsplit("/", 1)[-1]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import fsspec
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from chimera_ray.cache import (
     build_folder,
@@ -303,6 +304,15 @@ def _expected_shapes(library: str, class_name: str, config: dict) -> dict[str, t
     return out
 
 
+def _is_hub_id(source: str) -> bool:
+    """Whether ``source`` can name a hub repository (``tests/.tiny-random`` cannot: a folder)."""
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
+
+
 def check_base(source: str) -> list[str]:
     """Problems that would stop ``load_base(source)``, found without loading any weights.
 
@@ -319,7 +329,7 @@ def check_base(source: str) -> list[str]:
         return [] if name in _BUILTINS else [f"unknown builtin model {source!r}; available: {_available_builtins()}"]
     local = Path(source).expanduser()
     if "://" not in source and not local.exists():
-        if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        if source.startswith((".", "/", "~")) or source.count("/") > 1 or not _is_hub_id(source):
             return [f"base model folder {source!r} does not exist"]
         return []  # a hub id: loaded (or refused offline) by diffusers
     root = source.rstrip("/") if "://" in source else str(local)

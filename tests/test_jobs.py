@@ -16,6 +16,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.tiny import TINY_RANDOM
+
 ROOT = Path(__file__).parent.parent
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -147,7 +149,9 @@ def test_ray_job_submit_smoke_on_a_real_local_cluster(tmp_path):
             time.sleep(1)
         submit = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT),
                   "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", ".git"]}), "--",
-                  "python", "jobs/full.py", "--config", "tests/configs/tiny.yaml", "--smoke-test", f"output={out}"]
+                  "python", "jobs/full.py", "--config", "tests/configs/tiny.yaml", "--smoke-test", f"output={out}",
+                  # the tiny model by its absolute path: git-ignored, it is not in the uploaded working dir
+                  f"model.base={TINY_RANDOM}"]
         # The head's job agent may still be starting ("No available agent"); on a busy 2-core
         # machine that took over 40 s, so wait on a deadline rather than a retry count.
         deadline = time.monotonic() + 300

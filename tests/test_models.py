@@ -10,6 +10,7 @@ import chimera_ray.builtins  # noqa: F401 - registers the builtin models and dat
 from chimera_ray.cache import CacheError, cache_root
 from chimera_ray.models import (
     BaseModelError,
+    check_base,
     load_base,
     native_resolution,
     resolve_base,
@@ -93,3 +94,12 @@ def test_shipped_builtin_weights_are_used_only_when_their_version_matches(tmp_pa
                                                   build_tiny_pipeline().save_pretrained(f), "a-newer-recipe"))
     folder = resolve_base("builtin:toy", cache_dir=str(tmp_path))
     assert folder != str(shipped) and built and (Path(folder) / "model_index.json").exists()
+
+
+def test_a_missing_folder_is_not_taken_for_a_hub_id():
+    """Pre-flight: a path that cannot name a hub repository is a missing folder, said before any work
+    (a relative model path run from another directory passed as a hub id and failed on the workers)."""
+    assert check_base("tests/.no-such-model") == ["base model folder 'tests/.no-such-model' does not exist"]
+    assert check_base("org/name.") == ["base model folder 'org/name.' does not exist"]
+    assert check_base("stable-diffusion-v1-5/stable-diffusion-v1-5") == []  # a hub id: checked when loaded
+

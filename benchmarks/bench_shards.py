@@ -45,7 +45,7 @@ def install_standin() -> None:
     class StandInGenerator(Generator):
         """The real Generator (rows, metadata, encoding) around a denoiser that returns noise."""
 
-        def __init__(self, model, generate, mode="base", adapter_root=None, pipe=None):
+        def __init__(self, model, generate, mode="base", adapter_root=None, pipe=None, cache_dir=None):
             self.cfg, self.mode, self.adapter_root = generate, mode, None
             self.pipe = SimpleNamespace(scheduler=SimpleNamespace())
             self.base_id, self.resolution = "stand-in", side
@@ -85,7 +85,7 @@ def _io_written() -> int:
         return 0
 
 
-def run_one(samples: int, classes: int, out: str, actors: int, unit_samples: int = 0) -> dict:
+def run_one(samples: int, classes: int, out: str, actors: int, unit_samples: int = 0, round_units: int = 0) -> dict:
     import ray
 
     from chimera_ray.config import load_config
@@ -98,7 +98,8 @@ def run_one(samples: int, classes: int, out: str, actors: int, unit_samples: int
     cfg = load_config(None, [f"output={out}", "lora.mode=base", "model.base=stand-in", "shards.max_samples=256",
                              "generate.batch_size=64", f"generate.unit_samples={unit_samples}",
                              f"ray.gen_actors_min={actors}",
-                             f"ray.gen_actors_max={actors}", "ray.gen_cpus=1", "ray.num_cpus=2"])
+                             f"ray.gen_actors_max={actors}", "ray.gen_cpus=1", "ray.num_cpus=2",
+                             *([f"ray.round_units={round_units}"] if round_units else [])])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     ray.init(address="local", num_cpus=2, include_dashboard=False,
@@ -120,7 +121,9 @@ def run_one(samples: int, classes: int, out: str, actors: int, unit_samples: int
             "plan_s": index["timing"]["generate_plan_s"], "units": index["generation"]["units_planned"],
             "shards": index["totals"]["shards"], "bytes_kept": kept,
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "driver_rss_before_mb": round(rss0 / 1024, 1), "peak_ray_processes": peak[0]}
+            "driver_rss_before_mb": round(rss0 / 1024, 1), "peak_ray_processes": peak[0],
+            # the process that ran each round's Ray Data stream (generate._stream_round): its largest peak
+            "round_process_peak_rss_mb": index["timing"].get("round_process_peak_rss_mb")}
 
 
 # ---- the driver of the benchmark -----------------------------------------------------------
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--side", type=int, default=48, help="stand-in image side in pixels")
     ap.add_argument("--unit-samples", type=int, default=0,
                     help="generate.unit_samples (0: the product's default); small units = many units per sample")
+    ap.add_argument("--round-units", type=int, default=0, help="ray.round_units (0: the product's default)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size in this process
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -141,13 +145,13 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ["BENCH_SHARDS_SIDE"] = str(args.side)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if args.one:
-        print(json.dumps(run_one(args.one, args.classes, args.out, args.actors, args.unit_samples)))
+        print(json.dumps(run_one(args.one, args.classes, args.out, args.actors, args.unit_samples, args.round_units)))
         return {}
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
             cmd = [sys.executable, __file__, "--one", str(n), "--classes", str(args.classes), "--out", tmp,
-                   "--actors", str(args.actors), "--side", str(args.side), "--unit-samples", str(args.unit_samples)]
+                   "--actors", str(args.actors), "--side", str(args.side), "--unit-samples", str(args.unit_samples), "--round-units", str(args.round_units)]
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 raise SystemExit(f"size {n} failed:\n{proc.stderr[-3000:]}")
@@ -156,11 +160,12 @@ def main(argv: list[str] | None = None) -> dict:
     base = rows[0]["us_per_sample"]
     print(f"\n### Generation system at scale (stand-in generator, {args.side}px noise PNGs, {args.classes} classes, "
           f"{args.actors} actor(s); {platform.node()}, {os.cpu_count()} CPUs)\n")
-    print("| samples | units | shards | wall s | µs/sample | vs smallest | driver plan s | driver peak RSS MB | "
-          "peak Ray processes |\n|---|---|---|---|---|---|---|---|---|")
+    print("| samples | units | shards | wall s | µs/sample | vs smallest | driver plan s | driver RSS before MB | "
+          "driver peak RSS MB | round process peak RSS MB | peak Ray processes |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['samples']:,} | {r['units']} | {r['shards']} | {r['wall_s']} | {r['us_per_sample']} | "
-              f"{r['us_per_sample'] / base:.2f}x | {r['plan_s']} | {r['driver_peak_rss_mb']} | {r['peak_ray_processes']} |")
+              f"{r['us_per_sample'] / base:.2f}x | {r['plan_s']} | {r['driver_rss_before_mb']} | {r['driver_peak_rss_mb']} | "
+              f"{r['round_process_peak_rss_mb']} | {r['peak_ray_processes']} |")
     result = {"rows": rows, "args": vars(args), "machine": {"node": platform.node(), "cpus": os.cpu_count(),
                                                             "python": platform.python_version()}}
     if args.json:

@@ -477,6 +477,12 @@ class RayConfig:
     # counts), then reported as failed while the others go on. Lost nodes are otherwise routine:
     # actors and trainers restart without a run-wide cap.
     unit_attempts: int = 3
+    # Most units one round of the generation stream takes. A round's Ray Data execution runs in a
+    # process of its own on the driver's node, which exits after the round: Ray keeps a few KB of
+    # native state per task in the process that runs the stream, so this bounds that process's
+    # memory and keeps the driver's flat in units. Each round starts the actor pool afresh (a
+    # model load per actor), so it is large against a pool's start. No output byte depends on it.
+    round_units: int = 10_000
     # Generation actor pool size (Ray Data autoscales it between min and max). max 0 (default):
     # as many actors as the cluster can hold (the pool grows while units wait and the cluster
     # has room; an autoscaling cluster adds nodes for it). Neither changes any output byte.
@@ -511,6 +517,7 @@ class RayConfig:
             (self.max_failures >= 0 and self.class_attempts >= 1,
              "ray.max_failures must be >= 0 and ray.class_attempts >= 1"),
             (self.unit_attempts >= 1, f"ray.unit_attempts must be >= 1 (got {self.unit_attempts})"),
+            (self.round_units >= 1, f"ray.round_units must be >= 1 (got {self.round_units})"),
         )
 
 

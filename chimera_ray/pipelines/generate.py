@@ -28,10 +28,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import contextlib
 import logging
 import os
-from array import array
+import resource
 import socket
+from array import array
 import threading
 import time
 import warnings
@@ -45,6 +47,7 @@ import ray.data
 from ray.data import ActorPoolStrategy, DataContext
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from chimera_ray.config import Config, config_from_dict, config_to_dict
 from chimera_ray.generate import Generator, Rendered
@@ -84,6 +87,9 @@ POLL_S = 2.0
 COMMITS_IN_FLIGHT = 1
 # Rounds of the generation stream in a row that commit nothing before the error is final.
 STALLED_ROUNDS = 3
+# A round's process sends the driver its units' results in chunks of this many (one object
+# each), or whatever it has after a second.
+RESULT_CHUNK = 64
 
 # CPU request of the light stages (unit expansion, Dirichlet draws). They take milliseconds per
 # block; any CPU request lets a pool of generation actors that fills the node (2 actors x 1 CPU
@@ -471,6 +477,7 @@ class _Rounds:
         self.unit_seconds, self.t_first, self.t_gen = 0.0, None, None
         # Per actor, render start/end of every unit attempt that returned, as flat doubles (16 bytes a unit).
         self.renders: dict[str, array] = {}
+        self.round_peak_mb = 0.0  # the largest peak RSS of a round's process (_stream_round)
 
     def generation(self) -> dict:
         return {"generation": {"units_planned": len(self.planned.units), "units_skipped": self.skipped,
@@ -512,7 +519,7 @@ class _Rounds:
                 gate.wait(timeout=POLL_S)
                 continue
             self.t_gen = self.t_gen or time.time()  # generation proper starts with the first ready window
-            round_units = [u for u in left if u.window in ready]
+            round_units = [u for u in left if u.window in ready][:self.cfg.ray.round_units]
             done_before = len(self.committed) + len(self.unit_errors)
             try:
                 self._round(round_units, sink)
@@ -532,16 +539,32 @@ class _Rounds:
                          if u.index not in self.committed and u.index not in self.unit_errors}
 
     def _round(self, round_units: list[Unit], sink) -> None:
+        """Streams one round's units through Ray Data in a process of its own (``_stream_round``)
+        on the driver's node, and records each unit's result as it comes back. Ray keeps a few
+        KB of native state per task in the process that runs a Ray Data stream, freed only when
+        that process exits (docs/performance/benchmarks.md); here that process lives one round of
+        at most ``ray.round_units`` units, so the driver's memory stays flat in units."""
         by_window: dict[int, list[Unit]] = {}
         for u in round_units:
             by_window.setdefault(u.window, []).append(u)
         read = _read_fn(self.cfg, self.plans, self.adapter_root, self._failed(), self.seed, self.unit_samples)
         source = _UnitSource([(self.planned.windows[w], us, [self.planned.tables.get(u.index) for u in us])
                               for w, us in by_window.items()], read)
-        ds = _unit_dataset(self.cfg, source, self.unit_samples, self.adapter_root, self.shards_dir, sink)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-            for row in zip(batch["unit"], batch["entries"], batch["seconds"], batch["error"], batch["render"]):
-                self._result(*row)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        # The actor class as this module holds it now (a test's fault wrapper travels by reference).
+        stream = _stream_round.options(scheduling_strategy=here).remote(
+            self.cfg, source, self.unit_samples, self.adapter_root, self.shards_dir, sink, _GenerateActor,
+            DataContext.get_current())
+        try:
+            for ref in stream:
+                rows, peak_mb = ray.get(ref)
+                self.round_peak_mb = max(self.round_peak_mb, peak_mb)
+                for row in rows:
+                    self._result(*row)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the round's process and its actor pool go with it
+                ray.cancel(stream, force=True)
+            raise
 
     def _result(self, unit, entries, seconds, error, render) -> None:
         name, start, end = json.loads(str(render))
@@ -584,6 +607,8 @@ class _Rounds:
             # accelerator's idle time at a unit boundary (a commit on the render path shows here).
             timing["unit_boundary_idle_s"] = {"median": round(float(np.median(gaps)), 3),
                                               "max": round(float(gaps.max()), 3), "boundaries": int(gaps.size)}
+        if self.round_peak_mb:
+            timing["round_process_peak_rss_mb"] = round(self.round_peak_mb, 1)
         if self.t_first is not None:
             timing["first_unit_at"] = round(self.t_first, 3)  # wall clock (s since the epoch): overlap figures
         return timing
@@ -619,8 +644,31 @@ def _read_fn(cfg: Config, plans: list[ClassPlan], adapter_root: str | None, excl
                              labels={p.key: p.label for p in plans}, unit_samples=unit_samples, weights=weights)
 
 
+@ray.remote(num_cpus=0, max_calls=1, max_retries=0)
+def _stream_round(cfg: Config, source: _UnitSource, unit_samples: int, adapter_root: str | None, shards_dir: str,
+                  sink, actor_cls: type, data_context: DataContext):
+    """One round of the generation stream: runs its Ray Data graph (``_unit_dataset``) and yields
+    ``(results, peak RSS in MB)`` chunks, each result ``(unit, entries, seconds, error, render)``.
+    A task with ``max_calls=1``: its process exits after the round, and with it whatever Ray
+    kept per task; the actor pool it owns ends with it. Asks for no CPU (it only coordinates)."""
+    DataContext._set_current(data_context)  # the driver's settings (progress bars, ...)
+    ds = _unit_dataset(cfg, source, unit_samples, adapter_root, shards_dir, sink, actor_cls)
+    rows, sent = [], time.monotonic()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+        rows.extend(zip(batch["unit"].tolist(), batch["entries"].tolist(), batch["seconds"].tolist(),
+                        batch["error"].tolist(), batch["render"].tolist()))
+        if len(rows) >= RESULT_CHUNK or time.monotonic() - sent >= 1.0:
+            yield rows, _peak_rss_mb()
+            rows, sent = [], time.monotonic()
+    yield rows, _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
 def _unit_dataset(cfg: Config, source: _UnitSource, unit_samples: int, adapter_root: str | None,
-                  shards_dir: str, sink=None) -> ray.data.Dataset:
+                  shards_dir: str, sink, actor_cls: type) -> ray.data.Dataset:
     """The Ray Data graph: one read task per window -> a block per unit -> committed unit results."""
     ctx = DataContext.get_current()
     # Retry a unit whose generation raised (actor death is retried by Ray anyway); a unit's
@@ -635,7 +683,7 @@ def _unit_dataset(cfg: Config, source: _UnitSource, unit_samples: int, adapter_r
     # them as the way to set them.
     warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
     return ds.map_batches(
-        _GenerateActor,
+        actor_cls,
         fn_constructor_kwargs={"cfg_dict": config_to_dict(cfg), "adapter_root": adapter_root, "shards_dir": shards_dir,
                                "progress": sink},
         # gen_actors_max 0: no upper bound, the pool grows while units wait and the cluster has room.

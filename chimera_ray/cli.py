@@ -128,7 +128,8 @@ def _add_cluster_jobs(sub) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="subset of real_only base classwise imagewise chimera (default: all)")
-    p.add_argument("--no-ablations", action="store_true", help="skip the alpha / boosting / rank ablations")
+    p.add_argument("--no-ablations", action="store_true",
+                   help="skip the ablations (alpha, one head, no boosting, LoFT-matched rank)")
     p.add_argument("--reference", default="chimera",
                    help="method the paired differences are taken against (default: chimera)")
     p.add_argument("--summarize-only", action="store_true",

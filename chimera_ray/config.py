@@ -35,6 +35,8 @@ __all__ = [
     "DownstreamConfig",
     "Config",
     "RECIPES",
+    "Recipe",
+    "Recipes",
     "resolve_recipe",
     "load_config",
     "apply_overrides",
@@ -99,7 +101,9 @@ class LoRAConfig:
     # chimera: shared A + one B head per shot (the method); classwise: one head for all
     # shots (DataDream); imagewise: an independent (A_i, B_i) per shot, each trained alone
     # (LoFT); base: no fine-tuning (prompt only). Each mode runs its own paper's recipe
-    # (RECIPES below): a field left null takes the mode's value, a field set wins.
+    # (RECIPES below, each setting's source in docs/guides/recipes.md): a field left null takes
+    # the config's `recipes.<mode>` value, else the built-in one; a field set here wins for
+    # every mode.
     mode: Literal["chimera", "classwise", "imagewise", "base"] = "chimera"
     # LoRA rank r. Recipe: chimera 8 (the paper does not give it; ours), classwise 16
     # (DataDream), imagewise 2 (LoFT).
@@ -109,7 +113,8 @@ class LoRAConfig:
     # A's initialisation (B starts at zero, so step 0 is the base model either way):
     # "gaussian" N(0, 1/r^2) as the paper does (peft's init_lora_weights="gaussian"), or
     # "kaiming" (peft's default Kaiming-uniform, ~5x smaller updates through B).
-    # Recipe: chimera gaussian, classwise/imagewise kaiming (their code uses peft's default).
+    # Recipe: gaussian for every method (the paper; DataDream's and LoFT's code pass peft's
+    # init_lora_weights="gaussian").
     init_a: Literal["gaussian", "kaiming"] | None = None
     # Attention projections are what the paper adapts; names match diffusers' Attention.
     # A pattern matches a module whose dotted name equals it or ends with "." + pattern;
@@ -117,8 +122,10 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     # Also a LoRA on the text encoder's attention projections (DataDream trains one; classwise
     # mode only: its prompt embedding is then the class's own). Saved with the UNet adapter,
-    # exported with it, applied to the prompt and the negative prompt at generation.
-    text_encoder: bool = False
+    # exported with it, applied to the prompt and the negative prompt at generation. Recipe:
+    # classwise true (DataDream), else false. SD 1.x/2.x bases only: on SDXL / SD 3 the recipe's
+    # true is reported and the UNet LoRA trained alone; a true set by the user is an error there.
+    text_encoder: bool | None = None
     text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
     def problems(self) -> list[str]:
@@ -156,9 +163,9 @@ class CropConfig:
     scale: tuple[float, float] = (0.35, 1.0)
     # Aspect ratio range of those crops before they are resized to a square.
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    # Horizontal flip probability. null: the recipe's (chimera 0: a head should keep its shot as
-    # it is, the paper's boosting names only scale and translation jitter; classwise 0.5 as
-    # diffusers' LoRA scripts DataDream builds on; imagewise 0, LoFT's centre crop).
+    # Horizontal flip probability. null: the recipe's (0 for every method: chimera's heads keep
+    # their shot as it is, the paper's boosting names only scale and translation jitter; neither
+    # DataDream's nor LoFT's transforms flip).
     flip_p: float | None = None
     # Boxes partly outside the image: "clip" them (counted in the report) or "error".
     out_of_image: Literal["clip", "error"] = "clip"
@@ -180,8 +187,9 @@ class CropConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # Optimiser steps per class (imagewise: per image, each image's LoRA trained on its own).
-    # A few hundred steps is DataDream/LoFT's few-shot regime for SD; the toy base needs fewer.
-    steps: int = 200
+    # Recipe: chimera 200 (the paper does not give it; ours), classwise 200 (DataDream's 200
+    # epochs: one batch per epoch up to 8 shots), imagewise 600 (LoFT's 600 epochs of one image).
+    steps: int | None = None
     # Learning rate of the B heads. Recipe: chimera 1e-3 (the paper's head rate), classwise 1e-4
     # (DataDream), imagewise 1e-3 (LoFT).
     lr: float | None = None
@@ -189,7 +197,8 @@ class TrainConfig:
     # a slow shared A holds the class while the heads specialise), 1.0 for the baselines.
     lr_a_scale: float | None = None
     # "constant", or "cosine" decay to 0 after a linear warm-up over warmup_fraction of the steps.
-    # Recipe: classwise cosine with 1/4 warm-up (DataDream: 100 warm-up steps of ~400), else constant.
+    # Recipe: chimera constant; classwise cosine, warm-up 0.5 (DataDream: 100 warm-up steps of its
+    # 200); imagewise cosine, warm-up 1/60 (LoFT: 10 of 600).
     schedule: Literal["constant", "cosine"] | None = None
     warmup_fraction: float | None = None
     weight_decay: float = 1e-2
@@ -200,6 +209,11 @@ class TrainConfig:
     # Samples per optimiser micro-batch; every sample routes through its own shot's head.
     # Recipe: chimera 4, classwise 8 (DataDream), imagewise 1 (LoFT).
     batch_size: int | None = None
+    # How a micro-batch picks its shots. random: batch_size shots drawn with replacement (ours);
+    # shuffle: passes over the shots in a fresh order, batch_size at a time, the last batch of a
+    # pass smaller (torch's DataLoader(shuffle=True), which DataDream and LoFT use: with 4 shots
+    # and batch 8 every step holds each shot once). Recipe: chimera random, the baselines shuffle.
+    sampler: Literal["random", "shuffle"] | None = None
     # Micro-batches per optimiser step (effective batch = batch_size * grad_accum).
     grad_accum: int = 1
     seed: int = 0
@@ -222,6 +236,7 @@ class TrainConfig:
         (``resolve_recipe``: lr, lr_a_scale, warmup_fraction, batch_size are numbers)."""
         return _failed(
             (self.steps >= 1, f"train.steps must be >= 1 (got {self.steps})"),
+            (self.sampler in ("random", "shuffle"), f"train.sampler must be random or shuffle (got {self.sampler!r})"),
             (self.lr > 0, f"train.lr must be > 0 (got {self.lr})"),
             (self.lr_a_scale >= 0,
              f"train.lr_a_scale must be >= 0, A's rate is train.lr * lr_a_scale (got {self.lr_a_scale})"),
@@ -613,30 +628,104 @@ class DownstreamConfig:
         )
 
 
-# Each mode's recipe: the values a null field of `lora` / `train` / `train.crop` takes. chimera is
-# the paper's (A 10x slower than the heads, Gaussian A, boosting crops); classwise is DataDream's
-# (rank 16, lr 1e-4 cosine with warm-up, resize + random crop, batch 8); imagewise is LoFT's (rank
-# 2, lr 1e-3, batch 1, centre crop, each image's LoRA trained alone). base trains nothing.
+# Each mode's built-in recipe: the values a null field of `lora` / `train` / `train.crop` takes
+# when the config's `recipes.<mode>` does not give one. chimera is the paper's (A 10x slower than
+# the heads, Gaussian A, boosting crops; rank and steps ours); classwise is DataDream's and
+# imagewise LoFT's, as their released code and launch scripts run them (every value's source, file
+# and line: docs/guides/recipes.md; tests/test_config.py holds the two together). base trains
+# nothing.
 RECIPES: dict[str, dict[str, Any]] = {
-    "chimera": {"lora.rank": 8, "lora.init_a": "gaussian", "train.lr": 1e-3, "train.lr_a_scale": 0.1,
-                "train.schedule": "constant", "train.warmup_fraction": 0.0, "train.batch_size": 4,
-                "train.crop.method": "boost", "train.crop.flip_p": 0.0},
-    "classwise": {"lora.rank": 16, "lora.init_a": "kaiming", "train.lr": 1e-4, "train.lr_a_scale": 1.0,
-                  "train.schedule": "cosine", "train.warmup_fraction": 0.25, "train.batch_size": 8,
-                  "train.crop.method": "resize_crop", "train.crop.flip_p": 0.5},
-    "imagewise": {"lora.rank": 2, "lora.init_a": "kaiming", "train.lr": 1e-3, "train.lr_a_scale": 1.0,
-                  "train.schedule": "constant", "train.warmup_fraction": 0.0, "train.batch_size": 1,
-                  "train.crop.method": "center", "train.crop.flip_p": 0.0},
+    "chimera": {"lora.rank": 8, "lora.init_a": "gaussian", "lora.text_encoder": False, "train.steps": 200,
+                "train.lr": 1e-3, "train.lr_a_scale": 0.1, "train.schedule": "constant", "train.warmup_fraction": 0.0,
+                "train.batch_size": 4, "train.sampler": "random", "train.crop.method": "boost", "train.crop.flip_p": 0.0},
+    "classwise": {"lora.rank": 16, "lora.init_a": "gaussian", "lora.text_encoder": True, "train.steps": 200,
+                  "train.lr": 1e-4, "train.lr_a_scale": 1.0, "train.schedule": "cosine", "train.warmup_fraction": 0.5,
+                  "train.batch_size": 8, "train.sampler": "shuffle", "train.crop.method": "resize_crop",
+                  "train.crop.flip_p": 0.0},
+    "imagewise": {"lora.rank": 2, "lora.init_a": "gaussian", "lora.text_encoder": False, "train.steps": 600,
+                  "train.lr": 1e-3, "train.lr_a_scale": 1.0, "train.schedule": "cosine", "train.warmup_fraction": 1 / 60,
+                  "train.batch_size": 1, "train.sampler": "shuffle", "train.crop.method": "center",
+                  "train.crop.flip_p": 0.0},
 }
 RECIPES["base"] = RECIPES["chimera"]
 
 
-def resolve_recipe(lora: LoRAConfig, train: TrainConfig) -> tuple[LoRAConfig, TrainConfig]:
-    """Fills the null fields of ``lora`` / ``train`` from ``RECIPES[lora.mode]``; set fields win.
+@dataclass(frozen=True)
+class RecipeLoRA:
+    """A method's own `lora` settings in a config (every field null: the built-in recipe's)."""
+
+    rank: int | None = None
+    lora_alpha: float | None = None
+    init_a: Literal["gaussian", "kaiming"] | None = None
+    text_encoder: bool | None = None
+
+
+@dataclass(frozen=True)
+class RecipeCrop:
+    method: Literal["boost", "boost_strong", "random_resized", "resize_crop", "center"] | None = None
+    flip_p: float | None = None
+
+
+@dataclass(frozen=True)
+class RecipeTrain:
+    """A method's own `train` settings in a config (every field null: the built-in recipe's)."""
+
+    steps: int | None = None
+    lr: float | None = None
+    lr_a_scale: float | None = None
+    schedule: Literal["constant", "cosine"] | None = None
+    warmup_fraction: float | None = None
+    batch_size: int | None = None
+    sampler: Literal["random", "shuffle"] | None = None
+    crop: RecipeCrop = field(default_factory=RecipeCrop)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    lora: RecipeLoRA = field(default_factory=RecipeLoRA)
+    train: RecipeTrain = field(default_factory=RecipeTrain)
+
+    def values(self) -> dict[str, Any]:
+        """The settings this recipe gives, as dotted keys (``{"train.lr": 1e-4}``)."""
+        out = {}
+        for prefix, obj in (("lora", self.lora), ("train", self.train), ("train.crop", self.train.crop)):
+            out.update({f"{prefix}.{f.name}": getattr(obj, f.name) for f in dataclasses.fields(obj)
+                        if not dataclasses.is_dataclass(getattr(obj, f.name)) and getattr(obj, f.name) is not None})
+        return out
+
+
+@dataclass(frozen=True)
+class Recipes:
+    """Each method's own settings (`recipes.<mode>.lora|train`), over its built-in recipe.
+
+    A comparison (`chimera-ray reproduce`) runs every method from one config: what all methods
+    share goes in `lora` / `train` (a field set there wins for every method), what is a method's
+    own goes here, so a baseline never trains with chimera's settings. base uses chimera's.
+    """
+
+    chimera: Recipe = field(default_factory=Recipe)
+    classwise: Recipe = field(default_factory=Recipe)
+    imagewise: Recipe = field(default_factory=Recipe)
+
+    def problems(self) -> list[str]:
+        """Every problem with a method's own settings, checked as that method would train."""
+        errors = []
+        for mode in ("chimera", "classwise", "imagewise"):
+            lora, train = resolve_recipe(LoRAConfig(mode=mode), TrainConfig(), self)
+            errors += [f"recipes.{mode}: {m}" for m in (*lora.problems(), *train.problems())]
+        return errors
+
+
+def resolve_recipe(lora: LoRAConfig, train: TrainConfig,
+                   recipes: Recipes | None = None) -> tuple[LoRAConfig, TrainConfig]:
+    """Fills the null fields of ``lora`` / ``train`` from ``recipes.<mode>`` (the config's own
+    settings for the mode), then from ``RECIPES[mode]``; set fields win.
 
     Idempotent; ``lora_alpha`` null becomes the rank (LoRA scale 1).
     """
-    recipe = RECIPES.get(lora.mode, RECIPES["chimera"])
+    mode = lora.mode if lora.mode in RECIPES else "chimera"
+    own = getattr(recipes or Recipes(), "chimera" if mode == "base" else mode)
+    recipe = {**RECIPES[mode], **own.values()}
 
     def fill(obj, section):
         vals = {k.rsplit(".", 1)[1]: v for k, v in recipe.items() if k.rsplit(".", 1)[0] == section}
@@ -655,6 +744,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Each method's own lora/train settings (a comparison runs every method from one config).
+    recipes: Recipes = field(default_factory=Recipes)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     data: DataConfig = field(default_factory=DataConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
@@ -672,9 +763,16 @@ class Config:
         # The mode's recipe fills what the config leaves null; the resolved values are what
         # `<output>/config.yaml` records and every stage reads.
         if isinstance(self.lora, LoRAConfig) and isinstance(self.train, TrainConfig):
-            lora, train = resolve_recipe(self.lora, self.train)
+            lora, train = resolve_recipe(self.lora, self.train, self.recipes if isinstance(self.recipes, Recipes) else None)
             object.__setattr__(self, "lora", lora)
             object.__setattr__(self, "train", train)
+
+    def recipe_settings(self) -> dict[str, Any]:
+        """This config's resolved recipe fields (``RECIPES``' keys and ``lora.lora_alpha``), as
+        dotted keys: what its method trains with."""
+        sections = {"lora": self.lora, "train": self.train, "train.crop": self.train.crop}
+        keys = [*RECIPES["chimera"], "lora.lora_alpha"]
+        return {k: getattr(sections[k.rsplit(".", 1)[0]], k.rsplit(".", 1)[1]) for k in keys}
 
     def output_path(self, *parts: str) -> str:
         """``<output>/<parts...>`` (a local path or a URL such as s3://...), with no doubled
@@ -685,7 +783,8 @@ class Config:
         """Checks every field and raises one ``ConfigError`` listing all problems: each section's
         own (its ``problems()``) in section order, the top-level fields' between data and shards."""
         errors = [
-            *self.model.problems(), *self.lora.problems(), *self.train.problems(), *self.generate.problems(),
+            *self.model.problems(), *self.lora.problems(), *self.train.problems(), *self.recipes.problems(),
+            *self.generate.problems(),
             *self.data.problems(),
             *_failed((bool(self.output), "output must be a folder path or fsspec URL")),
             *self.shards.problems(), *self.ray.problems(), *self.downstream.problems(),

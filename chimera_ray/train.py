@@ -10,8 +10,10 @@ same sequence of crops, noise and timesteps it would have drawn uninterrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -45,6 +47,8 @@ from chimera_ray.lora.inject import (
 )
 from chimera_ray.models import native_resolution
 from chimera_ray.sampling import derive_seed
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Shot", "TrainResult", "heads_for_mode", "prepare_shots", "encode_prompt", "train_step", "train_class",
            "denoising_loss", "latest_checkpoint", "save_checkpoint", "load_checkpoint", "prune_checkpoints",
@@ -279,6 +283,19 @@ class _StepContext:
     report: dict
 
 
+def batch_shots(train: TrainConfig, num_shots: int, seed_key: str, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """The shots of micro-batch number ``batch`` (``train.sampler``): ``random`` draws
+    ``batch_size`` of them with replacement from ``rng``; ``shuffle`` walks passes over the shots,
+    each in its own seeded order, ``batch_size`` at a time (a pass's last batch is smaller), as
+    torch's ``DataLoader(shuffle=True)`` does in DataDream's and LoFT's scripts."""
+    if train.sampler == "random":
+        return rng.integers(0, num_shots, size=train.batch_size)
+    per_pass = -(-num_shots // train.batch_size)
+    epoch, k = divmod(batch, per_pass)
+    order = np.random.default_rng(derive_seed(train.seed, seed_key, epoch, "pass")).permutation(num_shots)
+    return order[k * train.batch_size:(k + 1) * train.batch_size]
+
+
 def train_step(ctx: _StepContext, step: int) -> float:
     """One optimisation step (``train.grad_accum`` micro-batches of training views); returns its loss.
 
@@ -290,7 +307,7 @@ def train_step(ctx: _StepContext, step: int) -> float:
     step_loss = 0.0
     for micro in range(train.grad_accum):
         rng = np.random.default_rng(derive_seed(train.seed, ctx.seed_key, step * 1000 + micro, "views"))
-        shot_idx = rng.integers(0, len(ctx.views), size=train.batch_size)
+        shot_idx = batch_shots(train, len(ctx.views), ctx.seed_key, step * train.grad_accum + micro, rng)
         pixels = []
         for i in shot_idx:
             img, box, _ = ctx.views[i]
@@ -457,9 +474,14 @@ def train_class(
     prompt = train.prompt_template.format(name=class_name)
     text = encode_prompt(pipe, prompt, resolution)
     targets = lora_targets(family, lora.targets)
+    te_skipped = None
     if lora.text_encoder and family.name != "sd":
-        raise ValueError(f"lora.text_encoder=true (DataDream's text-encoder LoRA) is implemented for SD 1.x/2.x "
-                         f"pipelines; this base is {family.name}: set lora.text_encoder=false")
+        # classwise's recipe (DataDream) trains one; reported, and the UNet LoRA trained alone.
+        te_skipped = (f"lora.text_encoder: the text-encoder LoRA is implemented for SD 1.x/2.x bases; this base is "
+                      f"{family.name}, so only the {denoiser(pipe).__class__.__name__} LoRA was trained "
+                      "(set lora.text_encoder=false to silence this)")
+        log.warning("[train] %s: %s", class_key, te_skipped)
+        lora = dataclasses.replace(lora, text_encoder=False)
     meta = AdapterMeta(
         mode=lora.mode, rank=lora.rank, lora_alpha=lora.lora_alpha, targets=list(targets), num_heads=num_heads,
         shared_a=shared_a, class_name=class_name, class_key=class_key, label=label,
@@ -467,6 +489,8 @@ def train_class(
         extra=_meta_extra(pipe, family, lora, train, resolution=resolution, prompt=prompt),
     )
     report.update(resumed_from_step=0, crop_fallbacks=0, num_heads=num_heads, trainable_params=0)
+    if te_skipped:
+        report["problems"].append(te_skipped)
     fit = dict(lora=lora, train=train, targets=targets, text=text, prompt=prompt, resolution=resolution, precision=precision,
                resume=resume, on_checkpoint=on_checkpoint, on_step=on_step, report=report)
     total = train.steps * (len(views) if lora.mode == "imagewise" else 1)
@@ -490,7 +514,7 @@ def _meta_extra(pipe, family, lora: LoRAConfig, train: TrainConfig, *, resolutio
             "prediction_type": family.prediction_type(family.training_scheduler(pipe)), "seed": train.seed,
             **_family_extra(family),
             "recipe": {"lr": train.lr, "lr_a_scale": train.lr_a_scale, "schedule": train.schedule,
-                       "warmup_fraction": train.warmup_fraction, "batch_size": train.batch_size,
+                       "warmup_fraction": train.warmup_fraction, "batch_size": train.batch_size, "sampler": train.sampler,
                        "init_a": lora.init_a, "crop": train.crop.method, "flip_p": train.crop.flip_p},
             "text_encoder_targets": list(lora.text_encoder_targets) if lora.text_encoder else []}
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from chimera_ray.config import (
     Config,
@@ -12,6 +13,7 @@ from chimera_ray.config import (
     DetectorConfig,
     DownstreamConfig,
     ModelConfig,
+    RECIPES,
     RayConfig,
     ShardsConfig,
     TrainConfig,
@@ -164,3 +166,99 @@ def test_problems_come_in_section_order():
                            "model.resolution=7"])
     assert [m.split(" ", 1)[0] for m in e.value.errors] == [
         "model.resolution", "data.max_classes", "output", "shards.max_bytes", "downstream.synthetic_fraction"]
+
+
+# ---- each method's recipe ------------------------------------------------------------------
+
+RECIPE_DOC = Path(__file__).parent.parent / "docs" / "guides" / "recipes.md"
+# Baseline settings a config may give a baseline of its own: those that do not transfer to the
+# toy scale (docs/guides/recipes.md), chosen for every method the same way on the val split.
+TOY_SCALE_KEYS = {"train.lr"}
+
+
+def _recipe_fields(cfg: Config) -> dict:
+    sections = {"lora": cfg.lora, "train": cfg.train, "train.crop": cfg.train.crop}
+    return {k: getattr(sections[k.rsplit(".", 1)[0]], k.rsplit(".", 1)[1]) for k in RECIPES["chimera"]}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_give_each_method_its_own_recipe(path):
+    """No shipped config sets a recipe field for every method (under lora: / train:), so each
+    method resolves to its built-in recipe plus the config's own `recipes.<mode>`, and a baseline
+    gets nothing of its own beyond the settings that do not transfer to the toy scale."""
+    raw = yaml.safe_load(path.read_text())
+    shared = _flatten({"lora": raw.get("lora", {}), "train": raw.get("train", {})})
+    assert not set(shared) & set(RECIPES["chimera"]), f"{path.name} sets a per-method setting for every method"
+    for mode in ("chimera", "classwise", "imagewise"):
+        own = _flatten((raw.get("recipes") or {}).get(mode) or {})
+        if mode != "chimera":
+            assert set(own) <= TOY_SCALE_KEYS, f"{path.name} gives {mode} settings of its own: {sorted(own)}"
+        cfg = load_config(str(path), [f"lora.mode={mode}"])
+        expected = {**RECIPES[mode], **{k: v for k, v in own.items() if k in RECIPES[mode]}}
+        assert _recipe_fields(cfg) == expected, mode
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 6:
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def _shows(cell: str, value) -> bool:
+    """Whether a table cell starts with ``value`` (numbers compared as numbers, 1/60 included)."""
+    first = cell.split(" ")[0]
+    if isinstance(value, bool):
+        return first == str(value).lower()
+    if isinstance(value, (int, float)):
+        num, _, den = first.partition("/")
+        try:
+            return abs(float(num) / float(den or 1) - value) <= 1e-12
+        except ValueError:
+            return False
+    return first == value
+
+
+def test_the_recipe_table_shows_every_value_and_cites_a_source_for_every_baseline_setting():
+    rows = _table_rows(RECIPE_DOC.read_text())
+    assert set(rows) == set(RECIPES["chimera"])
+    for key, (_, chimera, datadream, dd_source, loft, loft_source) in rows.items():
+        assert _shows(chimera, RECIPES["chimera"][key]), (key, chimera)
+        assert _shows(datadream, RECIPES["classwise"][key]), (key, datadream)
+        assert _shows(loft, RECIPES["imagewise"][key]), (key, loft)
+        assert "ExplainableML/DataDream `" in dd_source and " L" in dd_source, key
+        assert "ExplainableML/LoFT `" in loft_source and " L" in loft_source, key
+
+
+def test_recipes_section_a_shared_field_wins_then_the_methods_own_then_the_built_in():
+    own = ["recipes.classwise.train.lr=0.5", "recipes.chimera.lora.rank=3", "recipes.imagewise.train.crop.flip_p=0.25"]
+    classwise = load_config(None, ["lora.mode=classwise", *own])
+    assert classwise.train.lr == 0.5 and classwise.lora.rank == RECIPES["classwise"]["lora.rank"]
+    assert load_config(None, ["lora.mode=imagewise", *own]).train.crop.flip_p == 0.25
+    assert load_config(None, ["lora.mode=base", *own]).lora.rank == 3  # base: chimera's
+    chimera = load_config(None, ["lora.mode=chimera", *own])
+    assert (chimera.lora.rank, chimera.lora.lora_alpha, chimera.train.lr) == (3, 3.0, RECIPES["chimera"]["train.lr"])
+    shared = load_config(None, ["lora.mode=classwise", "train.lr=0.01", *own])
+    assert shared.train.lr == 0.01  # set for every method: wins over the method's own
+    # the record of a run (config.yaml) reloads to the same config
+    assert config_from_dict(config_to_dict(classwise)) == classwise
+
+
+def test_a_methods_own_settings_are_checked_and_named_even_when_another_method_runs():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["lora.mode=chimera", "recipes.imagewise.train.lr=-1", "recipes.classwise.train.sampler=all",
+                           "recipes.classwise.train.max_shots=2", "recipes.dreambooth.lora.rank=4"])
+    msg = str(e.value)
+    assert "recipes.imagewise: train.lr must be > 0" in msg
+    assert "recipes.classwise.train.sampler must be one of 'random', 'shuffle'" in msg
+    assert "unknown key recipes.classwise.train.max_shots" in msg  # shared settings are not per method
+    assert "unknown key recipes.dreambooth" in msg

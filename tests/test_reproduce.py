@@ -1,7 +1,11 @@
 """The method comparison's aggregation (`chimera-ray reproduce`): mean and sample std over seeds,
 the markdown table."""
 
+from pathlib import Path
+
 import pytest
+
+FINEMARKS = str(Path(__file__).parent.parent / "jobs" / "configs" / "finemarks.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +33,29 @@ def test_summary_is_mean_and_sample_std_over_seeds(reproduce):
     assert "| chimera | 3 | 80.0 ± 10.0 |" in table and "| real_only | 1 | 50.0 ± 0.0 |" in table
 
 
-def test_ablations_reuse_the_chimera_adapters_for_alpha_only(reproduce):
-    abl = reproduce.ablations(0, "out")
+def test_ablations_each_change_one_thing_at_chimeras_own_recipe(reproduce):
+    from chimera_ray.config import load_config
+
+    chimera = load_config(FINEMARKS, ["lora.mode=chimera"])
+    abl = reproduce.ablations(0, "out", chimera.recipe_settings(), 3)
+    assert tuple(abl) == reproduce.ABLATIONS
     alpha = [name for name, (_, extra) in abl.items() if any(e.startswith("generate.adapters=") for e in extra)]
     assert sorted(alpha) == ["chimera_alpha0.1", "chimera_alpha10"]
-    assert all(mode == "chimera" for mode, _ in abl.values())
+    resolved = {name: load_config(FINEMARKS, [*extra, f"lora.mode={mode}"]).recipe_settings()
+                for name, (mode, extra) in abl.items()}
+    ref = chimera.recipe_settings()
+    changed = {name: {k for k in ref if r[k] != ref[k]} for name, r in resolved.items()}
+    assert changed == {"chimera_alpha0.1": set(), "chimera_alpha10": set(), "chimera_one_head": set(),
+                       "chimera_no_boost": {"train.crop.method"}, "chimera_rank_loft": {"lora.rank", "lora.lora_alpha"}}
+    assert abl["chimera_one_head"][0] == "classwise"  # one LoRA for all shots, everything else chimera's
+    assert resolved["chimera_rank_loft"]["lora.rank"] == 3
+
+
+def test_matched_rank_by_hand(reproduce):
+    # square 8x8 layers, 4 shots: LoFT 4 LoRAs of rank 2 = 4*2*16 = 128 per layer; chimera r*(8 + 4*8) = 40 r
+    assert reproduce.matched_rank([(8, 8)] * 3, 4, 2) == 3  # 128 / 40 = 3.2
+    assert reproduce.matched_rank([(32, 8)], 4, 2) == 5  # 4*2*40 = 320; r*(32 + 32) = 64 r -> 5
+    assert reproduce.matched_rank([(8, 8)], 1, 1) == 1
 
 
 def test_paired_differences_by_hand(reproduce):

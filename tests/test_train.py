@@ -45,7 +45,7 @@ def test_training_lowers_the_loss(tiny_pipe, shots):
 def test_trainable_parameter_counts_per_mode(tiny_pipe, shots):
     layers = {}
     for mode in ("chimera", "classwise", "imagewise"):
-        res = train_class(tiny_pipe, shots, class_name="x", lora=LoRAConfig(mode=mode, rank=4),
+        res = train_class(tiny_pipe, shots, class_name="x", lora=LoRAConfig(mode=mode, rank=4, text_encoder=False),
                           train=TrainConfig(steps=1, checkpoint_every=0))
         layers[mode] = res
         assert res.meta.num_heads == heads_for_mode(mode, 3)[0]

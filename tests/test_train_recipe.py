@@ -27,7 +27,7 @@ from chimera_ray.lora.adapter import (
     text_encoder_state,
 )
 from chimera_ray.lora.layer import MultiHeadLoRALinear
-from chimera_ray.train import train_class
+from chimera_ray.train import batch_shots, train_class
 
 
 def _read_groups(folder: str) -> dict[str, dict]:
@@ -232,3 +232,22 @@ def test_noise_offset_adds_a_per_channel_constant_to_the_noise(tiny_pipe):
     for off in (0.0, 0.5):
         loss = denoising_loss(*args, torch.Generator().manual_seed(7), "epsilon", noise_offset=off)
         torch.testing.assert_close(loss, ((noise + off * offset) ** 2).mean())
+
+
+@pytest.mark.parametrize("shots,batch", [(4, 8), (3, 2), (5, 5), (1, 1)])
+def test_shuffle_sampler_walks_passes_over_the_shots_like_a_shuffled_dataloader(shots, batch):
+    """DataDream's and LoFT's DataLoader(shuffle=True), no drop_last: each pass holds every shot
+    once, in batches of `batch` (the last smaller), in an order of its own."""
+    train = TrainConfig(sampler="shuffle", batch_size=batch)
+    per_pass = -(-shots // batch)
+    passes = []
+    for p in range(6):
+        got = [batch_shots(train, shots, "k", p * per_pass + i, np.random.default_rng(0)) for i in range(per_pass)]
+        assert [len(b) for b in got] == [batch] * (per_pass - 1) + [shots - batch * (per_pass - 1)]
+        passes.append(np.concatenate(got).tolist())
+        assert sorted(passes[-1]) == list(range(shots))
+    if shots > 2:
+        assert len({tuple(p) for p in passes}) > 1  # reshuffled between passes
+    # the random sampler (chimera's) is batch_size independent draws with replacement
+    rnd = batch_shots(TrainConfig(sampler="random", batch_size=batch), shots, "k", 0, np.random.default_rng(7))
+    assert rnd.tolist() == np.random.default_rng(7).integers(0, shots, size=batch).tolist()

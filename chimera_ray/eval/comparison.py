@@ -9,7 +9,9 @@ tail class its head sibling (`sibling_confusion`). No Ray: the driver is
 
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -19,11 +21,13 @@ from chimera_ray.eval.probes.finemarks_oracle import synthetic_set_metrics
 from chimera_ray.shards import iter_samples, shard_urls
 from chimera_ray.toy import finegrained as fm
 
-__all__ = ["METHODS", "KEYS", "METRICS", "ORACLE_METRICS", "ablations", "pixel_change", "oracle_metrics",
-           "sibling_confusion", "paired_differences", "summarize", "markdown", "paired_markdown",
+__all__ = ["METHODS", "ABLATIONS", "KEYS", "METRICS", "ORACLE_METRICS", "ablations", "pixel_change", "oracle_metrics",
+           "matched_rank", "sibling_confusion", "paired_differences", "summarize", "markdown", "paired_markdown",
            "oracle_markdown"]
 
 METHODS = ("real_only", "base", "classwise", "imagewise", "chimera")
+# Each at chimera's own recipe, changing one thing (``ablations``).
+ABLATIONS = ("chimera_alpha0.1", "chimera_alpha10", "chimera_one_head", "chimera_no_boost", "chimera_rank_loft")
 KEYS = ("tail_acc", "all_acc", "head_acc", "overall_acc")
 METRICS = ("fd", "kid", "precision", "recall", "density", "coverage", "diversity_synthetic")
 # FineMarks only: the oracle's view of the synthetic tail images (means over tail classes) and the
@@ -32,18 +36,38 @@ ORACLE_METRICS = ("fidelity", "sibling_confusion", "nuisance_recall", "nuisance_
                   "feature_coverage")
 
 
-def ablations(seed: int, root: str) -> dict[str, tuple[str, list[str]]]:
-    """name -> (mode, overrides). Alpha runs reuse the chimera run's adapters (generation only)."""
+def ablations(seed: int, root: str, chimera_recipe: dict[str, Any], loft_rank: int) -> dict[str, tuple[str, list[str]]]:
+    """name -> (mode, overrides) of each ablation (``ABLATIONS``), each at chimera's own recipe
+    for the comparison's config (``chimera_recipe``: ``Config.recipe_settings()`` of its chimera
+    run) and changing one thing:
+
+    * ``alpha0.1`` / ``alpha10``: the Dirichlet concentration (generation only: the chimera run's
+      adapters are reused);
+    * ``one_head``: one LoRA for all of a class's shots (the class-wise architecture) at chimera's
+      optimiser, rates, batch, sampler, crops and rank: what the per-shot heads add;
+    * ``no_boost``: crops that may cut the object away (``random_resized``) instead of boosting;
+    * ``rank_loft``: chimera with its rank set so that its trainable parameters match LoFT's
+      (``loft_rank``, ``matched_rank``), the alpha / rank scale kept.
+    """
     adapters = f"{root}/seed{seed}/chimera/adapters"
+    at_chimera = [f"{k}={json.dumps(v)}" for k, v in chimera_recipe.items()]
+    scale = chimera_recipe["lora.lora_alpha"] / chimera_recipe["lora.rank"]
     return {
         "chimera_alpha0.1": ("chimera", ["generate.dirichlet_concentration=0.1", f"generate.adapters={adapters}"]),
         "chimera_alpha10": ("chimera", ["generate.dirichlet_concentration=10", f"generate.adapters={adapters}"]),
-        "chimera_no_boost": ("chimera", ["train.crop.method=random_resized"]),
-        "chimera_rank2": ("chimera", ["lora.rank=2", "lora.lora_alpha=2"]),
-        "chimera_rank8": ("chimera", ["lora.rank=8", "lora.lora_alpha=8"]),
-        # The demo recipe (150 steps, lr 2e-3, scale 1) barely moves the toy base; a stronger one:
-        "chimera_strong": ("chimera", ["train.steps=300", "train.lr=0.005", "lora.rank=8", "lora.lora_alpha=16"]),
+        "chimera_one_head": ("classwise", at_chimera),
+        "chimera_no_boost": ("chimera", [*at_chimera, "train.crop.method=random_resized"]),
+        "chimera_rank_loft": ("chimera", [*at_chimera, f"lora.rank={loft_rank}", f"lora.lora_alpha={loft_rank * scale}"]),
     }
+
+
+def matched_rank(layers: list[tuple[int, int]], shots: int, loft_rank: int) -> int:
+    """The chimera rank whose trainable parameters come closest to LoFT's for a class of
+    ``shots`` shots: per adapted layer (in, out), LoFT trains ``shots`` LoRAs of ``loft_rank``
+    (``r (in + out)`` each), chimera one shared A and ``shots`` B heads (``r (in + shots * out)``)."""
+    loft = shots * loft_rank * sum(i + o for i, o in layers)
+    per_rank = sum(i + shots * o for i, o in layers)
+    return max(1, round(loft / per_rank))
 
 
 def _images(shards_dir: str) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ __all__ = [
     "adapter_state_dict",
     "load_adapter_state_dict",
     "remove_lora",
+    "target_linears",
     ]
 
 def _matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
@@ -36,6 +37,11 @@ def _matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
         elif name == p or name.endswith("." + p):
             return True
     return False
+
+
+def target_linears(model: nn.Module, targets: tuple[str, ...] | list[str]) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules whose names match ``targets`` (what ``inject_lora`` adapts), by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, targets)}
 
 
 def inject_lora(
@@ -64,7 +70,7 @@ def inject_lora(
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, targets)]
+    names = list(target_linears(model, targets))
     if not names:
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
         raise ValueError(f"lora.targets {list(targets)} matched no nn.Linear in {type(model).__name__}; "

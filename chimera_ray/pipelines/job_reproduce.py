@@ -31,13 +31,16 @@ import os
 import time
 from dataclasses import dataclass, replace
 
+import numpy as np
 import yaml
 
 from chimera_ray.config import Config, config_to_dict, load_config
 from chimera_ray.eval.comparison import (
+    ABLATIONS,
     METHODS,
     ablations,
     markdown,
+    matched_rank,
     oracle_markdown,
     oracle_metrics,
     paired_differences,
@@ -48,9 +51,12 @@ from chimera_ray.eval.comparison import (
 )
 from chimera_ray.eval.features import load_feature_extractor
 from chimera_ray.eval.probes.finemarks_oracle import load_finemarks_oracle
+from chimera_ray.families import denoiser, family_of, lora_targets
 from chimera_ray.preflight import ingest_for_run
 from chimera_ray.io import atomic_write, write_json
 from chimera_ray.lease import OutputLease
+from chimera_ray.lora.inject import target_linears
+from chimera_ray.models import load_pipeline
 from chimera_ray.pipelines.common import init_ray
 from chimera_ray.pipelines.evaluate import evaluate_run
 from chimera_ray.pipelines.generate import generate_shards
@@ -75,7 +81,7 @@ class Comparison:
     # Each seed fixes the shots, the noise and the classifier's initialisation across methods.
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = METHODS
-    # The alpha / boosting / rank ablations, on the first seed.
+    # The ablations (comparison.ABLATIONS: alpha, one head, no boosting, LoFT-matched rank), on every seed.
     run_ablations: bool = True
     # The method the paired differences are taken against.
     reference: str = "chimera"
@@ -158,9 +164,15 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
         for method in c.methods:
             runs.setdefault(method, []).append(run(method, seed, method, []))
     if c.run_ablations:
-        seed = c.seeds[0]
-        for name, (mode, extra) in ablations(seed, root).items():
-            runs.setdefault(name, []).append(run(name, seed, mode, extra))
+        # On every seed, so that each ablation is paired with the methods seed by seed.
+        chimera = load_config(c.config, [*c.overrides, "lora.mode=chimera"])
+        loft = load_config(c.config, [*c.overrides, "lora.mode=imagewise"])
+        shots = int(np.median([len(p.shots) for p in inputs.plans]))
+        loft_rank = matched_rank(_adapted_layers(chimera), shots, loft.lora.rank)
+        display.print(f"reproduce: chimera_rank_loft at rank {loft_rank} (LoFT: {shots} LoRAs of rank {loft.lora.rank})")
+        for seed in c.seeds:
+            for name, (mode, extra) in ablations(seed, root, chimera.recipe_settings(), loft_rank).items():
+                runs.setdefault(name, []).append(run(name, seed, mode, extra))
 
     return _aggregate(c, runs, tail, extractor.name, base_cfg.downstream.test_split, display, t0)
 
@@ -200,17 +212,24 @@ def _aggregate(c: Comparison, runs: dict[str, list[dict]], tail: list[str], extr
     return results
 
 
+def _adapted_layers(cfg: Config) -> list[tuple[int, int]]:
+    """(in, out) features of every layer the config's LoRA adapts in its base model (loaded on the CPU)."""
+    pipe = load_pipeline(cfg.model, "cpu", cache_dir=cfg.cache_dir)
+    layers = target_linears(denoiser(pipe), lora_targets(family_of(pipe), cfg.lora.targets))
+    return [(m.in_features, m.out_features) for m in layers.values()]
+
+
 def summarize_finished(comparison: Comparison, display: Display) -> dict:
     """``--summarize-only``: results.json / results.md from the runs already finished under ``--out``
     (no Ray; nothing is trained, generated or evaluated). Unfinished method x seed runs are listed."""
     c = comparison
     root = c.out.rstrip("/")
     t0 = time.time()
-    names = list(c.methods) + (list(ablations(c.seeds[0], root)) if c.run_ablations else [])
+    names = list(c.methods) + (list(ABLATIONS) if c.run_ablations else [])
     runs: dict[str, list[dict]] = {}
     missing = []
     for name in names:
-        for seed in c.seeds if name in METHODS else c.seeds[:1]:
+        for seed in c.seeds:
             path = f"{root}/seed{seed}/{name}/eval/result.json"
             if os.path.exists(path):
                 with open(path) as f:

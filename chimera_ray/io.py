@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable
 
 import fsspec
 import numpy as np
@@ -15,13 +16,15 @@ import numpy as np
 __all__ = ["atomic_write", "write_json"]
 
 
-def atomic_write(url: str, data: bytes) -> None:
+def atomic_write(url: str, data: bytes | Iterable[bytes]) -> None:
+    """Writes ``data`` (bytes, or chunks written one by one) to a temporary name, then renames it."""
     fs, path = fsspec.core.url_to_fs(url)
     if "/" in path:
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open(tmp, "wb") as f:
-        f.write(data)
+        for chunk in (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data:
+            f.write(chunk)
     fs.mv(tmp, path)
 
 

@@ -26,6 +26,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -205,14 +206,21 @@ def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
     return True
 
 
-def _publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def _publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes | Iterable[bytes]) -> None:
     """Replaces ``path`` so that a reader sees the old or the new content whole: locally a
     temporary file and a rename (``io.atomic_write``); on an object store one PUT, which is
-    atomic per object (a rename there would copy the whole object once more)."""
+    atomic per object (a rename there would copy the whole object once more). ``data`` may be
+    chunks (the index): written as they come, never joined in memory; on an object store the
+    upload is then multipart above the file system's block size, and the object appears whole
+    when it completes."""
     if _is_local(fs):
         atomic_write(path, data)
-    else:
+    elif isinstance(data, (bytes, bytearray)):
         fs.pipe_file(path, data)
+    else:
+        with fs.open(path, "wb") as f:
+            for chunk in data:
+                f.write(chunk)
 
 
 def _rm_many(fs: fsspec.AbstractFileSystem, paths: Sequence[str]) -> None:
@@ -717,6 +725,16 @@ class IndexWriter:
         for u in self._units:
             yield from (e["name"] for e in self.unit_entries(u))
 
+    def holds_shard(self, name: str) -> bool:
+        """Whether ``name`` (``{prefix}-{unit}-{part}-{attempt}.tar``) is a shard held, found in
+        its unit's entries (no set of every name is built)."""
+        try:
+            unit = int(name.rsplit("-", 3)[1])
+        except (IndexError, ValueError):
+            return False
+        held, key = self._units.get(unit), b'"name":' + json.dumps(name).encode()
+        return held is not None and (key + b"," in held or key + b"}" in held)
+
     def _count(self, entries: list[dict], sign: int) -> None:
         self._shards += sign * len(entries)
         for e in entries:
@@ -783,36 +801,56 @@ class IndexWriter:
                           "bytes": self._bytes, "class_counts": dict(sorted(self._counts.items()))}
         empty = json.dumps(head, separators=(",", ":")).encode()
         at = empty.index(b'"shards":[]') + len(b'"shards":[')
-        body = b",".join(self._units[u] for u in sorted(self._units))
-        data = empty[:at] + body + empty[at:]
+        size = [0]
+
+        def chunks() -> Iterator[bytes]:
+            # The document streamed to the store: the index is never whole in the driver's memory.
+            for i, chunk in enumerate(itertools.chain([empty[:at]], (self._units[u] for u in sorted(self._units)))):
+                chunk = b"," + chunk if i > 1 else chunk
+                size[0] += len(chunk)
+                yield chunk
+            size[0] += len(empty) - at
+            yield empty[at:]
+
         fs, root = _fs_root(self.out_dir)
-        _publish(fs, f"{root}/{INDEX_NAME}", data)
+        _publish(fs, f"{root}/{INDEX_NAME}", chunks())
         self._last_at = self.clock()
         self._last_s = self._last_at - t0
         self._written, self._pending = self._shards, False
         self.writes += 1
-        self.bytes_written += len(data)
+        self.bytes_written += size[0]
         del head["shards"]
         return head
 
 
-def _list_shards_dir(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """The folder's files and ``_units/`` files, relative to ``root``, from one listing
-    (on S3 one paginated ListObjectsV2 without delimiter: 1 request per 1000 objects)."""
+def _iter_shards_dir(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[str]:
+    """The folder's files and ``_units/`` files, relative to ``root``, from one listing: on a
+    local disk streamed from ``os.scandir`` (a name at a time: nothing per file is kept); on S3
+    one paginated ListObjectsV2 without delimiter (1 request per 1000 objects, which s3fs
+    gathers before returning)."""
     fs.invalidate_cache(root)
+    if _is_local(fs):
+        for sub in ("", UNITS_DIR):
+            try:
+                with os.scandir(os.path.join(root, sub) if sub else root) as it:
+                    for e in it:
+                        if e.is_file(follow_symlinks=False):
+                            yield f"{sub}/{e.name}" if sub else e.name
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return
     try:
         found = fs.find(root, withdirs=False)
     except FileNotFoundError:
-        return []
-    out = []
+        return
     for p in found:
         rel = p[len(root) + 1:] if p.startswith(root + "/") else ""
         if rel and ("/" not in rel or (rel.startswith(UNITS_DIR + "/") and rel.count("/") == 1)):
-            out.append(rel)
-    return sorted(out)
+            yield rel
 
 
-def remove_stale(out_dir: str, keep_names: Iterable[str], *, keep_units: Iterable[int] | None = None) -> list[str]:
+def remove_stale(out_dir: str, keep_names: Iterable[str] | IndexWriter, *,
+                 keep_units: Iterable[int] | None = None) -> list[str]:
     """Deletes what the current plan does not list from the shards folder; call it before
     any writer starts and after the last one ended (it deletes the parts of live writers).
 
@@ -821,28 +859,37 @@ def remove_stale(out_dir: str, keep_names: Iterable[str], *, keep_units: Iterabl
     ``keep_units`` is None: manifests that list a shard outside ``keep_names``). One listing,
     then bulk deletes: the manifests first, then the rest, so a crash midway never leaves a
     committed unit without its shards. Nothing else is touched (index.json, subfolders...).
+    ``keep_names`` may be the run's ``IndexWriter`` (asked shard by shard: no set of every
+    name is built, and a local listing is streamed, so the driver's memory does not grow with
+    the folder).
 
     Returns:
         What was removed, as paths relative to ``out_dir``, in deletion order.
     """
     fs, root = _fs_root(out_dir)
-    keep = set(keep_names)
-    files = _list_shards_dir(fs, root)
-    manifests = [n for n in files if n.startswith(UNITS_DIR + "/") and _MANIFEST.match(n.split("/", 1)[1])]
-
-    def unit_of(rel: str) -> int:
-        return int(_MANIFEST.match(rel.split("/", 1)[1]).group(1))
-
-    if keep_units is not None:
-        keep_u = {int(u) for u in keep_units}
-        stale_m = [n for n in manifests if unit_of(n) not in keep_u]
-    else:
-        data = fs.cat([f"{root}/{n}" for n in manifests]) if manifests else {}
-        stale_m = [n for n in manifests if not {e["name"] for e in _parse_manifest(n, data[f"{root}/{n}"])["shards"]}
-                   <= keep]
-    top = [n for n in files if "/" not in n]
-    rest = [n for n in top if n.endswith(".tar") and n not in keep] + [n for n in top if _TMP.search(n)]
-    rest += [n for n in files if "/" in n and _TMP.search(n)]
+    kept = keep_names.holds_shard if isinstance(keep_names, IndexWriter) else set(keep_names).__contains__
+    keep_u = None if keep_units is None else (keep_units if isinstance(keep_units, IndexWriter)
+                                              else {int(u) for u in keep_units})
+    manifests, stale_m, rest, tmp_sub = [], [], [], []
+    for n in _iter_shards_dir(fs, root):
+        if "/" in n:
+            m = _MANIFEST.match(n.split("/", 1)[1])
+            if m and keep_u is None:
+                manifests.append(n)
+            elif m and int(m.group(1)) not in keep_u:
+                stale_m.append(n)
+            elif _TMP.search(n):
+                tmp_sub.append(n)
+        elif (n.endswith(".tar") and not kept(n)) or _TMP.search(n):
+            rest.append(n)
+    if keep_u is None and manifests:
+        data = fs.cat([f"{root}/{n}" for n in manifests])
+        stale_m = [n for n in manifests if not all(kept(e["name"])
+                                                   for e in _parse_manifest(n, data[f"{root}/{n}"])["shards"])]
+    stale_m.sort()
+    # tars first, then temporary files (as the listing's sorted order had them), then _units/ temporaries
+    rest = sorted(n for n in rest if n.endswith(".tar") and not _TMP.search(n)) + sorted(
+        n for n in rest if _TMP.search(n)) + sorted(tmp_sub)
     _rm_many(fs, [f"{root}/{n}" for n in stale_m])
     _rm_many(fs, [f"{root}/{n}" for n in rest])
     return stale_m + rest

@@ -254,6 +254,25 @@ def test_write_amplification_is_one(tmp_path):
     assert written / final < 1.01
 
 
+def test_remove_stale_asks_the_index_writer_shard_by_shard(tmp_path):
+    """The driver's IndexWriter as what to keep (no set of every name): the same removals as
+    the lists of names and units it holds."""
+    samples = _samples()
+    out = tmp_path / "shards"
+    e0 = _write_unit(out, 0, samples[:10], max_samples=4)
+    e5 = _write_unit(out, 5, samples[:2])
+    (out / "shard-000000.tar").write_bytes(b"staging-era shard")
+    (out / "shard-000000-007-0123abcd.tar").write_bytes(b"a part of a killed attempt of unit 0")
+    (out / "shard-000009-000.tar.tmp-0a1b2c3d").write_bytes(b"partial")
+    held = IndexWriter(str(out), entries=e0)
+    assert all(held.holds_shard(e["name"]) for e in e0) and not held.holds_shard(e5[0]["name"])
+    assert not held.holds_shard("shard-000000-007-0123abcd.tar") and not held.holds_shard("index.json")
+    removed = remove_stale(str(out), held, keep_units=held)
+    assert removed == ["_units/000005.json", "shard-000000-007-0123abcd.tar", "shard-000000.tar", e5[0]["name"],
+                       "shard-000009-000.tar.tmp-0a1b2c3d"]
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(e["name"] for e in e0)
+
+
 def test_write_index_committed_units_and_remove_stale(tmp_path):
     samples = _samples()
     out = tmp_path / "shards"

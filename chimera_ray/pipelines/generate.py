@@ -447,15 +447,16 @@ def _resume(cfg: Config, shards_dir: str, planned: _Planned, extra: dict) -> tup
     kept = [e for i, m in done.items() if i in by_index and m.get("signature") == by_index[i].signature
             for e in m["shards"]]
     del done
-    removed = remove_stale(shards_dir, [e["name"] for e in kept], keep_units={e["unit"] for e in kept})
-    if removed:
-        log.info("[generate] removed %d stale files from %s", len(removed), shards_dir)
     # index.json: rewritten as units commit, at intervals that grow with its size (O(units)
     # bytes over a run, shards.IndexWriter), and once more at the end.
     committed = IndexWriter(shards_dir, entries=kept, extra=extra, max_bytes=sh.max_bytes,
                             max_samples=sh.max_samples or None)
     stats = {"units_committed": len(committed), "images_committed": sum(e["samples"] for e in kept),
              "shards_committed": len(kept), "bytes_committed": sum(e["bytes"] for e in kept)}
+    del kept
+    removed = remove_stale(shards_dir, committed, keep_units=committed)
+    if removed:
+        log.info("[generate] removed %d stale files from %s", len(removed), shards_dir)
     return committed, stats
 
 
@@ -593,7 +594,7 @@ class _Rounds:
             log.warning("[generate] %d units held back: they hold classes that failed training (%s); a rerun that "
                         "trains them generates exactly these units", len(self.held), ", ".join(sorted(failed)[:5]))
         # Parts of attempts that died mid-unit or lost their unit's commit: no manifest names them.
-        remove_stale(self.shards_dir, self.committed.names(), keep_units=self.committed)
+        remove_stale(self.shards_dir, self.committed, keep_units=self.committed)
 
     def timing(self, t_start: float, t_plan: float) -> dict:
         """Plan + resume checks on the driver; the streamed generation (from the first ready

@@ -134,17 +134,28 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor | 
         Scalar float32 MSE.
     """
     family = family_of(unet)
-    n = latents.shape[0]
-    cond = {"encoder_hidden_states": text} if isinstance(text, torch.Tensor) else text
-    cond = {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+    noisy, t, target = _noised(family, scheduler, latents, generator, prediction_type, noise_offset)
+    return F.mse_loss(_predict(unet, family, noisy, t, text, heads).float(), target.float())
+
+
+def _noised(family, scheduler, latents: torch.Tensor, generator: torch.Generator, prediction_type: str,
+            noise_offset: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(noisy, t, target)`` for ``latents``: noise, offset noise and timesteps drawn from ``generator``."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     if noise_offset:
         offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(latents.device, latents.dtype)
         noise = noise + noise_offset * offset
-    noisy, t, target = family.noise_and_target(scheduler, latents, noise, generator, prediction_type)
+    return family.noise_and_target(scheduler, latents, noise, generator, prediction_type)
+
+
+def _predict(unet, family, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor | dict[str, torch.Tensor],
+             heads: torch.Tensor) -> torch.Tensor:
+    """The denoiser's prediction for a batch, each sample routed through its head."""
+    n = noisy.shape[0]
+    cond = {"encoder_hidden_states": text} if isinstance(text, torch.Tensor) else text
+    cond = {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
     set_heads(unet, heads)
-    pred = family.predict(unet, noisy, t, cond)
-    return F.mse_loss(pred.float(), target.float())
+    return family.predict(unet, noisy, t, cond)
 
 
 def latest_checkpoint(checkpoint_dir: str) -> str | None:
@@ -281,6 +292,8 @@ class _StepContext:
     amp_dtype: torch.dtype
     use_amp: bool
     report: dict
+    # imagewise side by side: head h is shot h's own LoRA, its draws keyed by head_keys[h]
+    head_keys: list[str] | None = None
 
 
 def batch_shots(train: TrainConfig, num_shots: int, seed_key: str, batch: int, rng: np.random.Generator) -> np.ndarray:
@@ -296,34 +309,61 @@ def batch_shots(train: TrainConfig, num_shots: int, seed_key: str, batch: int, r
     return order[k * train.batch_size:(k + 1) * train.batch_size]
 
 
+def _views(ctx: _StepContext, shots, rng: np.random.Generator) -> list[np.ndarray]:
+    """The training views of ``shots`` (indices into ``ctx.views``), cropped with ``rng``."""
+    crop, pixels = ctx.train.crop, []
+    for i in shots:
+        img, box, _ = ctx.views[i]
+        arr, cr = boosted_view(img, box, rng, ctx.resolution, method=crop.method, jitter=crop.jitter,
+                               scale=crop.scale, ratio=crop.ratio, flip_p=crop.flip_p)
+        ctx.report["crop_fallbacks"] += cr.fallback
+        pixels.append(arr)
+    return pixels
+
+
+def _latents(vae, mean: torch.Tensor, std: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Scaled latents sampled from the VAE's posterior (``mean``, ``std``) with ``gen``."""
+    eps = torch.randn(mean.shape, generator=gen).to(mean.device, mean.dtype)
+    # SD 3's VAE has a shift; SD 1.x/2.x/XL's is None (x - 0.0 is x exactly).
+    shift = vae.config.get("shift_factor") or 0.0
+    return (mean + std * eps - shift) * vae.config.scaling_factor
+
+
+def _draws(ctx: _StepContext, key: str, step: int, micro: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The crop and the noise generators of one micro-batch, from ``(train.seed, key, step, micro)``."""
+    seed = ctx.train.seed
+    return (np.random.default_rng(derive_seed(seed, key, step * 1000 + micro, "views")),
+            torch.Generator().manual_seed(derive_seed(seed, key, step * 1000 + micro, "noise")))
+
+
+def _optimizer_step(ctx: _StepContext) -> None:
+    ctx.scaler.unscale_(ctx.optimizer)
+    if ctx.head_keys is None:
+        torch.nn.utils.clip_grad_norm_(ctx.params, ctx.train.max_grad_norm)
+    else:
+        _clip_per_head(ctx.params, len(ctx.head_keys), ctx.train.max_grad_norm)
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    ctx.optimizer.zero_grad(set_to_none=True)
+
+
 def train_step(ctx: _StepContext, step: int) -> float:
     """One optimisation step (``train.grad_accum`` micro-batches of training views); returns its loss.
 
     Every random draw derives from ``(train.seed, seed_key, step, micro)``, so a resumed run
     takes exactly the steps an uninterrupted one would.
     """
-    train, device, crop = ctx.train, ctx.unet.device, ctx.train.crop
+    train, device = ctx.train, ctx.unet.device
     prediction_type = family_of(ctx.unet).prediction_type(ctx.scheduler)
     step_loss = 0.0
     for micro in range(train.grad_accum):
-        rng = np.random.default_rng(derive_seed(train.seed, ctx.seed_key, step * 1000 + micro, "views"))
+        rng, gen = _draws(ctx, ctx.seed_key, step, micro)
         shot_idx = batch_shots(train, len(ctx.views), ctx.seed_key, step * train.grad_accum + micro, rng)
-        pixels = []
-        for i in shot_idx:
-            img, box, _ = ctx.views[i]
-            arr, cr = boosted_view(img, box, rng, ctx.resolution, method=crop.method, jitter=crop.jitter,
-                                   scale=crop.scale, ratio=crop.ratio, flip_p=crop.flip_p)
-            ctx.report["crop_fallbacks"] += cr.fallback
-            pixels.append(arr)
-        gen = torch.Generator().manual_seed(derive_seed(train.seed, ctx.seed_key, step * 1000 + micro, "noise"))
-        px = torch.from_numpy(np.stack(pixels)).to(device, ctx.vae.dtype)
+        px = torch.from_numpy(np.stack(_views(ctx, shot_idx, rng))).to(device, ctx.vae.dtype)
         heads = torch.as_tensor(shot_idx if ctx.num_heads > 1 else np.zeros_like(shot_idx), dtype=torch.long)
         with torch.no_grad():
             dist = ctx.vae.encode(px).latent_dist
-            eps = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
-            # SD 3's VAE has a shift; SD 1.x/2.x/XL's is None (x - 0.0 is x exactly).
-            shift = ctx.vae.config.get("shift_factor") or 0.0
-            latents = (dist.mean + dist.std * eps - shift) * ctx.vae.config.scaling_factor
+            latents = _latents(ctx.vae, dist.mean, dist.std, gen)
         with torch.autocast(device.type, dtype=ctx.amp_dtype, enabled=ctx.use_amp):
             text = ctx.text if ctx.text_encoder is None else {"encoder_hidden_states": ctx.text_encoder(ctx.tokens)[0]}
             loss = denoising_loss(ctx.unet, ctx.scheduler, latents, text, heads.to(device), gen, prediction_type,
@@ -332,12 +372,58 @@ def train_step(ctx: _StepContext, step: int) -> float:
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower train.lr")
         ctx.scaler.scale(loss / train.grad_accum).backward()
         step_loss += loss.item() / train.grad_accum
-    ctx.scaler.unscale_(ctx.optimizer)
-    torch.nn.utils.clip_grad_norm_(ctx.params, train.max_grad_norm)
-    ctx.scaler.step(ctx.optimizer)
-    ctx.scaler.update()
-    ctx.optimizer.zero_grad(set_to_none=True)
+    _optimizer_step(ctx)
     return step_loss
+
+
+def imagewise_step(ctx: _StepContext, step: int) -> list[float]:
+    """One optimisation step of every shot's own LoRA side by side (LoFT trains each image
+    alone): head h sees only shot h, with the crops, noise and timesteps its lone training
+    would draw (keyed by ``ctx.head_keys[h]``); one denoiser call holds every head's batch; the
+    loss is the sum of the heads' own mean losses, so each head's gradient is its shot's alone;
+    gradients are clipped per head, and AdamW is per element. So each head follows its lone
+    training, within float rounding (tests/test_train.py). Returns each head's loss."""
+    train, device, keys = ctx.train, ctx.unet.device, ctx.head_keys
+    family = family_of(ctx.unet)
+    prediction_type = family.prediction_type(ctx.scheduler)
+    step_losses = np.zeros(len(keys))
+    for micro in range(train.grad_accum):
+        pixels, heads, gens = [], [], []
+        for h, key in enumerate(keys):
+            rng, gen = _draws(ctx, key, step, micro)
+            views = _views(ctx, [h] * len(batch_shots(train, 1, key, step * train.grad_accum + micro, rng)), rng)
+            pixels += views
+            heads += [h] * len(views)
+            gens.append(gen)
+        px = torch.from_numpy(np.stack(pixels)).to(device, ctx.vae.dtype)
+        heads = torch.as_tensor(heads, dtype=torch.long)
+        rows = [torch.nonzero(heads == h).flatten() for h in range(len(keys))]
+        with torch.no_grad():
+            dist = ctx.vae.encode(px).latent_dist
+            parts = [_noised(family, ctx.scheduler, _latents(ctx.vae, dist.mean[r], dist.std[r], gen), gen,
+                             prediction_type, train.noise_offset) for r, gen in zip(rows, gens)]
+        noisy, t, target = (torch.cat([p[j] for p in parts]) for j in range(3))
+        with torch.autocast(device.type, dtype=ctx.amp_dtype, enabled=ctx.use_amp):
+            pred = _predict(ctx.unet, family, noisy, t, ctx.text, heads.to(device)).float()
+            losses = torch.stack([F.mse_loss(pred[r], target[r].float()) for r in rows])
+        if not torch.isfinite(losses).all():
+            raise FloatingPointError(f"training loss became {losses.tolist()} at step {step}; lower train.lr")
+        ctx.scaler.scale(losses.sum() / train.grad_accum).backward()
+        step_losses += losses.detach().cpu().numpy() / train.grad_accum
+    _optimizer_step(ctx)
+    return step_losses.tolist()
+
+
+@torch.no_grad()
+def _clip_per_head(params: list[torch.nn.Parameter], heads: int, max_norm: float) -> None:
+    """``clip_grad_norm_`` for each head on its own: every LoRA parameter here holds one slice per
+    head along dim 0 (imagewise: A and B per shot), and a head's norm spans its slices of all."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack([torch.linalg.vector_norm(g.reshape(heads, -1).float(), dim=1) for g in grads])
+    total = torch.linalg.vector_norm(norms, dim=0)  # (heads,)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype).view(heads, *([1] * (g.dim() - 1))))
 
 
 def _adapter_state(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict[str, torch.Tensor]:
@@ -350,12 +436,14 @@ def _adapter_state(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) 
 def _fit(pipe, views: list, *, num_heads: int, shared_a: bool, seed_key: str, lora: LoRAConfig, train: TrainConfig,
          targets: list[str],
          meta: AdapterMeta, text: dict[str, torch.Tensor], prompt: str, resolution: int, precision: str,
-         checkpoint_dir: str | None, resume: bool, on_checkpoint, on_step, bar, step_offset: int,
-         report: dict) -> tuple[dict[str, torch.Tensor], list[float]]:
+         checkpoint_dir: str | None, resume: bool, on_checkpoint, on_step, bar, report: dict,
+         head_keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Trains one adapter (``num_heads`` heads over ``views``) from scratch or its checkpoint.
 
     Injects the LoRA, runs ``train.steps`` steps, and always restores the base model.
-    ``step_offset`` shifts the step count ``on_step`` sees (imagewise trains several adapters).
+    ``head_keys`` (imagewise): head h is view h's own LoRA (own A), initialised and trained as
+    if alone with seed key ``head_keys[h]`` (``imagewise_step``); the losses come back head
+    after head, and progress counts every head's steps.
     """
     unet = denoiser(pipe)
     device = unet.device
@@ -363,7 +451,19 @@ def _fit(pipe, views: list, *, num_heads: int, shared_a: bool, seed_key: str, lo
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     scheduler = family_of(pipe).training_scheduler(pipe)
     init_seed = derive_seed(train.seed, seed_key, 0, "lora-init") % (2**31)
-    inject_lora(unet, targets, lora.rank, lora.lora_alpha, num_heads, shared_a, seed=init_seed, init_a=lora.init_a)
+    if head_keys is None:
+        inject_lora(unet, targets, lora.rank, lora.lora_alpha, num_heads, shared_a, seed=init_seed, init_a=lora.init_a)
+    else:
+        # Each head starts where its lone training would: that LoRA's own seeded A (B is zero).
+        lone = []
+        for key in head_keys:
+            inject_lora(unet, targets, lora.rank, lora.lora_alpha, 1, True, init_a=lora.init_a,
+                        seed=derive_seed(train.seed, key, 0, "lora-init") % (2**31))
+            lone.append(adapter_state_dict(unet))
+            remove_lora(unet)
+        inject_lora(unet, targets, lora.rank, lora.lora_alpha, len(head_keys), False, init_a=lora.init_a)
+        load_adapter_state_dict(unet, {k: torch.cat([s[k] for s in lone]) for k in lone[0]})
+    per_step = 1 if head_keys is None else len(head_keys)  # progress units per step
     text_encoder = tokens = None
     if lora.text_encoder:
         text_encoder = pipe.text_encoder
@@ -387,24 +487,31 @@ def _fit(pipe, views: list, *, num_heads: int, shared_a: bool, seed_key: str, lo
         report["lr"] = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
         ctx = _StepContext(unet, pipe.vae, scheduler, text if text_encoder is None else None, tokens, text_encoder,
                            views, num_heads, resolution, seed_key, train, params, optimizer, scaler, amp_dtype,
-                           use_amp, report)
-        bar.update(start)
+                           use_amp, report, head_keys)
+        bar.update(start * per_step)
         for m in modules:
             m.train()
         for step in range(start, train.steps):
-            step_loss = train_step(ctx, step)
+            if head_keys is None:
+                step_loss = train_step(ctx, step)
+                losses.append(step_loss)
+            else:
+                head_losses = imagewise_step(ctx, step)
+                losses += head_losses  # step-major in checkpoints; head-major on return
+                step_loss = float(np.mean(head_losses))
             sched.step()
-            losses.append(step_loss)
-            bar.update(1)
+            bar.update(per_step)
             bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
             done = step + 1
             if checkpoint_dir and train.checkpoint_every and (done % train.checkpoint_every == 0 or done == train.steps):
                 meta.steps = done
                 folder = save_checkpoint(checkpoint_dir, done, _adapter_state(unet, text_encoder), meta, optimizer, losses)
                 if on_checkpoint is not None:
-                    on_checkpoint(step_offset + done, folder, {"step": step_offset + done, "loss": step_loss})
+                    on_checkpoint(done * per_step, folder, {"step": done * per_step, "loss": step_loss})
             if on_step is not None:
-                on_step(step_offset + done, step_loss)
+                on_step(done * per_step, step_loss)
+        if head_keys is not None:
+            losses = np.asarray(losses).reshape(-1, per_step).T.ravel().tolist()
         return _adapter_state(unet, text_encoder), losses
     finally:
         for m in modules:
@@ -500,7 +607,7 @@ def train_class(
                                        bar=bar, **fit)
     else:
         state, losses = _fit(pipe, views, num_heads=num_heads, shared_a=shared_a, seed_key=class_key, meta=meta,
-                             checkpoint_dir=checkpoint_dir, bar=bar, step_offset=0, **fit)
+                             checkpoint_dir=checkpoint_dir, bar=bar, **fit)
     bar.close()
     meta.steps = train.steps
     tail = losses[-max(1, len(losses) // 10):] if losses else [math.nan]
@@ -521,16 +628,9 @@ def _meta_extra(pipe, family, lora: LoRAConfig, train: TrainConfig, *, resolutio
 
 def _fit_imagewise(pipe, views, *, class_key: str, meta: AdapterMeta, checkpoint_dir: str | None, bar,
                    **fit) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """LoFT: each image's LoRA alone (K=1 head, its own A, optimiser and seed), then stacked as
-    the K groups of one imagewise adapter."""
-    steps = fit["train"].steps
-    parts, losses = [], []
-    for i, view in enumerate(views):
-        sub = meta.__class__(**{**meta.__dict__, "num_heads": 1, "shot_ids": [view[2]]})
-        sid = view[2] or str(i)
-        state_i, losses_i = _fit(pipe, [view], num_heads=1, shared_a=True, seed_key=f"{class_key}/shot:{sid}",
-                                 meta=sub, checkpoint_dir=f"{checkpoint_dir.rstrip('/')}/shot-{i:03d}"
-                                 if checkpoint_dir else None, bar=bar, step_offset=i * steps, **fit)
-        parts.append(state_i)
-        losses += losses_i
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, losses
+    """LoFT: each image's LoRA as if trained alone (K=1 head, its own A, seed, draws, gradient
+    clipping and optimiser state per element), all K side by side in one denoiser call per step
+    (``imagewise_step``): the K groups of one imagewise adapter."""
+    keys = [f"{class_key}/shot:{v[2] or i}" for i, v in enumerate(views)]
+    return _fit(pipe, views, num_heads=len(views), shared_a=False, seed_key=class_key, meta=meta,
+                checkpoint_dir=checkpoint_dir, bar=bar, head_keys=keys, **fit)

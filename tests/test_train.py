@@ -1,15 +1,19 @@
 """The per-class trainer on a tiny pipeline."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 
-from chimera_ray.config import LoRAConfig, TrainConfig
+from chimera_ray.config import CropConfig, LoRAConfig, TrainConfig
 from chimera_ray.data.boxes import Box, BoxError
 from chimera_ray.lora.adapter import load_adapter
 from chimera_ray.lora.inject import inject_lora, load_adapter_state_dict, remove_lora
 from chimera_ray.plan import subsample_shots
 from chimera_ray.train import denoising_loss, heads_for_mode, train_class
+
+ADAMW = torch.optim.AdamW  # the real one, before any test swaps it
 
 FAST = TrainConfig(steps=12, batch_size=4, lr=5e-3, checkpoint_every=0)
 
@@ -122,3 +126,62 @@ def test_only_the_newest_checkpoint_is_kept_and_commit_removes_them(tiny_pipe, s
     assert prune_checkpoints(str(ckpt), keep=0) == ["latest.json", "step-00000006"] and not ckpt.exists()
     assert prune_checkpoints(str(ckpt), keep=0) == []  # nothing there: nothing to do
 
+
+
+@pytest.mark.parametrize("grad_accum,max_grad_norm", [(1, 1.0), (2, 1e-3)])
+def test_imagewise_side_by_side_equals_each_image_trained_alone(tiny_pipe, shots, monkeypatch, grad_accum,
+                                                                  max_grad_norm):
+    """LoFT trains each image's LoRA alone. Here all of a class's are trained in one denoiser call
+    per step; the reference trains each shot on its own through the plain one-adapter trainer
+    (a one-shot class-wise run under the shot's own seed key: its init, crops, noise, timesteps,
+    clipping and AdamW are that LoRA's alone). A tiny clip norm makes the per-head clipping bite.
+
+    AdamW divides by sqrt(v) + eps: where a gradient element is near eps (1e-8) a rounding-level
+    difference in it (a batch of 3 vs 1 in the same kernels) moves that element's update by up
+    to ~lr. So the states are compared at eps 1e-3 (set from outside, on torch's AdamW), where
+    the update is smooth in the gradient, and the losses at the trainer's own eps."""
+    lora = dict(rank=2, init_a="gaussian", text_encoder=False)
+    train = TrainConfig(steps=4, lr=1e-2, lr_a_scale=0.5, schedule="cosine", warmup_fraction=0.25, batch_size=2,
+                        sampler="random", grad_accum=grad_accum, max_grad_norm=max_grad_norm, checkpoint_every=0,
+                        noise_offset=0.05, crop=CropConfig(method="boost", flip_p=0.5))
+
+    def run(eps=None):
+        if eps is not None:
+            monkeypatch.setattr(torch.optim, "AdamW", functools.partial(ADAMW, eps=eps))
+        together = train_class(tiny_pipe, shots, class_name="red star", class_key="red_star",
+                               lora=LoRAConfig(mode="imagewise", **lora), train=train)
+        alone = [train_class(tiny_pipe, [shot], class_name="red star", class_key=f"red_star/shot:{shot.shot_id}",
+                             lora=LoRAConfig(mode="classwise", **lora), train=train) for shot in shots]
+        return together, alone
+
+    together, alone = run()
+    assert together.meta.num_heads == len(shots) and not together.meta.shared_a
+    for h, a in enumerate(alone):
+        assert together.losses[h * 4:(h + 1) * 4] == pytest.approx(a.losses, rel=1e-5)
+    together, alone = run(eps=1e-3)
+    for h, a in enumerate(alone):
+        for name, value in a.state.items():
+            torch.testing.assert_close(together.state[name][h:h + 1], value, rtol=1e-4, atol=1e-6)
+
+
+def test_imagewise_resumes_every_shots_lora_from_one_checkpoint(tiny_pipe, shots, tmp_path):
+    """The side-by-side LoRAs checkpoint together; a run that dies after step 3 resumes at its
+    step-2 checkpoint and ends where an uninterrupted run does (losses head after head)."""
+    lora = LoRAConfig(mode="imagewise", rank=2)
+    train = TrainConfig(steps=6, lr=1e-2, checkpoint_every=2)
+    full = train_class(tiny_pipe, shots, class_name="red star", lora=lora, train=train, checkpoint_dir=str(tmp_path / "a"))
+    k = len(shots)
+
+    def fail_after_3(done, loss):  # progress counts every shot's steps: k per step
+        if done == 3 * k:
+            raise RuntimeError("injected failure after step 3")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        train_class(tiny_pipe, shots, class_name="red star", lora=lora, train=train,
+                    checkpoint_dir=str(tmp_path / "b"), on_step=fail_after_3)
+    resumed = train_class(tiny_pipe, shots, class_name="red star", lora=lora, train=train,
+                          checkpoint_dir=str(tmp_path / "b"))
+    assert resumed.report["resumed_from_step"] == 2 and len(resumed.losses) == 6 * k
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
+    for name in full.state:
+        torch.testing.assert_close(resumed.state[name], full.state[name], rtol=1e-5, atol=1e-6)

@@ -126,19 +126,16 @@ def test_a_initialisation_matches_peft(init):
         MultiHeadLoRALinear(torch.nn.Linear(4, 4), 2, 2, 1, init_a="xavier")
 
 
-def test_loft_image_loras_are_each_trained_alone(tiny_pipe, shots, tmp_path):
-    """imagewise (LoFT): head i of a K-shot run == the LoRA trained on shot i alone, same seed;
-    its checkpoints resume per image."""
+def test_loft_image_loras_are_k_groups_of_one_adapter(tiny_pipe, shots, tmp_path):
+    """imagewise (LoFT): one adapter with a group (own A, B) per shot, every group trained, the
+    losses head after head. (Each group equals its shot trained alone:
+    tests/test_train.py::test_imagewise_side_by_side_equals_each_image_trained_alone.)"""
     lora = LoRAConfig(mode="imagewise", rank=2)
     train = TrainConfig(steps=3, lr=5e-2, checkpoint_every=0)
     both = train_class(tiny_pipe, shots, class_name="x", lora=lora, train=train)
     assert both.meta.num_heads == 3 and not both.meta.shared_a and len(both.losses) == 9
-    for i, shot in enumerate(shots):
-        alone = train_class(tiny_pipe, [shot], class_name="x", lora=lora, train=train)
-        for k, v in alone.state.items():
-            torch.testing.assert_close(both.state[k][i : i + 1], v, rtol=0, atol=0)
-        assert alone.losses == both.losses[3 * i : 3 * i + 3]
-    assert all(both.state[k][0].abs().sum() > 0 for k in both.state if k.endswith("lora_B"))
+    assert all(v.shape[0] == 3 for v in both.state.values())
+    assert all(both.state[k][i].abs().sum() > 0 for k in both.state if k.endswith("lora_B") for i in range(3))
 
 
 def test_loft_pairs_generate_as_a_hand_merged_half_half_lora(tiny_pipe_dir, shots, tmp_path):

@@ -13,9 +13,11 @@ S3-compatible stores other than AWS: set ``AWS_ENDPOINT_URL`` (botocore, and so 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import math
+import urllib.parse
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import yaml
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from chimera_ray.cache import cache_root
@@ -629,13 +632,46 @@ def register_dataset(name: str, build: Callable[[Path], object]) -> None:
 
 def resolve_dataset(source: str, cache_dir: str | None = None) -> str:
     """``builtin:<name>`` (``builtin:toyworld``, ``builtin:finemarks``, ``builtin:digits``...) -> the
-    manifest of the cached build; else unchanged."""
+    manifest of the cached build; else unchanged.
+
+    A builtin takes its builder's arguments as a query, ``builtin:finemarks?seed=3&test_per_class=256``
+    (values read as YAML scalars), each combination cached in its own folder: the same dataset
+    recipe drawn afresh (``seed``) or with a larger split. Unknown or mistyped arguments are an
+    error naming the builder's own.
+    """
     if not source.startswith("builtin:"):
         return source
-    name = source.split(":", 1)[1]
-    root = cache_root(cache_dir) / "datasets" / name
+    name, _, query = source.split(":", 1)[1].partition("?")
     if name not in _DATASETS:
         available = ", ".join("builtin:" + n for n in _DATASETS) or "none registered (import chimera_ray.builtins)"
         raise ValueError(f"unknown builtin dataset {source!r}; available: {available}")
-    _DATASETS[name](root)
+    build, params = _DATASETS[name], _builtin_params(source, query, _DATASETS[name])
+    folder = name + "".join(f"-{k}{v}" for k, v in sorted(params.items()))
+    root = cache_root(cache_dir) / "datasets" / folder
+    build(root, **params)
     return str(root / "manifest.jsonl")
+
+
+def _builtin_params(source: str, query: str, build: Callable) -> dict[str, Any]:
+    """The ``?k=v&...`` arguments of a builtin dataset, checked against its builder's keyword
+    arguments (name, and type against the default's)."""
+    own = {n: p.default for n, p in inspect.signature(build).parameters.items()
+           if p.default is not inspect.Parameter.empty}
+    params: dict[str, Any] = {}
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ValueError(f"{source!r}: write a builtin's arguments as ?key=value&key=value") from None
+    for key, raw in pairs:
+        if "{" in raw:
+            raise ValueError(f"{source!r}: {key}={raw} is a placeholder that only `chimera-ray reproduce` fills in "
+                             "(one dataset per seed); elsewhere give a value")
+        value = yaml.safe_load(raw)
+        if key not in own:
+            raise ValueError(f"{source!r}: unknown argument {key!r}; this builtin takes {', '.join(sorted(own))}")
+        default = own[key]
+        if type(value) is not type(default) and not (isinstance(default, float) and type(value) is int):
+            raise ValueError(f"{source!r}: {key} must be a {type(default).__name__} like its default {default!r} "
+                             f"(got {raw!r})")
+        params[key] = value
+    return params

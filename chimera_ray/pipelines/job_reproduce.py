@@ -107,15 +107,30 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
     t0 = time.time()
 
     base_cfg = replace(cfg, output=f"{root}/shared")
-    inputs = ingest_for_run(base_cfg, log=display.print)  # one dataset, one plan (the tail classes) for every run
-    display.print(inputs.plan_table())
-    rows = inputs.dataset.by_class(base_cfg.data.split)
+    by_source: dict[str, object] = {}
+
+    def source(seed: int) -> str:
+        """data.source with ``{seed}`` filled in: fresh data per seed (``builtin:finemarks?seed={seed}``
+        draws other shots and test images), else one dataset for every seed."""
+        return cfg.data.source.replace("{seed}", str(seed))
+
+    def inputs_for(seed: int):
+        """One dataset and plan (the tail classes) per distinct source, shared by its runs."""
+        src = source(seed)
+        if src not in by_source:
+            shared = f"{root}/shared" + ("" if src == cfg.data.source else f"/seed{seed}")
+            by_source[src] = ingest_for_run(replace(cfg, output=shared, data=replace(cfg.data, source=src)),
+                                            log=display.print)
+            display.print(by_source[src].plan_table())
+        return by_source[src]
+
+    first = inputs_for(c.seeds[0])
     init_ray(base_cfg)
     extractor = load_feature_extractor(base_cfg.downstream.features, cache_dir=base_cfg.cache_dir)
     # FineMarks: its oracles judge every run's images (built and cached on first use).
-    finemarks = base_cfg.data.source == "builtin:finemarks"
+    finemarks = source(c.seeds[0]).split("?", 1)[0] == "builtin:finemarks"
     oracle = load_finemarks_oracle(base_cfg.cache_dir) if finemarks else None
-    tail = [p.name for p in inputs.plans]
+    tail = [p.name for p in first.plans]
 
     def run(name: str, seed: int, mode: str, extra: list[str]) -> dict:
         out = f"{root}/seed{seed}/{name}"
@@ -123,7 +138,10 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
         if os.path.exists(done):
             with open(done) as f:
                 return json.load(f)
-        seeds = [f"train.seed={seed}", f"generate.seed={seed}", f"downstream.seed={seed}"]
+        seeds = [f"train.seed={seed}", f"generate.seed={seed}", f"downstream.seed={seed}",
+                 f"data.source={source(seed)}"]
+        inputs = inputs_for(seed)
+        rows = inputs.dataset.by_class(base_cfg.data.split)
         real_only = mode == "real_only"
         cfg = load_config(c.config, [*c.overrides, *seeds, *extra,
             f"lora.mode={'chimera' if real_only else mode}", f"output={out}",
@@ -167,7 +185,7 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
         # On every seed, so that each ablation is paired with the methods seed by seed.
         chimera = load_config(c.config, [*c.overrides, "lora.mode=chimera"])
         loft = load_config(c.config, [*c.overrides, "lora.mode=imagewise"])
-        shots = int(np.median([len(p.shots) for p in inputs.plans]))
+        shots = int(np.median([len(p.shots) for p in first.plans]))
         loft_rank = matched_rank(_adapted_layers(chimera), shots, loft.lora.rank)
         display.print(f"reproduce: chimera_rank_loft at rank {loft_rank} (LoFT: {shots} LoRAs of rank {loft.lora.rank})")
         for seed in c.seeds:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 
 import chimera_ray.builtins  # noqa: F401 - registers the builtin models and datasets
 from chimera_ray import models
-from chimera_ray.data.ingest import read_dataset
+from chimera_ray.data.ingest import read_dataset, resolve_dataset
 from chimera_ray.toy import base as toy_base
 from chimera_ray.toy import finegrained as fm
 
@@ -75,6 +76,20 @@ def test_ingest_reads_it_with_boxes_and_val_split(small: Path) -> None:
     assert not ds.skipped
     assert {r.split for r in ds.rows} == {"train", "val", "test"}
     assert all(len(r.boxes) == 1 for r in ds.rows)
+
+
+def test_a_builtin_takes_its_builders_arguments_as_a_query(small: Path, tmp_path: Path) -> None:
+    """`builtin:finemarks?seed=5&...` is the builder's dataset with those arguments (byte for
+    byte), cached in a folder of its own; a wrong name or type says which arguments exist."""
+    query = "&".join(f"{k}={v}" for k, v in {"seed": 5, **SMALL}.items())
+    manifest = Path(resolve_dataset(f"builtin:finemarks?{query}", str(tmp_path)))
+    assert manifest.parent.name == "finemarks-head_max6-head_min3-seed5-test_per_class2-val_per_class1"
+    assert _files(manifest.parent) == _files(small)
+    for bad, says in [("seeds=5", "unknown argument 'seeds'; this builtin takes head_max,"),
+                      ("seed=five", "seed must be a int like its default 0"), ("seed", "?key=value&key=value"),
+                      ("seed={seed}", "only `chimera-ray reproduce` fills in")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            resolve_dataset(f"builtin:finemarks?{bad}", str(tmp_path))
 
 
 def test_manifest_attributes_are_the_rendered_nuisance(small: Path) -> None:

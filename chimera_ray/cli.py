@@ -132,6 +132,9 @@ def _add_cluster_jobs(sub) -> None:
                    help="skip the ablations (alpha, one head, no boosting, LoFT-matched rank)")
     p.add_argument("--reference", default="chimera",
                    help="method the paired differences are taken against (default: chimera)")
+    p.add_argument("--classifier-seeds", type=int, default=1, metavar="N",
+                   help="classifiers trained per synthetic set (seeds S, S+1000, ...); a run's accuracies are "
+                        "their mean (default 1)")
     p.add_argument("--summarize-only", action="store_true",
                    help="only aggregate the runs already finished under --out into results.json/.md (no Ray)")
 
@@ -415,6 +418,9 @@ def _cmd_reproduce(args) -> int:
     from chimera_ray.pipelines.job_reproduce import DEFAULT_CONFIG, Comparison, compare
     from chimera_ray.pipelines.runner import run_job
 
+    if args.classifier_seeds < 1:
+        print(f"error: --classifier-seeds must be >= 1 (got {args.classifier_seeds})", file=sys.stderr)
+        return 2
     unknown = [m for m in args.methods or () if m not in METHODS]
     if unknown:
         print(f"error: --methods {' '.join(unknown)}: unknown; choose among {', '.join(METHODS)}", file=sys.stderr)
@@ -422,7 +428,8 @@ def _cmd_reproduce(args) -> int:
     config, overrides = _config_and_overrides(args)
     c = Comparison(config=config or DEFAULT_CONFIG, overrides=tuple(overrides), out=args.out,
                    seeds=tuple(args.seeds), methods=tuple(args.methods or METHODS),
-                   run_ablations=not args.no_ablations, reference=args.reference)
+                   run_ablations=not args.no_ablations, reference=args.reference,
+                   classifier_seeds=args.classifier_seeds)
     cfg = load_config(c.config, list(c.overrides))
     return run_job(partial(compare, comparison=c, summarize_only=args.summarize_only), cfg, config_path=c.config,
                    verbose=args.verbose, name="reproduce", what="comparison", out=c.out,

@@ -37,6 +37,7 @@ import yaml
 from chimera_ray.config import Config, config_to_dict, load_config
 from chimera_ray.eval.comparison import (
     ABLATIONS,
+    KEYS,
     METHODS,
     ablations,
     markdown,
@@ -85,6 +86,9 @@ class Comparison:
     run_ablations: bool = True
     # The method the paired differences are taken against.
     reference: str = "chimera"
+    # Classifiers trained per synthetic set (downstream seeds seed + 1000 j): a run's accuracies
+    # are their mean, so the classifier's own spread averages out of the paired differences.
+    classifier_seeds: int = 1
 
 
 def compare(cfg: Config, report: dict, display: Display, lease: OutputLease | None = None, *,
@@ -159,11 +163,19 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
             generate_shards(cfg, inputs.plans)
         t_gen = time.time() - t - t_train
         downstream, metrics = evaluate_run(cfg, inputs, extractor)
+        repeats = [downstream] + [evaluate_run(_classifier_seed(cfg, j), inputs, extractor)[0]
+                                  for j in range(1, c.classifier_seeds)]
+        if len(repeats) > 1:
+            downstream = {**downstream, **{k: float(np.mean([r[k] for r in repeats])) for k in KEYS},
+                          "classifier_repeats": [{"seed": seed + 1000 * j, **{k: r[k] for k in KEYS}}
+                                                 for j, r in enumerate(repeats)]}
         result = {"name": name, "seed": seed, "mode": mode, "overrides": extra, "downstream": downstream,
                   "metrics": metrics}
         if oracle is not None:
-            sib = sibling_confusion(downstream, tail)
-            result["downstream_sibling_confusion"], result["downstream_sibling_per_class"] = sib["mean"], sib["per_class"]
+            sibs = [sibling_confusion(r, tail) for r in repeats]
+            result["downstream_sibling_confusion"] = float(np.mean([sib["mean"] for sib in sibs]))
+            result["downstream_sibling_per_class"] = {n: float(np.mean([sib["per_class"][n] for sib in sibs]))
+                                                      for n in sibs[0]["per_class"]}
             if not real_only:
                 result["oracle"] = oracle_metrics(f"{out}/shards", inputs.dataset, tail, oracle,
                                                   split=cfg.downstream.test_split, k=cfg.downstream.prdc_k)
@@ -215,6 +227,7 @@ def _aggregate(c: Comparison, runs: dict[str, list[dict]], tail: list[str], extr
                    (["--config", c.config] if c.config != DEFAULT_CONFIG else [])
                    + ["--out", root, "--seeds", *map(str, c.seeds)] + ([] if c.run_ablations else ["--no-ablations"])
                    + (["--reference", reference] if reference != "chimera" else [])
+                   + (["--classifier-seeds", str(c.classifier_seeds)] if c.classifier_seeds > 1 else [])
                    + list(c.overrides))}
     write_json(f"{root}/results.json", results)
     table = markdown(summary)
@@ -228,6 +241,13 @@ def _aggregate(c: Comparison, runs: dict[str, list[dict]], tail: list[str], extr
     display.print(table)
     display.print(f"written: {root}/results.json, {root}/results.md")
     return results
+
+
+def _classifier_seed(cfg: Config, j: int) -> Config:
+    """The run's config for its ``j``-th extra classifier: seed + 1000 j, the synthetic set's
+    metrics (independent of the classifier) not recomputed."""
+    d = cfg.downstream
+    return replace(cfg, downstream=replace(d, seed=d.seed + 1000 * j, metrics=False))
 
 
 def _adapted_layers(cfg: Config) -> list[tuple[int, int]]:

@@ -52,7 +52,8 @@ from chimera_ray.toy.files import (
 
 __all__ = ["VERSION", "GLYPHS", "PLACES", "PAIRS", "CLASSES", "HEAD", "TAIL", "GENERIC_CAPTION", "MarkClass",
            "Nuisance", "caption", "sample_nuisance", "render", "render_indexed", "sample_captioned",
-           "class_metadata", "build_finemarks", "NUISANCE_FIELDS", "MAX_ROTATION", "SCALE_RANGE"]
+           "class_metadata", "build_finemarks", "subform_of", "SUBFORM_X", "NUISANCE_FIELDS", "MAX_ROTATION",
+           "SCALE_RANGE"]
 
 # Bump whenever rendering or layout changes: summary.json carries it.
 VERSION = "finemarks-v1"
@@ -200,6 +201,10 @@ _TIP = [(-0.5, 0.45), (0.0, 0.98), (0.5, 0.45)]
 # Mark centres (unit frame) and half-size.
 _PLACE_Y = {"upper": -0.5, "lower": 0.27}
 _MARK = 0.3
+# Sub-forms of a tail class's mark (``build_finemarks(subforms=...)``): the same glyph at its
+# place, shifted along the badge's width (unit frame; the mark stays inside the disc). Class
+# detail that differs from shot to shot: a 4-shot class shows its sub-forms across its shots.
+SUBFORM_X = (-0.22, 0.22, 0.0)
 
 
 def _bar(x0: float, y0: float, x1: float, y1: float, half: float) -> list[tuple[float, float]]:
@@ -252,6 +257,7 @@ def render(
     *,
     noise: bool = True,
     return_mask: bool = False,
+    subform: int | None = None,
 ) -> tuple[Image.Image, Box] | tuple[Image.Image, Box, np.ndarray]:
     """Draw one badge with `cls`'s mark under `nuisance`.
 
@@ -263,6 +269,7 @@ def render(
         noise: Add the background texture and pixel noise (off: the background is flat,
             which tests use to check boxes).
         return_mask: Also return the badge's coverage mask.
+        subform: Draw the mark as sub-form `subform` (shifted by `SUBFORM_X[subform]`); None: centred.
 
     Returns:
         `(image, box)` or `(image, box, mask)` as `chimera_ray.toy.world.render`: `box` is the
@@ -280,7 +287,8 @@ def render(
         return cx + r * (u * cos_t - v * sin_t), cy + r * (u * sin_t + v * cos_t)
 
     body_hi = _raster([(_circle(*_DISC, n=96), 255), (_TIP, 255)], hi, to_px)
-    mark_ops = _glyph(cls.glyph, 0.0, _PLACE_Y[cls.place], _MARK) if cls is not None else []
+    mark_x = 0.0 if subform is None else SUBFORM_X[subform]
+    mark_ops = _glyph(cls.glyph, mark_x, _PLACE_Y[cls.place], _MARK) if cls is not None else []
     mark_hi = _raster(mark_ops, hi, to_px)
 
     on = np.asarray(body_hi) > 0
@@ -345,12 +353,20 @@ def _image_rng(seed: int, split: str, label_id: int, index: int) -> np.random.Ge
     return np.random.default_rng([seed, 0xF1E, _SPLIT_CODES[split], label_id, index])
 
 
-def render_indexed(seed: int, split: str, label_id: int, index: int, size: int = 32) -> tuple[Image.Image, Box, Nuisance]:
+def render_indexed(seed: int, split: str, label_id: int, index: int, size: int = 32,
+                   subform: int | None = None) -> tuple[Image.Image, Box, Nuisance]:
     """Image `index` of class `label_id` in `split`: exactly what the dataset writes there."""
     rng = _image_rng(seed, split, label_id, index)
     nuisance = sample_nuisance(rng)
-    image, box = render(CLASSES[label_id], nuisance, rng, size)
+    image, box = render(CLASSES[label_id], nuisance, rng, size, subform=subform)
     return image, box, nuisance
+
+
+def subform_of(label_id: int, index: int, subforms: int) -> int | None:
+    """The sub-form of image `index` of class `label_id` (any split) in a build with `subforms`
+    sub-forms per tail class: they take turns (4 shots of 2 sub-forms: 0, 1, 0, 1), so every
+    split holds each as evenly as its size allows; head classes and `subforms` 0 have none."""
+    return index % subforms if subforms and CLASSES[label_id].sibling else None
 
 
 def build_finemarks(
@@ -362,6 +378,7 @@ def build_finemarks(
     tail_shots: int = 4,
     val_per_class: int = 16,
     test_per_class: int = 64,
+    subforms: int = 0,
 ) -> dict:
     """Build (or reuse) a FineMarks dataset under `out_dir`.
 
@@ -377,12 +394,18 @@ def build_finemarks(
             carving a validation split out of train gives; for tail classes it is real images a
             4-shot practitioner would not have, so use it to choose recipes, never to train.
         test_per_class: Test images per class (balanced).
+        subforms: 0, or 2-3 sub-forms per tail class (`SUBFORM_X`: its mark shifted along the
+            badge), taking turns over each split's images (`subform_of`), so the 4 shots differ
+            in class detail and the test images hold every sub-form; the ``subform`` attribute of
+            each tail row says which. Head classes keep the centred mark the base was trained on.
 
     Returns:
         The summary dict (also in `out_dir/summary.json`), with ``class_meta``.
     """
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
+    if subforms not in (0, 2, 3):
+        raise ValueError(f"subforms must be 0, 2 or 3 (got {subforms})")
     if tail_shots < 1 or val_per_class < 0 or test_per_class < 1:
         raise ValueError(f"need tail_shots >= 1, val_per_class >= 0, test_per_class >= 1; got {tail_shots=} "
                          f"{val_per_class=} {test_per_class=}")
@@ -393,7 +416,7 @@ def build_finemarks(
     }
     names = [c.name for c in CLASSES]
     params = {"head_max": head_max, "head_min": head_min, "tail_shots": tail_shots, "val_per_class": val_per_class,
-              "test_per_class": test_per_class}
+              "test_per_class": test_per_class, **({"subforms": subforms} if subforms else {})}
     summary = longtail_summary("finemarks", VERSION, seed, size, names, counts, params)
     summary["val_counts"] = counts["val"]
     summary["num_val"] = sum(counts["val"])
@@ -404,7 +427,9 @@ def build_finemarks(
         for split in ("train", "val", "test"):
             for label_id in range(len(CLASSES)):
                 for i in range(counts[split][label_id]):
-                    image, box, nuisance = render_indexed(seed, split, label_id, i, size)
-                    yield LabelledImage(split, label_id, i, image, [box], nuisance.as_dict())
+                    sub = subform_of(label_id, i, subforms)
+                    image, box, nuisance = render_indexed(seed, split, label_id, i, size, sub)
+                    attrs = nuisance.as_dict() | ({"subform": sub} if sub is not None else {})
+                    yield LabelledImage(split, label_id, i, image, [box], attrs)
 
     return materialize_dataset(out_dir, names, summary, samples())

@@ -209,3 +209,31 @@ def test_tiny_finemarks_base_builds_and_generates(tmp_path: Path) -> None:
                                                                     "kappa</w>", "badge</w>"]
     out = pipe(["a photo of a kappa badge"], num_inference_steps=2, output_type="np").images
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+
+
+def test_subforms_shift_a_tail_mark_and_take_turns_over_every_split(small: Path, tmp_path: Path) -> None:
+    """subforms=2: a tail class's shots alternate its two sub-forms (the mark shifted left /
+    right along the badge), and so do its test images; head classes keep the centred mark; the
+    nuisance is the same draw as without sub-forms."""
+    out = tmp_path / "sub"
+    fm.build_finemarks(out, seed=5, subforms=2, **SMALL)
+    rows = _load_manifest(out)
+    tail, head = {c.name for c in fm.TAIL}, {c.name for c in fm.HEAD}
+    shots = [r for r in rows if r["split"] == "train" and r["label"] == fm.TAIL[0].name]
+    assert [r["attributes"]["subform"] for r in shots] == [0, 1, 0, 1]
+    assert all("subform" not in r["attributes"] for r in rows if r["label"] in head)
+    test = [r["attributes"]["subform"] for r in rows if r["split"] == "test" and r["label"] in tail]
+    assert sorted(set(test)) == [0, 1] and test.count(0) == test.count(1)
+    plain = [r["attributes"] for r in _load_manifest(small)]
+    assert [{k: v for k, v in r["attributes"].items() if k != "subform"} for r in rows] == plain
+    # where the mark is drawn: flat background, no rotation; its ink's centre moves along x
+    nuis = dataclasses.replace(fm.sample_nuisance(np.random.default_rng(0)), rotation=0.0, x=0.5, y=0.5,
+                               scale=0.38, value=0.9)
+    xs = []
+    for sub in (0, None, 1):
+        img = np.asarray(fm.render(fm.TAIL[0], nuis, np.random.default_rng(1), 64, noise=False, subform=sub)[0])
+        dark = img.sum(axis=2) < 120
+        xs.append(np.nonzero(dark)[1].mean())
+    assert xs[0] < xs[1] - 2 < xs[2] - 4
+    with pytest.raises(ValueError, match="subforms must be 0, 2 or 3"):
+        fm.build_finemarks(tmp_path / "bad", subforms=1, **SMALL)

@@ -87,6 +87,7 @@ def _io_written() -> int:
 
 def run_one(samples: int, classes: int, out: str, actors: int, unit_samples: int = 0, round_units: int = 0) -> dict:
     import ray
+    import ray.data
 
     from chimera_ray.config import load_config
     from chimera_ray.pipelines import generate_shards, init_ray
@@ -105,6 +106,7 @@ def run_one(samples: int, classes: int, out: str, actors: int, unit_samples: int
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              runtime_env={"worker_process_setup_hook": "benchmarks.bench_shards.install_standin"})
     init_ray(cfg)  # already initialised: a no-op, as under `ray job submit`
+    ray.data.DataContext.get_current().enable_progress_bars = False  # a failure's message stays in the kept tail
     stop, peak = threading.Event(), [0]
     watcher = threading.Thread(target=_count_ray_workers, args=(stop, peak), daemon=True)
     watcher.start()

@@ -262,3 +262,23 @@ def test_a_methods_own_settings_are_checked_and_named_even_when_another_method_r
     assert "recipes.classwise.train.sampler must be one of 'random', 'shuffle'" in msg
     assert "unknown key recipes.classwise.train.max_shots" in msg  # shared settings are not per method
     assert "unknown key recipes.dreambooth" in msg
+
+
+def test_a_methods_own_section_can_set_exactly_the_recipe_fields():
+    """`recipes.<mode>` holds the per-method settings: RECIPES' keys and lora_alpha, with the
+    types of the fields they fill (a value a section accepts is one the field accepts)."""
+    import dataclasses
+    import typing
+
+    from chimera_ray.config import LoRAConfig, Recipe, RecipeCrop, RecipeLoRA, RecipeTrain
+
+    own = {f"lora.{f.name}" for f in dataclasses.fields(RecipeLoRA)} | {
+        f"train.{f.name}" for f in dataclasses.fields(RecipeTrain) if f.name != "crop"} | {
+        f"train.crop.{f.name}" for f in dataclasses.fields(RecipeCrop)}
+    assert own == set(RECIPES["chimera"]) | {"lora.lora_alpha"}
+    for section, target in ((RecipeLoRA, LoRAConfig), (RecipeTrain, TrainConfig), (RecipeCrop, CropConfig)):
+        hints, full = typing.get_type_hints(section), typing.get_type_hints(target)
+        for name, tp in hints.items():
+            if name != "crop":
+                assert tp == full[name], (section.__name__, name)
+    assert Recipe().values() == {}

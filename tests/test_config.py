@@ -1,5 +1,7 @@
 """Config loading, overrides and validation (every problem at once)."""
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,12 @@ from chimera_ray.config import (
     DownstreamConfig,
     ModelConfig,
     RECIPES,
+    LoRAConfig,
     RayConfig,
+    Recipe,
+    RecipeCrop,
+    RecipeLoRA,
+    RecipeTrain,
     ShardsConfig,
     TrainConfig,
     apply_overrides,
@@ -267,11 +274,6 @@ def test_a_methods_own_settings_are_checked_and_named_even_when_another_method_r
 def test_a_methods_own_section_can_set_exactly_the_recipe_fields():
     """`recipes.<mode>` holds the per-method settings: RECIPES' keys and lora_alpha, with the
     types of the fields they fill (a value a section accepts is one the field accepts)."""
-    import dataclasses
-    import typing
-
-    from chimera_ray.config import LoRAConfig, Recipe, RecipeCrop, RecipeLoRA, RecipeTrain
-
     own = {f"lora.{f.name}" for f in dataclasses.fields(RecipeLoRA)} | {
         f"train.{f.name}" for f in dataclasses.fields(RecipeTrain) if f.name != "crop"} | {
         f"train.crop.{f.name}" for f in dataclasses.fields(RecipeCrop)}

@@ -25,18 +25,18 @@ committed).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
-import contextlib
 import logging
 import os
 import resource
 import socket
-from array import array
 import threading
 import time
 import warnings
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 

@@ -382,7 +382,9 @@ def imagewise_step(ctx: _StepContext, step: int) -> list[float]:
     would draw (keyed by ``ctx.head_keys[h]``); one denoiser call holds every head's batch; the
     loss is the sum of the heads' own mean losses, so each head's gradient is its shot's alone;
     gradients are clipped per head, and AdamW is per element. So each head follows its lone
-    training, within float rounding (tests/test_train.py). Returns each head's loss."""
+    training, within float rounding (tests/test_train.py); one difference under fp16 on CUDA:
+    the GradScaler skips a step for every head when any head's gradients overflow. Returns each
+    head's loss."""
     train, device, keys = ctx.train, ctx.unet.device, ctx.head_keys
     family = family_of(ctx.unet)
     prediction_type = family.prediction_type(ctx.scheduler)

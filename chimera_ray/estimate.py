@@ -68,7 +68,7 @@ def _counts(cfg: Config, plans) -> dict:
     unit_samples = resolve_unit_samples(g, cfg.model)
     units = plan_units([(p.key, p.budget) for p in plans], unit_samples=unit_samples,
                        window_classes=g.window_classes, seed=None) if images else []
-    # imagewise (LoFT) trains each shot's LoRA alone: train.steps per shot, not per class.
+    # imagewise (LoFT) trains a LoRA per shot: train.steps per shot (side by side), not per class.
     per_class = [cfg.train.steps * (len(p.shots) if cfg.lora.mode == "imagewise" else 1) for p in plans]
     return {"classes": len(plans), "shots": sum(len(p.shots) for p in plans), "train_steps": sum(per_class),
             "trainer_runs": math.ceil(len(plans) / cfg.ray.classes_per_trainer) if cfg.lora.mode != "base" else 0,
@@ -128,9 +128,13 @@ def _calibrate(cfg: Config, inputs, train_steps: int, log: Callable[[str], None]
                                   lora=cfg.lora, train=steps_cfg, resolution=cfg.model.resolution,
                                   precision=cfg.model.precision, on_step=lambda s, loss: stamps.append(time.perf_counter()))
             total = time.perf_counter() - t
-            step_s = (stamps[-1] - stamps[0]) / (len(stamps) - 1)  # imagewise: K adapters of 1 + n steps
+            # Seconds per adapter step. imagewise trains the class's K image LoRAs side by side: one
+            # step (one stamp) advances all K, a batch K times LoFT's; counted per adapter step,
+            # assuming a step's time grows with its batch (an upper bound where the device is not full).
+            per_stamp = len(shots) if cfg.lora.mode == "imagewise" else 1
+            step_s = (stamps[-1] - stamps[0]) / (len(stamps) - 1) / per_stamp
             out.update(train_step_s=round(step_s, 4), train_class_setup_s=round(max(0.0, total - len(stamps)
-                                                                                    * step_s), 3),
+                                                                                    * per_stamp * step_s), 3),
                        adapter_bytes=sum(v.numel() * v.element_size() for v in res.state.values()),
                        trainable_params=res.report["trainable_params"])
             save_adapter(f"{tmp}/{plan.key}", res.state, res.meta)

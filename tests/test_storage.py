@@ -3,6 +3,7 @@
 import pytest
 
 from chimera_ray.config import ConfigError
+from chimera_ray.pipelines.common import Attempts
 from chimera_ray.storage import StorageError, check_output_reachable, is_node_local
 
 
@@ -46,3 +47,20 @@ def test_the_message_is_one_line_naming_field_value_and_both_fixes():
     assert "ray.storage=s3://bucket/prefix" in msg and msg.endswith("set ray.shared_fs=true")
     with pytest.raises(StorageError, match="but the run joins a Ray cluster that may have or add others, whose"):
         check_output_reachable("runs/x", nodes=1, shared=False, may_grow=True)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_attempts_count_per_name_and_keep_the_last_error(tmp_path, request, where):
+    """A unit's attempts are counted from its own markers only (10 other units' do not count,
+    and a name that prefixes another's is not confused with it), on a disk and on S3."""
+    root = str(tmp_path / "attempts") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/attempts"
+    a = Attempts(root)
+    for u in range(10):
+        a.start(f"1{u}")
+    first, n1 = a.start("1")
+    assert n1 == 1
+    a.fail(first, "RuntimeError: boom")
+    second, n2 = Attempts(root).start("1")  # another process, the same store
+    assert n2 == 2 and second != first
+    assert a.last_error("1") == "RuntimeError: boom"
+    assert "ended without an error" in a.last_error("99")

@@ -122,19 +122,30 @@ def arrow_fs(url: str):
 
 class Attempts:
     """Counts a unit's (or a class's) attempts across actors, restarts and nodes: every start
-    writes its own marker (``{name}-{random}``, holding the attempt's error if it fails), and the
-    count is one listing. No read-modify-write, so concurrent attempts count right on any store."""
+    writes its own marker (``{name}/{random}``, holding the attempt's error if it fails), and the
+    count is one listing of ``name``'s folder. No read-modify-write, so concurrent attempts count
+    right on any store; a folder per name keeps a count O(its attempts) however many units a run
+    has (a pattern over one shared folder listed all of them: O(units) per unit on a local disk)."""
 
     def __init__(self, root: str):
         self.fs, self.root = fsspec.core.url_to_fs(root)
         self.fs.makedirs(self.root, exist_ok=True)
 
+    def _markers(self, name: str) -> list[str]:
+        folder = f"{self.root}/{name}"
+        self.fs.invalidate_cache(folder)  # other processes add markers: never a cached listing
+        try:
+            return sorted(self.fs.ls(folder, detail=False))
+        except FileNotFoundError:
+            return []
+
     def start(self, name: str) -> tuple[str, int]:
         """Records an attempt; returns its marker and ``name``'s attempts so far (this one included)."""
-        marker = f"{self.root}/{name}-{uuid.uuid4().hex[:8]}"
+        self.fs.makedirs(f"{self.root}/{name}", exist_ok=True)
+        marker = f"{self.root}/{name}/{uuid.uuid4().hex[:8]}"
         with self.fs.open(marker, "w") as f:
             f.write("")
-        return marker, len(self.fs.glob(f"{self.root}/{name}-*"))
+        return marker, len(self._markers(name))
 
     def fail(self, marker: str, error: str) -> None:
         with contextlib.suppress(Exception):  # the count matters, the message is a courtesy
@@ -143,7 +154,7 @@ class Attempts:
 
     def last_error(self, name: str) -> str:
         errors = []
-        for path in sorted(self.fs.glob(f"{self.root}/{name}-*")):
+        for path in self._markers(name):
             with contextlib.suppress(Exception), self.fs.open(path, "r") as f:
                 errors.append(f.read())
         return next((e for e in reversed(errors) if e), "an attempt ended without an error (its process or node was lost)")

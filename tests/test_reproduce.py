@@ -177,3 +177,10 @@ def test_summarize_only_aggregates_finished_runs_without_ray(tmp_path, capsys):
     assert res["methods"]["chimera"]["tail_acc"]["values"] == [0.6, 0.7]
     assert res["paired"]["differences"]["real_only"]["tail_acc"]["values"] == pytest.approx([0.1])
     assert "| chimera | 2 | 65.0 ± 7.1 |" in (tmp_path / "results.md").read_text()
+
+
+def test_classifier_seeds_below_one_is_a_usage_error(tmp_path, capsys):
+    from chimera_ray.cli import main
+
+    assert main(["reproduce", "--out", str(tmp_path), "--classifier-seeds", "0", "--summarize-only"]) == 2
+    assert "--classifier-seeds must be >= 1 (got 0)" in capsys.readouterr().err

@@ -28,6 +28,7 @@ __all__ = [
     "CropConfig",
     "TrainConfig",
     "GenerateConfig",
+    "GateConfig",
     "DetectorConfig",
     "DataConfig",
     "ShardsConfig",
@@ -589,6 +590,12 @@ class DownstreamConfig:
     # Split names in the dataset.
     train_split: str = "train"
     test_split: str = "test"
+    # Shards written with the quality gate (gate.enabled) carry each image's scores: "weight"
+    # weighs a synthetic image's loss by how surely the gate placed it in its class (its own
+    # class's softmax share over its top classes' similarities / gate_temperature), "soft" trains
+    # on that softmax as a soft label; "off" (default) ignores the scores.
+    gate_scores: Literal["off", "weight", "soft"] = "off"
+    gate_temperature: float = 0.05
     # Feature extractor for fidelity/diversity metrics (chimera_ray.eval.features): the project's
     # own toy feature network at toy scale; "clip:/path" or an Inception path for real data.
     features: str = "builtin:toy-features"
@@ -628,6 +635,60 @@ class DownstreamConfig:
             (not lora or "{name}" in self.prompt,
              f"downstream.prompt must contain {{name}}, where the class name goes (got {self.prompt!r})"),
             (self.prdc_k >= 1 and self.num_workers >= 1, "downstream.prdc_k and downstream.num_workers must be >= 1"),
+            (self.gate_scores in ("off", "weight", "soft"),
+             f"downstream.gate_scores must be off, weight or soft (got {self.gate_scores!r})"),
+            (self.gate_temperature > 0, f"downstream.gate_temperature must be > 0 (got {self.gate_temperature})"),
+        )
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The quality gate (off unless ``enabled``): every generated image is scored against its
+    class before it is committed, and one that fails is replaced by a further draw of the same
+    sample (``chimera_ray.quality``; docs/guides/quality_gate.md).
+
+    Score = cosine similarity of the image's features to its class's prototype minus that to the
+    nearest other class's (prototypes: the mean features of each class's real training images).
+    """
+
+    enabled: bool = False
+    # The feature network the score is computed in (``chimera_ray.eval.features`` specs):
+    # "clip:<local folder>", "torchvision:<arch>=<weights>", or on the embedded FineMarks data
+    # "builtin:finemarks-head-features" (trained on the head classes' real images only).
+    features: str | None = None
+    # Keep an image when its margin is >= threshold. null: the threshold that keeps `keep_rate`
+    # of the real shots, each scored against its class's prototype without itself (leave-one-out).
+    threshold: float | None = None
+    keep_rate: float = 0.5
+    # Draws per synthetic slot, the first included: a slot whose draws all fail stays empty and is
+    # counted (never looped on). Generation costs up to this many times more.
+    max_attempts: int = 4
+    # A class whose images pass less often than this is reported (report.json "problems").
+    min_keep_rate: float = 0.1
+    # Real training images per class that make its prototype (a bound on the calibration's cost).
+    real_per_class: int = 64
+    # The most similar classes recorded with each image (metadata "gate.top": soft labels).
+    top_k: int = 3
+    # Also write every rejected draw to <output>/gate/rejects (WebDataset shards) for inspection.
+    keep_rejects: bool = False
+
+    def problems(self) -> list[str]:
+        """Every problem with this section, one message each (checked only when it is enabled)."""
+        if not self.enabled:
+            return []
+        return _failed(
+            (bool(self.features),
+             "gate.features must name the feature network the gate scores with (e.g. clip:/path/to/clip, "
+             "torchvision:resnet50=/path/weights.safetensors, or builtin:finemarks-head-features on FineMarks)"),
+            (self.threshold is not None or 0.0 < self.keep_rate <= 1.0,
+             f"gate.keep_rate must be in (0, 1] (got {self.keep_rate}), or set gate.threshold"),
+            (self.threshold is None or -2.0 <= self.threshold <= 2.0,
+             f"gate.threshold is a difference of cosine similarities, so in [-2, 2] (got {self.threshold})"),
+            (self.max_attempts >= 1, f"gate.max_attempts must be >= 1 (got {self.max_attempts})"),
+            (0.0 <= self.min_keep_rate <= 1.0, f"gate.min_keep_rate must be in [0, 1] (got {self.min_keep_rate})"),
+            (self.real_per_class >= 2,
+             f"gate.real_per_class must be >= 2, the leave-one-out calibration needs two (got {self.real_per_class})"),
+            (self.top_k >= 1, f"gate.top_k must be >= 1 (got {self.top_k})"),
         )
 
 
@@ -750,6 +811,8 @@ class Config:
     # Each method's own lora/train settings (a comparison runs every method from one config).
     recipes: Recipes = field(default_factory=Recipes)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    # The quality gate in the generation stream (off unless gate.enabled).
+    gate: GateConfig = field(default_factory=GateConfig)
     data: DataConfig = field(default_factory=DataConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -787,7 +850,7 @@ class Config:
         own (its ``problems()``) in section order, the top-level fields' between data and shards."""
         errors = [
             *self.model.problems(), *self.lora.problems(), *self.train.problems(), *self.recipes.problems(),
-            *self.generate.problems(),
+            *self.generate.problems(), *self.gate.problems(),
             *self.data.problems(),
             *_failed((bool(self.output), "output must be a folder path or fsspec URL")),
             *self.shards.problems(), *self.ray.problems(), *self.downstream.problems(),

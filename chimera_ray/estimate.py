@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 
+import fsspec
 import numpy as np
 import torch
 
@@ -42,11 +44,12 @@ from chimera_ray.local import load_shots
 from chimera_ray.lora.adapter import save_adapter
 from chimera_ray.models import load_pipeline, resolve_device
 from chimera_ray.progress import format_bytes, format_seconds
+from chimera_ray.quality import Calibration, expected_draws
 from chimera_ray.shards import RECORD, Sample, sample_tar_size, tar_size
 from chimera_ray.train import train_class
 from chimera_ray.units import plan_units, resolve_unit_samples
 
-__all__ = ["estimate_run", "format_estimate", "TRAINER_FIXED_S", "GENERATE_FIXED_S"]
+__all__ = ["estimate_run", "format_estimate", "gate_estimate", "TRAINER_FIXED_S", "GENERATE_FIXED_S"]
 
 # A Ray Train run's fixed cost (controller, worker group, process start), without the model
 # load (timed here): 10.4 s per run on 2 CPU cores (docs/performance/benchmarks.md, "4 classes: one run each
@@ -173,6 +176,32 @@ def _shards(cfg: Config, unit_counts: list[int], sample_bytes: float) -> tuple[i
     return shards, total
 
 
+def gate_estimate(cfg: Config) -> dict | None:
+    """With the quality gate on: the draws each image is expected to cost (``quality.expected_draws``
+    at the keep-rate known best: what this output's gate kept so far, else its calibration's share of
+    real shots, else the target ``gate.keep_rate``; a threshold never calibrated: ``max_attempts``,
+    the bound) and the share of slots expected to stay empty."""
+    q = cfg.gate
+    if not q.enabled:
+        return None
+    folder, rate, basis = cfg.output_path("gate"), None, ""
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+        with fsspec.open(f"{folder}/summary.json", "rb") as f:
+            s = json.load(f)
+        if s["kept"] + s["rejected"]:
+            rate, basis = s["kept"] / (s["kept"] + s["rejected"]), "kept so far by this output's gate"
+    if rate is None:
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+            rate, basis = Calibration.load(folder).keep_rate, "share of real shots its calibration keeps"
+    if rate is None and q.threshold is None:
+        rate, basis = q.keep_rate, "gate.keep_rate (the real shots' share; synthetic images often pass less)"
+    if rate is None:
+        return {"keep_rate": None, "draws_per_image": float(q.max_attempts), "empty_share": None,
+                "basis": "gate.threshold not calibrated yet: the bound, gate.max_attempts draws per image"}
+    return {"keep_rate": round(rate, 4), "draws_per_image": round(expected_draws(rate, q.max_attempts), 4),
+            "empty_share": round((1 - rate) ** q.max_attempts, 4), "basis": basis}
+
+
 def estimate_run(cfg: Config, *, calibrate: bool = True, train_steps: int = 5,
                  log: Callable[[str], None] = lambda m: None) -> dict:
     """The plan and its estimated cost (a JSON-ready dict; ``format_estimate`` prints it).
@@ -201,6 +230,8 @@ def estimate_run(cfg: Config, *, calibrate: bool = True, train_steps: int = 5,
         bound = 3 * res * res + 3 * 512 + 2048
         shards, nbytes = _shards(cfg, counts["unit_samples"], bound)
         est["storage"] = {"shards": shards, "shard_bytes_upper_bound": nbytes, "basis": "uncompressed RGB upper bound"}
+        if cfg.gate.enabled:
+            est["gate"] = gate_estimate(cfg)
         return est
     cal = _calibrate(cfg, inputs, train_steps, log)
     device = torch.device(cal["device"])
@@ -209,7 +240,9 @@ def estimate_run(cfg: Config, *, calibrate: bool = True, train_steps: int = 5,
     if cfg.lora.mode != "base":
         train_device_s = (counts["trainer_runs"] * (TRAINER_FIXED_S + cal["model_load_s"])
                           + counts["classes"] * cal["train_class_setup_s"] + counts["train_steps"] * cal["train_step_s"])
-    gen_device_s = counts["images"] * cal["image_s"] + actors * (cal["model_load_s"] + GENERATE_FIXED_S)
+    gate = gate_estimate(cfg)
+    draws = counts["images"] * (gate["draws_per_image"] if gate else 1.0)
+    gen_device_s = draws * cal["image_s"] + actors * (cal["model_load_s"] + GENERATE_FIXED_S)
     shards, shard_bytes = _shards(cfg, counts["unit_samples"], cal["sample_bytes"])
     adapters = counts["classes"] * cal.get("adapter_bytes", 0)
     train_wall = train_device_s / trainers
@@ -221,6 +254,7 @@ def estimate_run(cfg: Config, *, calibrate: bool = True, train_steps: int = 5,
         generate={"device_hours": round(gen_device_s / 3600, 4), "wall_s": round(gen_wall, 1),
                   "images_per_s": round(actors / cal["image_s"], 2)},
         total_wall_s=round(RAY_START_S + train_wall + gen_wall, 1),
+        **({"gate": gate} if gate else {}),
         storage={"shards": shards, "shard_bytes": shard_bytes,
                  "mean_shard_bytes": round(shard_bytes / shards) if shards else 0,
                  "max_shard_bytes": cfg.shards.max_bytes, "max_shard_samples": cfg.shards.max_samples,
@@ -228,6 +262,15 @@ def estimate_run(cfg: Config, *, calibrate: bool = True, train_steps: int = 5,
                  "total_bytes": shard_bytes + adapters, "record_bytes": RECORD},
     )
     return est
+
+
+def _gate_lines(est: dict) -> list[str]:
+    if "gate" not in est:
+        return []
+    q = est["gate"]
+    rate = "unknown keep-rate" if q["keep_rate"] is None else f"keep-rate {q['keep_rate']:.0%}"
+    empty = "" if q["empty_share"] is None else f", {q['empty_share']:.1%} of slots expected empty"
+    return [f"gate:     {q['draws_per_image']:.2f} draws per image ({rate}: {q['basis']}){empty}"]
 
 
 def format_estimate(est: dict) -> str:
@@ -241,7 +284,7 @@ def format_estimate(est: dict) -> str:
     if "calibration" not in est:
         lines.append(f"storage:  {_n(s['shards'], 'shard')}, at most {format_bytes(s['shard_bytes_upper_bound'])} "
                      "(uncompressed bound; calibrate for an estimate)")
-        return "\n".join(lines)
+        return "\n".join(lines + _gate_lines(est))
     cal, dev = est["calibration"], est["calibration"]["device"]
     unit = "GPU-hours" if dev.startswith("cuda") else f"device-hours ({dev})"
     lines.append(f"measured: on {dev}: model load {cal['model_load_s']:.1f} s"
@@ -251,6 +294,7 @@ def format_estimate(est: dict) -> str:
     lines.append(f"train:    {est['train']['device_hours']:.3f} {unit}, about {format_seconds(est['train']['wall_s'])}")
     lines.append(f"generate: {est['generate']['device_hours']:.3f} {unit}, about "
                  f"{format_seconds(est['generate']['wall_s'])} ({est['generate']['images_per_s']:.1f} images/s)")
+    lines += _gate_lines(est)
     lines.append(f"total:    about {format_seconds(est['total_wall_s'])} ({est['concurrency']['why']})")
     lines.append(f"storage:  {_n(s['shards'], 'shard')}, {format_bytes(s['shard_bytes'])} (about "
                  f"{format_bytes(s['mean_shard_bytes'])} each; cap {format_bytes(s['max_shard_bytes'])} / "

@@ -33,7 +33,7 @@ from chimera_ray.lora.inject import (
     set_disabled,
 )
 from chimera_ray.models import load_pipeline, native_resolution
-from chimera_ray.sampling import derive_seed, row_weights
+from chimera_ray.sampling import derive_seed, draw_purpose, row_weights
 
 __all__ = ["Generator", "Rendered", "encode_image", "sample_key"]
 
@@ -181,7 +181,8 @@ class Generator:
 
         Args:
             batch: columns ``class_key`` (n,), ``sample_index`` (n,), optional ``class_name``,
-                ``label``, ``weights`` (n,) of per-row lists.
+                ``label``, ``weights`` (n,) of per-row lists, ``attempt`` (n,) (the row's draw,
+                ``chimera_ray.sampling.draw_purpose``; 0 when absent).
 
         Returns:
             Columns ``key``, ``class_key``, ``class_name``, ``label``, ``sample_index``,
@@ -212,10 +213,12 @@ class Generator:
         names = [str(x) for x in batch["class_name"]] if "class_name" in batch else [metas[k].class_name for k in keys]
         labels = [int(x) for x in batch["label"]] if "label" in batch else [metas[k].label if metas else -1 for k in keys]
         given = batch["weights"] if "weights" in batch else [None] * n
+        # A row's draw: 0 unless the quality gate asks for a replacement (its own noise and mixture).
+        attempt = [int(a) for a in batch["attempt"]] if "attempt" in batch else [0] * n
         rows_w = [row_weights(given[r], self.mode, metas[keys[r]].num_heads if metas else 0, g.dirichlet_concentration,
-                              g.seed, keys[r], index[r], g.imagewise_mix, g.imagewise_weight)
+                              g.seed, keys[r], index[r], g.imagewise_mix, g.imagewise_weight, attempt[r])
                   for r in range(n)]
-        seeds = [derive_seed(g.seed, keys[r], index[r], "noise") for r in range(n)]
+        seeds = [derive_seed(g.seed, keys[r], index[r], draw_purpose("noise", attempt[r])) for r in range(n)]
         prompts = [g.prompt_template.format(name=names[r]) for r in range(n)]
         pixels = self._denoise(keys, rows_w, seeds, prompts)
         rows = []

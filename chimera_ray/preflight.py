@@ -286,6 +286,14 @@ class RunInputs:
     def plan_json(self) -> dict:
         return plan_json(self.plans, self.summary, self.counts)
 
+    def real_images(self, split: str = "train") -> dict[str, list[str]]:
+        """Class key -> its real ``split`` images (the quality gate's prototypes): a planned
+        class's shots (what its adapter learnt from), every other class's images by path."""
+        keys = self.dataset.keys()
+        out = {keys[name]: sorted(r.path for r in rows) for name, rows in self.dataset.by_class(split).items()}
+        out.update({p.key: list(p.shots) for p in self.plans})
+        return out
+
     def report(self) -> dict:
         """Run-report entries: every skipped row with its reason, warnings, box sources."""
         skipped = [{"code": p.code, "where": p.where, "reason": p.message} for p in self.problems if p.severity == "skip"]

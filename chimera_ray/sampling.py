@@ -10,7 +10,13 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["derive_seed", "mixture_weights", "check_weights", "row_weights"]
+__all__ = ["derive_seed", "draw_purpose", "mixture_weights", "check_weights", "row_weights"]
+
+
+def draw_purpose(purpose: str, attempt: int = 0) -> str:
+    """The stream of a sample's ``attempt``-th draw (the quality gate's replacements): attempt 0
+    is the sample's own stream, so a run without the gate draws exactly what it always did."""
+    return purpose if int(attempt) == 0 else f"{purpose}@{int(attempt)}"
 
 
 def derive_seed(run_seed: int, class_key: str, index: int, purpose: str) -> int:
@@ -31,8 +37,9 @@ def mixture_weights(
     index: int,
     imagewise_mix: int = 2,
     imagewise_weight: float | None = None,
+    attempt: int = 0,
 ) -> np.ndarray:
-    """The mixture weights ``w`` of one synthetic image.
+    """The mixture weights ``w`` of one synthetic image (its ``attempt``-th draw: `draw_purpose`).
 
     Args:
         mode: chimera -> ``w ~ Dirichlet(concentration * 1_K)``; classwise -> ``[1]``;
@@ -49,7 +56,7 @@ def mixture_weights(
         raise ValueError(f"dirichlet concentration must be > 0 (got {concentration})")
     if num_heads < 1 and mode != "base":
         raise ValueError(f"num_heads must be >= 1 (got {num_heads})")
-    rng = np.random.default_rng(derive_seed(run_seed, class_key, index, "mixture"))
+    rng = np.random.default_rng(derive_seed(run_seed, class_key, index, draw_purpose("mixture", attempt)))
     if mode == "base":
         return np.zeros(0)
     if mode == "classwise" or num_heads == 1:
@@ -85,10 +92,11 @@ def check_weights(weights, num_heads: int, atol: float = 1e-4) -> np.ndarray:
 
 
 def row_weights(given, mode: str, num_heads: int, concentration: float, run_seed: int, class_key: str, index: int,
-                imagewise_mix: int = 2, imagewise_weight: float | None = None) -> np.ndarray:
+                imagewise_mix: int = 2, imagewise_weight: float | None = None, attempt: int = 0) -> np.ndarray:
     """The one rule for a row's mixture: the user's weights (validated) when the row carries
     any, else the draw ``mixture_weights`` derives from the row's key."""
     if given is not None and len(given):
         return check_weights(given, num_heads)
-    return mixture_weights(mode, num_heads, concentration, run_seed, class_key, index, imagewise_mix, imagewise_weight)
+    return mixture_weights(mode, num_heads, concentration, run_seed, class_key, index, imagewise_mix, imagewise_weight,
+                           attempt)
 

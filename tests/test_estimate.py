@@ -48,3 +48,36 @@ def test_twice_the_work_costs_twice_the_variable_time(monkeypatch, tmp_path):
     assert train_added == pytest.approx(2 * 4 * 100.0 / trainers, abs=0.2)  # 2 classes x 4 more steps
     assert gen_added == pytest.approx(2 * 3 * 50.0 / actors, abs=0.2)  # 6 more images
     assert large["storage"]["shard_bytes"] > small["storage"]["shard_bytes"]
+
+
+def test_the_gate_multiplies_generation_by_its_expected_draws(monkeypatch, tmp_path):
+    """With the quality gate, each image costs sum_{a < m} (1 - p)^a draws at the keep-rate known
+    best: the target before any calibration, the calibration's once there is one, what the gate
+    kept once it ran."""
+    import json
+
+    import numpy as np
+
+    from chimera_ray.quality import Calibration
+
+    plain = _estimate(monkeypatch, tmp_path)
+    gate = ["gate.enabled=true", "gate.features=builtin:finemarks-head-features", "gate.max_attempts=3"]
+    actors = plain["concurrency"]["generation_actors"]
+
+    def added(est, draws):
+        return est["generate"]["wall_s"] - plain["generate"]["wall_s"] == pytest.approx(
+            2 * 3 * 50.0 * (draws - 1) / actors, abs=0.2)
+
+    target = _estimate(monkeypatch, tmp_path, *gate, "gate.keep_rate=0.5")
+    assert target["gate"]["draws_per_image"] == 1 + 0.5 + 0.25 and added(target, 1.75)
+    assert target["gate"]["empty_share"] == 0.125 and "gate.keep_rate" in target["gate"]["basis"]
+    assert "1.75 draws per image" in estimate.format_estimate(target)
+    unknown = _estimate(monkeypatch, tmp_path, *gate, "gate.threshold=0.1")
+    assert unknown["gate"]["draws_per_image"] == 3 and added(unknown, 3)
+    Calibration(["a", "b"], np.eye(2, dtype=np.float32), 0.1, "x", keep_rate=0.8).save(str(tmp_path / "gate"))
+    calibrated = _estimate(monkeypatch, tmp_path, *gate, "gate.threshold=0.1")
+    assert calibrated["gate"]["keep_rate"] == 0.8 and added(calibrated, 1 + 0.2 + 0.04)
+    (tmp_path / "gate" / "summary.json").write_text(json.dumps({"kept": 30, "rejected": 70}))
+    ran = _estimate(monkeypatch, tmp_path, *gate)
+    assert ran["gate"]["keep_rate"] == 0.3 and "kept so far" in ran["gate"]["basis"]
+    assert added(ran, 1 + 0.7 + 0.49)

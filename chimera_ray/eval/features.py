@@ -10,6 +10,10 @@ mapping images ``(n, 3, H, W)`` in ``[-1, 1]`` to features ``(n, dim)``:
 * ``builtin:finemarks-features``: the FineMarks class oracle's pooled features
   (`chimera_ray.eval.probes.finemarks_oracle`, 96-d, trained and cached on first use); only
   meaningful on FineMarks images.
+* ``builtin:finemarks-head-features``: a network of the same architecture trained only on
+  FineMarks' real *head-class* training images (96-d; cached on first use): what a user of the
+  embedded data could train, and what the quality gate (`chimera_ray.quality`) scores with
+  there (never the oracle, which judges the results).
 * ``torchvision:<arch>=<weights>``: a torchvision classifier (``inception_v3``, 2048-d,
   the usual FID network; or a ResNet) built with ``weights=None`` and loaded from a state
   dict in ``.safetensors`` or ``.pth`` (``torch.load(weights_only=True)``), given as a local
@@ -65,7 +69,7 @@ __all__ = [
 TOY_FEATURES_VERSION = "toy-features-v1"
 
 _ACCEPTED = (
-    "'builtin:toy-features'; 'builtin:finemarks-features'; 'torchvision:<arch>=<weights.safetensors or .pth, local path or fsspec URL>' "
+    "'builtin:toy-features'; 'builtin:finemarks-features'; 'builtin:finemarks-head-features'; 'torchvision:<arch>=<weights.safetensors or .pth, local path or fsspec URL>' "
     "with arch one of {archs}; 'clip:<local Hugging Face CLIP folder>'"
 )
 
@@ -357,6 +361,16 @@ def _finemarks_extractor(spec: str, device, batch_size: int, cache_dir: str | No
                             (0.5,) * 3, resample="bicubic", device=device, batch_size=batch_size)
 
 
+def _finemarks_head_extractor(spec: str, device, batch_size: int, cache_dir: str | None) -> FeatureExtractor:
+    net, meta = finemarks_oracle.load_head_features(cache_dir)
+
+    def embed(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return net.features(x).mean(dim=(2, 3))
+
+    return FeatureExtractor(spec, meta["dim"], net, embed, 32, (0.5,) * 3, (0.5,) * 3, resample="bicubic",
+                            device=device, batch_size=batch_size)
+
+
 # ---- torchvision:<arch>=<weights> ----------------------------------------------------------
 
 
@@ -488,7 +502,8 @@ def load_feature_extractor(
 
     Args:
         spec: ``"builtin:toy-features"`` (the toy ToyWorld network, trained and cached on
-            first use), ``"builtin:finemarks-features"`` (the FineMarks class oracle, likewise), ``"torchvision:<arch>=<weights>"`` (``inception_v3`` or a ResNet;
+            first use), ``"builtin:finemarks-features"`` (the FineMarks class oracle, likewise),
+            ``"builtin:finemarks-head-features"`` (trained on FineMarks' real head images only), ``"torchvision:<arch>=<weights>"`` (``inception_v3`` or a ResNet;
             weights ``.safetensors``/``.pth``, local path or fsspec URL) or
             ``"clip:<local folder>"``.
         device: Torch device to run on.
@@ -517,6 +532,8 @@ def load_feature_extractor(
         return _toy_extractor(spec, device, batch_size, cache_dir, toy_recipe, progress, rebuild)
     if spec == "builtin:finemarks-features":
         return _finemarks_extractor(spec, device, batch_size, cache_dir)
+    if spec == "builtin:finemarks-head-features":
+        return _finemarks_head_extractor(spec, device, batch_size, cache_dir)
     if sep and kind == "torchvision":
         return _torchvision_extractor(spec, rest, device, batch_size)
     if sep and kind == "clip" and rest:

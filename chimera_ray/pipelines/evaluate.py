@@ -51,7 +51,8 @@ def _downstream_loop(config: dict) -> None:
 
     real = load_real(rows(config["train_rows"]), names, size)
     test = load_real(rows(config["test_rows"]), names, size)
-    syn = load_synthetic(config["shard_urls"] if cfg.downstream.use_synthetic else [], names, size)
+    d = cfg.downstream
+    syn = load_synthetic(config["shard_urls"] if d.use_synthetic else [], names, size, d.gate_scores, d.gate_temperature)
     if rank == 0:
         log.info("[downstream] %d real + %d synthetic training images, %d test images (%d worker(s), %s)",
                  len(real), len(syn), len(test), world, device)

@@ -44,16 +44,20 @@ import fsspec
 import numpy as np
 import ray
 import ray.data
+import torch
 from ray.data import ActorPoolStrategy, DataContext
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from chimera_ray.config import Config, config_from_dict, config_to_dict
+from chimera_ray.eval.features import load_feature_extractor
 from chimera_ray.generate import Generator, Rendered
+from chimera_ray.io import atomic_write, write_json
 from chimera_ray.pipelines.common import Attempts, absolute_config, absolute_url, worker_logging
 from chimera_ray.pipelines.progress import Reporter, progress_feed
 from chimera_ray.plan import ClassPlan
+from chimera_ray.quality import Calibration, GateRecord, QualityGate, calibrate, gated_render, image_features
 from chimera_ray.sampling import row_weights
 from chimera_ray.shards import (
     BackgroundWriter,
@@ -258,6 +262,11 @@ class _GenerateActor:
         self.attempts = Attempts(_attempts_dir(self.cfg.output_path()))
         self.gen = Generator(self.cfg.model, self.cfg.generate, mode=self.cfg.lora.mode, adapter_root=adapter_root,
                              cache_dir=self.cfg.cache_dir)
+        self.quality = None
+        if self.cfg.gate.enabled:  # scored on the generator's device, against the run's calibration
+            q = self.cfg.gate
+            extractor = load_feature_extractor(q.features, self.gen.pipe.device, cache_dir=self.cfg.cache_dir)
+            self.quality = QualityGate(extractor, Calibration.load(_gate_dir(self.cfg.output_path())), q.top_k)
         self._render = threading.Lock()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -273,18 +282,24 @@ class _GenerateActor:
         writer = UnitWriter(self.shards_dir, unit, prefix=sh.prefix, max_bytes=sh.max_bytes,
                             max_samples=sh.max_samples or None, signature=signature)
         bg = BackgroundWriter(writer, self._samples)
+        gated = _GatedUnit(self, unit, signature) if self.quality is not None else None
         try:
             with self._render:
                 start = time.time()
                 for s in range(0, len(rows["class_key"]), bs):
                     micro = {c: rows[c][s:s + bs] for c in _ROW_COLUMNS}
-                    bg.submit(self.gen.render(micro))  # encoding + writing overlap the next render
+                    # encoding + writing overlap the next render
+                    bg.submit(self.gen.render(micro) if gated is None else gated.render(micro))
                     self.progress.send({"kind": "images", "unit": unit, "n": len(micro["class_key"]),
                                         "of": len(rows["class_key"])})
                 end = time.time()
+            if gated is not None:
+                gated.close()  # the unit's gate record (and rejects), before the unit's commit
             return bg.close(), start, end  # the commit: outside the lock, while the next unit renders
         except BaseException:
             bg.abort()
+            if gated is not None:
+                gated.abort()
             raise
 
     def _attempt(self, unit: int, signature: str, rows: dict[str, np.ndarray]) -> tuple[tuple | None, str]:
@@ -321,6 +336,53 @@ class _GenerateActor:
                 "render": np.array([json.dumps(r) for r in out_render], dtype=object)}
 
 
+def _gate_dir(out: str) -> str:
+    """The quality gate's files: ``calibration.json|.safetensors``, ``units/<unit>.json`` (each
+    committed unit's counts and rejected draws), ``summary.json``, ``rejects/`` (optional shards)."""
+    return f"{out}/gate"
+
+
+class _GatedUnit:
+    """One unit's micro-batches through the quality gate (``quality.gated_render``): the kept
+    draws go to the unit's writer; the unit's ``GateRecord`` is written to
+    ``<output>/gate/units/<unit>.json`` before the unit commits (so every committed unit has one;
+    a retried unit rewrites the same content), rejected draws to ``gate/rejects`` when asked."""
+
+    def __init__(self, actor: _GenerateActor, unit: int, signature: str):
+        self.actor, self.unit = actor, unit
+        self.record = GateRecord()
+        self.out = _gate_dir(actor.cfg.output_path())
+        self.rejects = None
+        if actor.cfg.gate.keep_rejects:
+            sh = actor.cfg.shards
+            self.rejects = UnitWriter(f"{self.out}/rejects", unit, prefix=sh.prefix, max_bytes=sh.max_bytes,
+                                      max_samples=sh.max_samples or None, signature=signature)
+
+    def _reject(self, pixels: np.ndarray, meta: dict) -> None:
+        meta = {**meta, "key": f"{meta['key']}_a{meta['gate']['attempt']}"}  # one sample per draw
+        cols = self.actor.gen.encode(Rendered(pixels[None], [meta]))
+        self.rejects.add(Sample(str(cols["key"][0]), str(cols["ext"][0]), bytes(cols["image"][0]),
+                                int(cols["label"][0]), str(cols["metadata"][0]), str(cols["class_key"][0])))
+
+    def render(self, micro: dict[str, np.ndarray]) -> Rendered:
+        a = self.actor
+        pixels, rows = gated_render(a.gen.render, a.quality, micro, max_attempts=a.cfg.gate.max_attempts,
+                                    redraw_weights=not a.cfg.generate.weights_table, record=self.record,
+                                    on_reject=self._reject if self.rejects is not None else None)
+        return Rendered(pixels, rows)
+
+    def close(self) -> None:
+        if self.rejects is not None:
+            self.rejects.close()
+        atomic_write(f"{self.out}/units/{self.unit:06d}.json",
+                     json.dumps({"unit": self.unit, **self.record.to_json()}, sort_keys=True).encode())
+
+    def abort(self) -> None:
+        if self.rejects is not None:
+            with contextlib.suppress(Exception):
+                self.rejects.abort()
+
+
 def _table_digest(url: str) -> str:
     """Content hash of a weight table (a file), or of its listing (a folder of parquet files)."""
     fs, path = fsspec.core.url_to_fs(url)
@@ -340,7 +402,8 @@ def _read_table(url: str) -> list[dict]:
 
 
 def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dict], None] | None = None, *,
-                    gate: ClassGate | None = None, exclude: frozenset[str] | set[str] = frozenset()) -> dict:
+                    gate: ClassGate | None = None, exclude: frozenset[str] | set[str] = frozenset(),
+                    real: dict[str, list[str]] | None = None) -> dict:
     """Generates every plan's budget into WebDataset shards, one committed unit at a time.
 
     Resumable: units committed by an earlier attempt of the same plan are kept; everything else
@@ -353,6 +416,9 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
         gate: while classes still train, says which are ready (``ClassGate``); a window's units
             start in the first round after its classes are resolved. None: every class is ready now.
         exclude: classes that will not be ready (failed training): their units are held back.
+        real: with the quality gate (``gate.enabled``): class key -> its real training images
+            (``RunInputs.real_images``), from which the gate is calibrated once per output
+            (``<output>/gate/calibration.json``; reused while they and the gate's settings match).
 
     Returns:
         The final shard index (``<output>/shards/index.json``) without its shard list (read
@@ -368,7 +434,8 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
     adapter_root = absolute_url(g.adapters or f"{out}/adapters") if cfg.lora.mode != "base" else None
     unit_samples = resolve_unit_samples(g, cfg.model)
     seed = g.seed if cfg.shards.shuffle else None
-    planned = _plan(cfg, plans, unit_samples, seed)
+    calibration = _calibration(cfg, plans, real) if cfg.gate.enabled else None
+    planned = _plan(cfg, plans, unit_samples, seed, calibration)
     extra = {"plan_signature": planned.signature, "generate": config_to_dict(g), "mode": cfg.lora.mode,
              "base_model": cfg.model.base}
     committed, kept_stats = _resume(cfg, shards_dir, planned, extra)
@@ -391,6 +458,8 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
             rounds.run(todo, sink)
         rounds.finish(todo)
     index = rounds.index(not rounds.held and not rounds.unit_errors, rounds.timing(t_start, t_plan))
+    if calibration is not None:
+        index["gate"] = _gate_summary(cfg, calibration, committed)
     emit({"kind": "generate_end"})
     return index
 
@@ -405,12 +474,16 @@ class _Planned:
     signature: str  # of the whole plan (in the index)
 
 
-def _plan(cfg: Config, plans: list[ClassPlan], unit_samples: int, seed: int | None) -> _Planned:
+def _plan(cfg: Config, plans: list[ClassPlan], unit_samples: int, seed: int | None,
+          calibration: Calibration | None = None) -> _Planned:
     g, window = cfg.generate, cfg.generate.window_classes
     # Exactly the settings that decide a unit's bytes (units.UNIT_FIELDS): batch size, actor
     # counts, resources and the adapter cache change nothing committed.
-    salt = unit_salt(config_to_dict(cfg), unit_samples,
-                     {"weights_table": _table_digest(g.weights_table) if g.weights_table else None})
+    extra = {"weights_table": _table_digest(g.weights_table) if g.weights_table else None}
+    if calibration is not None:  # absent without the gate: a run without it plans what it always did
+        extra["gate"] = {"calibration": calibration.digest(), "max_attempts": cfg.gate.max_attempts,
+                         "top_k": cfg.gate.top_k}
+    salt = unit_salt(config_to_dict(cfg), unit_samples, extra)
     tables: dict[int, str] = {}
     if g.weights_table:
         # The user's rows and mixtures replace the plan's budgets and Dirichlet draws.
@@ -435,6 +508,85 @@ def _plan(cfg: Config, plans: list[ClassPlan], unit_samples: int, seed: int | No
     windows = [window_list[i:i + window] for i in range(0, len(window_list), window)]
     signature = hashlib.sha256(json.dumps([u.signature for u in units]).encode()).hexdigest()[:16]
     return _Planned(units, windows, tables, signature)
+
+
+def _gate_settings(cfg: Config, real: dict[str, list[str]], generated: list[str]) -> dict:
+    q = cfg.gate
+    h = hashlib.sha256(json.dumps([sorted(real.items()), sorted(generated)]).encode()).hexdigest()[:16]
+    return {"features": q.features, "threshold": q.threshold, "keep_rate": q.keep_rate,
+            "real_per_class": q.real_per_class, "real_images": h}
+
+
+def _calibration(cfg: Config, plans: list[ClassPlan], real: dict[str, list[str]] | None) -> Calibration:
+    """The gate's calibration of this output: the one in ``<output>/gate`` when it was made from
+    the same real images and settings, else a new one (a Ray task on the generation actors'
+    resources: the feature network runs where generation would) written there."""
+    folder = _gate_dir(cfg.output_path())
+    generated = sorted(p.key for p in plans if p.budget > 0)
+    old = None
+    with contextlib.suppress(FileNotFoundError):
+        old = Calibration.load(folder)
+    if real is None:
+        if old is None:
+            raise ValueError("gate.enabled: the quality gate is calibrated on the classes' real images, and this "
+                             "run was given none (generate_shards(real=RunInputs.real_images(...)))")
+        return old
+    real = {k: sorted(v)[:cfg.gate.real_per_class] if k not in generated else list(v)[:cfg.gate.real_per_class]
+            for k, v in real.items() if v}
+    settings = _gate_settings(cfg, real, generated)
+    if old is not None and old.settings == settings:
+        return old
+    r = cfg.ray
+    task = _calibration_task.options(num_cpus=max(r.gen_cpus, 1), num_gpus=r.gen_gpus)
+    cal = ray.get(task.remote(cfg, real, generated))
+    cal.settings = settings
+    cal.save(folder)
+    log.info("[generate] quality gate calibrated on %d classes' real images: threshold %.4f (%s), keeps %.0f%% of "
+             "the real shots", len(cal.keys), cal.threshold, cal.set_by, 100 * cal.keep_rate)
+    return cal
+
+
+@ray.remote(max_calls=1)
+def _calibration_task(cfg: Config, real: dict[str, list[str]], generated: list[str]) -> Calibration:
+    worker_logging()
+    device = "cuda" if cfg.ray.gen_gpus > 0 and torch.cuda.is_available() else "cpu"
+    extractor = load_feature_extractor(cfg.gate.features, device, cache_dir=cfg.cache_dir)
+    feats = {k: image_features(extractor, urls) for k, urls in real.items()}
+    return calibrate(feats, generated, cfg.gate.features, threshold=cfg.gate.threshold, keep_rate=cfg.gate.keep_rate)
+
+
+def _gate_summary(cfg: Config, calibration: Calibration, committed: IndexWriter) -> dict:
+    """Per class, the committed units' kept / rejected draws and empty slots (``gate/units/*.json``
+    of every committed unit), the keep-rate and the classes under ``gate.min_keep_rate``;
+    written to ``<output>/gate/summary.json``. Reads one small file per committed unit."""
+    folder = _gate_dir(cfg.output_path())
+    classes: dict[str, dict[str, int]] = {}
+    highest: list[dict] = []  # the highest-scored rejected draws (for the report's strip)
+    missing = []
+    for unit in sorted(committed):
+        try:
+            with fsspec.open(f"{folder}/units/{unit:06d}.json", "rb") as f:
+                rec = json.load(f)
+        except FileNotFoundError:
+            missing.append(unit)
+            continue
+        for k, c in rec["classes"].items():
+            mine = classes.setdefault(k, {"kept": 0, "rejected": 0, "short": 0})
+            for what, n in c.items():
+                mine[what] += n
+        highest = sorted([*highest, *rec["rejected"]], key=lambda r: -r["margin"])[:16]
+    for c in classes.values():
+        draws = c["kept"] + c["rejected"]
+        c["keep_rate"] = round(c["kept"] / draws, 4) if draws else None
+    floor = cfg.gate.min_keep_rate
+    summary = {"calibration": calibration.summary(), "classes": classes,
+               "kept": sum(c["kept"] for c in classes.values()),
+               "rejected": sum(c["rejected"] for c in classes.values()),
+               "short": sum(c["short"] for c in classes.values()),
+               "below_floor": sorted(k for k, c in classes.items() if c["keep_rate"] is not None and c["keep_rate"] < floor),
+               "min_keep_rate": floor, "highest_rejected": highest, "units_without_record": missing[:20]}
+    write_json(f"{folder}/summary.json", summary)
+    return summary
 
 
 def _resume(cfg: Config, shards_dir: str, planned: _Planned, extra: dict) -> tuple[IndexWriter, dict]:

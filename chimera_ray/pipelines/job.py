@@ -74,8 +74,9 @@ def run(cfg: Config, report: dict, display: Display | None = None, lease: Output
     check_storage_reachable(cfg)  # before any work: a local output on several nodes cannot work
     t = time.time()
     plans = inputs.plans
+    real = inputs.real_images(cfg.data.split) if cfg.gate.enabled else None  # the quality gate's prototypes
     if cfg.lora.mode == "base":
-        trained, index = {}, generate_shards(cfg, plans, on_event=show)
+        trained, index = {}, generate_shards(cfg, plans, on_event=show, real=real)
     else:
         gate, training = ClassGate(), Future()
 
@@ -90,7 +91,7 @@ def run(cfg: Config, report: dict, display: Display | None = None, lease: Output
         # A daemon thread: if generation fails, the driver exits with the error and Ray stops the
         # trainers (a pool's thread would be joined at exit, i.e. wait for every class to train).
         threading.Thread(target=train_in_background, name="chimera-train", daemon=True).start()
-        index = generate_shards(cfg, plans, on_event=show, gate=gate)
+        index = generate_shards(cfg, plans, on_event=show, gate=gate, real=real)
         trained = training.result()
     failed = sorted(k for k, v in trained.items() if v["status"] == "failed")
     report.update(train=trained, failed_classes=failed)
@@ -108,6 +109,13 @@ def run(cfg: Config, report: dict, display: Display | None = None, lease: Output
         shards={"count": index["totals"]["shards"], "bytes": index["totals"]["bytes"], "index": f"{out}/shards/index.json"},
         generation=index["generation"],  # units planned / already committed (skipped) / generated now
     )
+    if "gate" in index:
+        report["gate"] = index["gate"]
+        if index["gate"]["below_floor"]:
+            report.setdefault("problems", []).append(
+                f"quality gate: classes {index['gate']['below_floor'][:10]} kept under gate.min_keep_rate="
+                f"{cfg.gate.min_keep_rate} of their draws (their empty slots: gate/summary.json); more shots, "
+                "more training or a lower gate.threshold / higher gate.keep_rate may help")
     if lease is not None:
         lease.check()
     report["stage"] = "done"

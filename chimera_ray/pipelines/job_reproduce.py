@@ -160,7 +160,7 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
                 raise RuntimeError(f"{name} seed {seed}: classes {failed} failed to train; see {out}/failures/")
         t_train = time.time() - t
         if not real_only:
-            generate_shards(cfg, inputs.plans)
+            generate_shards(cfg, inputs.plans, real=inputs.real_images(cfg.data.split) if cfg.gate.enabled else None)
         t_gen = time.time() - t - t_train
         downstream, metrics = evaluate_run(cfg, inputs, extractor)
         repeats = [downstream] + [evaluate_run(_classifier_seed(cfg, j), inputs, extractor)[0]

@@ -220,3 +220,84 @@ def test_a_base_model_the_workers_cannot_load_fails_the_class_not_the_loop(local
     failure = json.loads((tmp_path / "run" / "failures" / "class_0.json").read_text())
     assert "the base model did not load on the training worker" in failure["error"]
     assert "only-on-the-driver" in failure["error"]
+
+
+def _tiny_clip(folder):
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=16, patch_size=8, projection_dim=16)
+    CLIPVisionModelWithProjection(config).eval().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_quality_gate_commits_only_passing_draws_exactly_once_and_deterministically(local_ray, tmp_path, monkeypatch):
+    """The gate in the generation stream: every committed image passed, rejected draws are never
+    in a shard, empty slots are counted; a killed unit resumes with the gate; another batch size
+    and actor count give the same bytes; a run without the gate plans what it always did."""
+    import shutil
+
+    import webdataset as wds
+
+    from chimera_ray.pipelines import generate_shards, train_classes
+    from chimera_ray.pipelines.generate import _plan
+    from chimera_ray.quality import Calibration
+
+    plans, rows = _classes(tmp_path, n=2, shots=3)
+    gate = [f"gate.features=clip:{_tiny_clip(tmp_path / 'clip')}", "gate.enabled=true", "gate.keep_rate=0.5",
+            "gate.max_attempts=3", "gate.keep_rejects=true"]
+    cfg = _cfg(tmp_path, *gate)
+    assert all(v["status"] == "trained" for v in train_classes(cfg, plans, rows).values())
+    real = {p.key: list(p.shots) for p in plans}
+    inject(monkeypatch, cfg.output, generate_once="kill")
+    index = generate_shards(cfg, plans, real=real)
+    assert list((tmp_path / "run" / "_faults").glob("generate-kill-*"))  # a unit died mid-way and was redone
+    monkeypatch.undo()
+    out = tmp_path / "run"
+    cal = Calibration.load(str(out / "gate"))
+    assert cal.set_by == "keep_rate" and cal.keep_rate >= 0.5 and sorted(cal.loo) == ["class_0", "class_1"]
+
+    urls = sorted(str(p) for p in (out / "shards").glob("shard-*.tar"))
+    recs = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    kept = {r["__key__"]: r["json"] for r in recs}
+    assert len(kept) == len(recs)  # exactly once
+    assert all(m["gate"]["margin"] >= cal.threshold for m in kept.values())
+    # Each kept image is its slot's draw `attempt` (its own seed); the draws before it failed.
+    summary = index["gate"]
+    rejected = json.loads((out / "gate" / "summary.json").read_text())
+    assert rejected["classes"] == summary["classes"]
+    records = [json.loads(p.read_text()) for p in sorted((out / "gate" / "units").glob("*.json"))]
+    failed = {(r["key"], r["attempt"]) for rec in records for r in rec["rejected"]}
+    for key, m in kept.items():
+        assert (key, m["gate"]["attempt"]) not in failed
+        assert all((key, a) in failed for a in range(m["gate"]["attempt"]))
+    short = {k for rec in records for k in rec["short"]}
+    assert not short & set(kept)
+    for p in plans:
+        c = summary["classes"][p.key]
+        assert c["kept"] == sum(1 for m in kept.values() if m["class_key"] == p.key) == index["totals"]["class_counts"].get(p.key, 0)
+        assert c["kept"] + c["short"] == p.budget
+        assert c["rejected"] == sum(1 for k, _ in failed if k.startswith(p.key + "__"))
+    assert summary["kept"] + summary["short"] == sum(p.budget for p in plans) and summary["rejected"] > 0
+    # The rejected draws, for inspection: readable shards, one sample per draw, never a kept one.
+    rej_urls = sorted(str(p) for p in (out / "gate" / "rejects").glob("shard-*.tar"))
+    rej = {r["__key__"] for r in wds.WebDataset(rej_urls, shardshuffle=False).decode()}
+    assert rej == {f"{k}_a{a}" for k, a in failed}
+
+    # Same settings, other batch size and actors: the same kept set, byte for byte.
+    first = json.loads((out / "shards" / "index.json").read_text())["shards"]
+    shutil.rmtree(out / "shards")
+    shutil.rmtree(out / "gate" / "units")
+    generate_shards(_cfg(tmp_path, *gate, "generate.batch_size=3", "ray.gen_actors_max=1"), plans, real=real)
+    second = json.loads((out / "shards" / "index.json").read_text())["shards"]
+    assert [e["sha256"] for e in second] == [e["sha256"] for e in first]
+
+    # Without the gate, the units are planned exactly as before the gate existed (no salt added),
+    # whatever the gate's other settings say.
+    plain = _plan(_cfg(tmp_path), plans, 4, 0)
+    off = _plan(_cfg(tmp_path, "gate.max_attempts=7", f"gate.features=clip:{tmp_path / 'clip'}"), plans, 4, 0)
+    assert [u.signature for u in off.units] == [u.signature for u in plain.units]
+    gated = _plan(cfg, plans, 4, 0, cal)
+    assert [u.signature for u in gated.units] != [u.signature for u in plain.units]

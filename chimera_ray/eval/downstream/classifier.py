@@ -164,7 +164,13 @@ def train_classifier(
         x = _augment(x, gen).to(device)
         y = data.labels[idx].to(device)
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        targets, weight = getattr(data, "targets", None), getattr(data, "loss_weight", None)
+        if targets is None and weight is None:
+            loss = F.cross_entropy(logits, y)
+        else:  # the quality gate's scores (downstream.gate_scores): soft labels or loss weights
+            per = (-(targets[idx].to(device) * F.log_softmax(logits, dim=1)).sum(dim=1) if targets is not None
+                   else F.cross_entropy(logits, y, reduction="none"))
+            loss = (per * weight[idx].to(device)).mean() if weight is not None else per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         lr = opt.param_groups[0]["lr"]

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from chimera_ray.data.ingest import load_image
+from chimera_ray.data.keys import class_keys
 from chimera_ray.shards import iter_samples
 from chimera_ray.shards import shard_urls as list_shards
 
@@ -42,6 +43,10 @@ class ImageSet:
     labels: torch.Tensor
     synthetic: torch.Tensor
     skipped: list[dict]
+    # From the quality gate's scores (``downstream.gate_scores``), else None: a soft label
+    # ``(n, C)`` per image, or a loss weight ``(n,)``.
+    targets: torch.Tensor | None = None
+    loss_weight: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -49,8 +54,16 @@ class ImageSet:
     @staticmethod
     def concat(sets: Sequence["ImageSet"]) -> "ImageSet":
         sets = [s for s in sets if len(s)] or list(sets[:1])
-        return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]),
-                        torch.cat([s.synthetic for s in sets]), [x for s in sets for x in s.skipped])
+        out = ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]),
+                       torch.cat([s.synthetic for s in sets]), [x for s in sets for x in s.skipped])
+        if any(s.targets is not None for s in sets):  # one-hot for the sets without soft labels
+            c = next(s.targets.shape[1] for s in sets if s.targets is not None)
+            out.targets = torch.cat([s.targets if s.targets is not None
+                                     else torch.nn.functional.one_hot(s.labels, c).float() for s in sets])
+        if any(s.loss_weight is not None for s in sets):
+            out.loss_weight = torch.cat([s.loss_weight if s.loss_weight is not None else torch.ones(len(s))
+                                         for s in sets])
+        return out
 
 
 def _to_uint8(image: Image.Image, size: int) -> torch.Tensor:
@@ -97,23 +110,58 @@ def shard_urls(shard_dirs: Sequence[str]) -> list[str]:
     return urls
 
 
-def load_synthetic(urls: Sequence[str], class_names: Sequence[str], size: int) -> ImageSet:
+def gate_soft_label(gate: dict, label_of_key: dict[str, int], num_classes: int, own: int,
+                    temperature: float) -> np.ndarray:
+    """An image's soft label from its quality-gate scores (metadata ``gate``): the softmax of its
+    top classes' cosine similarities / ``temperature`` over those classes (its own class
+    included: its similarity is the margin plus the best other class's), 0 elsewhere."""
+    sims = {label_of_key[k]: float(s) for k, s in gate["top"] if k in label_of_key}
+    if own not in sims:
+        best_other = max((s for c, s in sims.items() if c != own), default=0.0)
+        sims[own] = float(gate["margin"]) + best_other
+    idx = np.array(list(sims), dtype=np.int64)
+    z = np.array([sims[i] for i in idx]) / temperature
+    p = np.exp(z - z.max())
+    out = np.zeros(num_classes, np.float32)
+    out[idx] = p / p.sum()
+    return out
+
+
+def load_synthetic(urls: Sequence[str], class_names: Sequence[str], size: int, gate_scores: str = "off",
+                   temperature: float = 0.05) -> ImageSet:
     """Reads WebDataset shards (local or any fsspec URL) with the one shard reader.
 
     Labels come from each sample's metadata class name (mapped onto ``class_names``), so
     shards written with another label order still line up; a sample whose class is unknown
-    is skipped and counted.
+    is skipped and counted. ``gate_scores`` "soft" / "weight": each image's soft label / loss
+    weight (its own class's share) from its quality-gate scores (`gate_soft_label`); shards
+    written without the gate are then an error.
     """
     label_of = {n: i for i, n in enumerate(class_names)}
-    images, labels, skipped = [], [], []
+    label_of_key = {k: label_of[n] for n, k in class_keys(class_names).items()}
+    images, labels, skipped, soft = [], [], [], []
     for sample in iter_samples(list(urls)) if urls else ():
-        name = sample["metadata"].get("class_name")
+        meta = sample["metadata"]
+        name = meta.get("class_name")
         if name not in label_of:
             skipped.append({"where": sample["key"], "reason": f"unknown class {name!r}"})
             continue
+        if gate_scores != "off":
+            if "gate" not in meta:
+                raise ValueError(f"downstream.gate_scores={gate_scores} needs shards written with the quality gate "
+                                 f"(gate.enabled: true); sample {sample['key']} has no gate scores. Set "
+                                 "downstream.gate_scores=off or regenerate with the gate")
+            soft.append(gate_soft_label(meta["gate"], label_of_key, len(class_names), label_of[name], temperature))
         images.append(_to_uint8(sample["image"], size))
         labels.append(label_of[name])
-    return _stack(images, labels, True, size, skipped)
+    out = _stack(images, labels, True, size, skipped)
+    if gate_scores != "off":
+        t = torch.from_numpy(np.stack(soft)) if soft else torch.zeros(0, len(class_names))
+        if gate_scores == "soft":
+            out.targets = t
+        else:
+            out.loss_weight = t[torch.arange(len(t)), out.labels] if len(t) else torch.zeros(0)
+    return out
 
 
 def sampling_weights(labels: torch.Tensor, synthetic: torch.Tensor, num_classes: int, balanced: bool = True,

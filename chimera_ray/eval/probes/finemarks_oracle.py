@@ -343,6 +343,79 @@ def load_finemarks_oracle(cache_dir: str | None = None, recipe: OracleRecipe | N
     return _load(folder)
 
 
+# ---- a feature network a user could have: real head-class images only ----------------------------
+
+HEAD_FEATURES_VERSION = "finemarks-head-features-v1"
+
+
+@dataclass(frozen=True)
+class HeadFeatureRecipe:
+    """``builtin:finemarks-head-features``: a `SmallCNN` trained to tell FineMarks' 8 *head* classes
+    apart on their real training images (``per_class`` of each, the first ones of the dataset
+    seed ``dataset_seed`` build), never on renders, the tail or the oracle's data: the feature
+    network a user of the embedded data could train (the quality gate's, ``chimera_ray.quality``).
+    Every glyph and place occurs among the head classes, so its features can tell tail classes
+    apart without having seen one."""
+
+    per_class: int = 200
+    dataset_seed: int = 0
+    epochs: int = 12
+    width: int = 24
+    lr: float = 3e-3
+    blur_prob: float = 0.5
+    seed: int = 11
+
+    def digest(self) -> str:
+        text = json.dumps({"version": HEAD_FEATURES_VERSION, "data": fm.VERSION, **dataclasses.asdict(self)},
+                          sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def build_head_features(folder: str | Path, recipe: HeadFeatureRecipe = HeadFeatureRecipe(), num_threads: int = 1) -> dict:
+    """Train the head-class feature network; write ``weights.safetensors`` + ``meta.json``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    head = list(range(len(fm.HEAD)))
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed)
+            net = SmallCNN(len(head), recipe.width)
+            x, y, _ = real_split("train", recipe.dataset_seed, 32, recipe.per_class, labels=head)
+            gen = torch.Generator().manual_seed(recipe.seed)
+            _train(net, x, y, F.cross_entropy, OracleRecipe(epochs=recipe.epochs, lr=recipe.lr,
+                                                            blur_prob=recipe.blur_prob), gen)
+    finally:
+        torch.set_num_threads(old_threads)
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(folder / _WEIGHTS),
+              metadata={"version": HEAD_FEATURES_VERSION})
+    x_val, y_val, _ = real_split("val", recipe.dataset_seed, 32, 16, labels=head)
+    with torch.no_grad():
+        acc = float((net(x_val).argmax(1) == y_val).float().mean())
+    meta = {"version": HEAD_FEATURES_VERSION, "recipe": dataclasses.asdict(recipe), "dim": 4 * recipe.width,
+            "head_val_acc": acc, "seconds": round(time.perf_counter() - t0, 1),
+            "note": "trained on FineMarks' real head-class training images only"}
+    (folder / _META).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def load_head_features(cache_dir: str | None = None, recipe: HeadFeatureRecipe | None = None
+                       ) -> tuple[torch.nn.Module, dict]:
+    """The cached head-class feature network and its metadata (built on first use: ~a minute)."""
+    recipe = recipe or HeadFeatureRecipe()
+    folder = cache_root(cache_dir) / "features" / f"finemarks-head-features-{recipe.digest()}"
+    version = f"{HEAD_FEATURES_VERSION}-{recipe.digest()}"
+    if not is_complete(folder, version, _META):
+        log.info("training the FineMarks head-class feature network; cached in %s", folder)
+        build_folder(folder, lambda tmp: build_head_features(tmp, recipe), version, _META)
+    meta = json.loads((folder / _META).read_text())
+    net = SmallCNN(len(fm.HEAD), recipe.width)
+    net.load_state_dict(load_file(str(folder / _WEIGHTS)))
+    return net.eval(), meta
+
+
 # ---- metrics ----------------------------------------------------------------------------------
 
 

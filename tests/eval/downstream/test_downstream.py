@@ -196,3 +196,64 @@ def test_run_downstream_real_only_and_mixed(use_synthetic, share):
     assert set(r["per_class"]) == set(NAMES) and len(r["history"]) == 1
     assert isinstance(r.pop("model"), torch.nn.Module)
     json.dumps(r)  # what the job writes
+
+
+def test_gate_soft_label_is_a_softmax_over_the_top_classes_with_its_own_class():
+    from chimera_ray.eval.downstream.data import gate_soft_label
+
+    keys = {"red": 0, "blue": 1, "green": 2}
+    gate = {"margin": 0.1, "top": [["red", 0.9], ["blue", 0.8]]}
+    p = gate_soft_label(gate, keys, 3, own=0, temperature=0.1)
+    assert p == pytest.approx([np.exp(9) / (np.exp(9) + np.exp(8)), np.exp(8) / (np.exp(9) + np.exp(8)), 0.0])
+    # Its own class outside the top ones: its similarity is the margin plus the best other's.
+    low = gate_soft_label({"margin": -0.2, "top": [["red", 0.9], ["blue", 0.8]]}, keys, 3, own=2, temperature=0.1)
+    z = np.exp(np.array([9.0, 8.0, 7.0]))
+    assert low == pytest.approx(z / z.sum())
+
+
+def test_gate_scores_become_loss_weights_or_soft_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    out = str(tmp_path / "shards")
+    gated = []
+    for i, (margin, top) in enumerate([(0.3, [["blue_thing", 0.9], ["red_thing", 0.6]]),
+                                       (-0.1, [["red_thing", 0.7], ["blue_thing", 0.6]])]):
+        meta = {"class_name": "blue thing", "class_key": "blue_thing", "label": 1,
+                "gate": {"margin": margin, "top": top, "attempt": 0, "threshold": -0.5}}
+        gated.append(Sample(key=f"blue_thing__{i:08d}", class_key="blue_thing", label=1, image=_png(COLOURS[1], rng),
+                            ext="png", metadata=json.dumps(meta)))
+    _write_shards(out, {}, rng, extra=gated)
+    urls = shard_urls([out])
+    plain = load_synthetic(urls, NAMES, 16)
+    assert plain.targets is None and plain.loss_weight is None  # off by default
+    soft = load_synthetic(urls, NAMES, 16, "soft", 0.1)
+    weight = load_synthetic(urls, NAMES, 16, "weight", 0.1)
+    by_key = {0: soft.targets[0], 1: soft.targets[1]}
+    assert float(by_key[0][1]) == pytest.approx(np.exp(9) / (np.exp(9) + np.exp(6)), rel=1e-5)
+    assert torch.allclose(weight.loss_weight, soft.targets[:, 1])
+    # Mixed with real images, those get one-hot labels / weight 1.
+    real = _colour_set(2, 1)
+    both = ImageSet.concat([real, soft])
+    assert torch.equal(both.targets[:6], torch.nn.functional.one_hot(real.labels, 3).float())
+    assert torch.equal(ImageSet.concat([real, weight]).loss_weight[:6], torch.ones(6))
+    # Shards written without the gate cannot give scores: said, not guessed.
+    _write_shards(str(tmp_path / "plain"), {"blue thing": 2}, rng)
+    with pytest.raises(ValueError, match="needs shards written with the quality gate"):
+        load_synthetic(shard_urls([str(tmp_path / "plain")]), NAMES, 8, "weight")
+
+
+def test_one_hot_soft_labels_and_unit_weights_train_as_plain_cross_entropy():
+    torch.set_num_threads(1)
+    train = _colour_set(6, 0)
+    cfg = DownstreamConfig(steps=20, batch_size=16, lr=3e-3, seed=3)
+    w = sampling_weights(train.labels, train.synthetic, 3)
+    states = []
+    for targets, weight in ((None, None), (torch.nn.functional.one_hot(train.labels, 3).float(), None),
+                            (None, torch.ones(len(train)))):
+        data = ImageSet(train.images, train.labels, train.synthetic, [], targets, weight)
+        model = build_classifier(cfg, 3)
+        torch.manual_seed(0)
+        hist = train_classifier(model, data, w, cfg)
+        states.append((hist[-1]["loss"], [p.detach().clone() for p in model.parameters()]))
+    for loss, params in states[1:]:
+        assert loss == pytest.approx(states[0][0], rel=1e-4)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(params, states[0][1]))

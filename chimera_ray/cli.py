@@ -135,6 +135,9 @@ def _add_cluster_jobs(sub) -> None:
     p.add_argument("--classifier-seeds", type=int, default=1, metavar="N",
                    help="classifiers trained per synthetic set (seeds S, S+1000, ...); a run's accuracies are "
                         "their mean (default 1)")
+    p.add_argument("--gate", action="store_true",
+                   help="also run each fine-tuned method gated (<method>_gated: its adapters, generated again "
+                        "through the quality gate of the config's gate section, docs/guides/quality_gate.md)")
     p.add_argument("--summarize-only", action="store_true",
                    help="only aggregate the runs already finished under --out into results.json/.md (no Ray)")
 
@@ -429,7 +432,7 @@ def _cmd_reproduce(args) -> int:
     c = Comparison(config=config or DEFAULT_CONFIG, overrides=tuple(overrides), out=args.out,
                    seeds=tuple(args.seeds), methods=tuple(args.methods or METHODS),
                    run_ablations=not args.no_ablations, reference=args.reference,
-                   classifier_seeds=args.classifier_seeds)
+                   classifier_seeds=args.classifier_seeds, gated=args.gate)
     cfg = load_config(c.config, list(c.overrides))
     return run_job(partial(compare, comparison=c, summarize_only=args.summarize_only), cfg, config_path=c.config,
                    verbose=args.verbose, name="reproduce", what="comparison", out=c.out,

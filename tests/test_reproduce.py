@@ -51,6 +51,20 @@ def test_ablations_each_change_one_thing_at_chimeras_own_recipe(reproduce):
     assert resolved["chimera_rank_loft"]["lora.rank"] == 3
 
 
+def test_gated_runs_reuse_each_methods_adapters_and_change_only_the_gate(reproduce):
+    from chimera_ray.config import config_to_dict, load_config
+
+    runs = reproduce.gated(3, "out", ("real_only", "base", "classwise", "imagewise", "chimera"))
+    assert sorted(runs) == ["chimera_gated", "classwise_gated", "imagewise_gated"]
+    for name, (mode, extra) in runs.items():
+        assert name == f"{mode}_gated" and f"generate.adapters=out/seed3/{mode}/adapters" in extra
+        plain = config_to_dict(load_config(FINEMARKS, [f"lora.mode={mode}"]))
+        gated = config_to_dict(load_config(FINEMARKS, [f"lora.mode={mode}", *extra]))
+        assert gated["gate"]["enabled"] and gated["gate"]["features"] == "builtin:finemarks-head-features"
+        gated["gate"]["enabled"], gated["generate"]["adapters"] = False, None
+        assert gated == plain
+
+
 def test_matched_rank_by_hand(reproduce):
     # square 8x8 layers, 4 shots: LoFT 4 LoRAs of rank 2 = 4*2*16 = 128 per layer; chimera r*(8 + 4*8) = 40 r
     assert reproduce.matched_rank([(8, 8)] * 3, 4, 2) == 3  # 128 / 40 = 3.2

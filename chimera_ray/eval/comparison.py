@@ -61,6 +61,14 @@ def ablations(seed: int, root: str, chimera_recipe: dict[str, Any], loft_rank: i
     }
 
 
+def gated(seed: int, root: str, methods: tuple[str, ...]) -> dict[str, tuple[str, list[str]]]:
+    """name -> (mode, overrides) of each fine-tuned method generated through the quality gate
+    (``<method>_gated``): the method's own adapters of the seed (trained once), the config's
+    ``gate`` section switched on; so a gated run and its ungated run differ in the gate only."""
+    return {f"{m}_gated": (m, [f"generate.adapters={root}/seed{seed}/{m}/adapters", "gate.enabled=true"])
+            for m in methods if m in ("classwise", "imagewise", "chimera")}
+
+
 def matched_rank(layers: list[tuple[int, int]], shots: int, loft_rank: int) -> int:
     """The chimera rank whose trainable parameters come closest to LoFT's for a class of
     ``shots`` shots: per adapted layer (in, out), LoFT trains ``shots`` LoRAs of ``loft_rank``

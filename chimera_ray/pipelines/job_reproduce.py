@@ -40,6 +40,7 @@ from chimera_ray.eval.comparison import (
     KEYS,
     METHODS,
     ablations,
+    gated,
     markdown,
     matched_rank,
     oracle_markdown,
@@ -89,6 +90,8 @@ class Comparison:
     # Classifiers trained per synthetic set (downstream seeds seed + 1000 j): a run's accuracies
     # are their mean, so the classifier's own spread averages out of the paired differences.
     classifier_seeds: int = 1
+    # Also each fine-tuned method through the quality gate (``comparison.gated``), on every seed.
+    gated: bool = False
 
 
 def compare(cfg: Config, report: dict, display: Display, lease: OutputLease | None = None, *,
@@ -159,8 +162,11 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
             if failed:
                 raise RuntimeError(f"{name} seed {seed}: classes {failed} failed to train; see {out}/failures/")
         t_train = time.time() - t
+        gate = None
         if not real_only:
-            generate_shards(cfg, inputs.plans, real=inputs.real_images(cfg.data.split) if cfg.gate.enabled else None)
+            index = generate_shards(cfg, inputs.plans,
+                                    real=inputs.real_images(cfg.data.split) if cfg.gate.enabled else None)
+            gate = index.get("gate")
         t_gen = time.time() - t - t_train
         downstream, metrics = evaluate_run(cfg, inputs, extractor)
         repeats = [downstream] + [evaluate_run(_classifier_seed(cfg, j), inputs, extractor)[0]
@@ -171,6 +177,12 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
                                                  for j, r in enumerate(repeats)]}
         result = {"name": name, "seed": seed, "mode": mode, "overrides": extra, "downstream": downstream,
                   "metrics": metrics}
+        if gate is not None:  # the quality gate's counts: keep-rate, empty slots (gate/summary.json has all)
+            draws = gate["kept"] + gate["rejected"]
+            result["gate"] = {"kept": gate["kept"], "rejected": gate["rejected"], "short": gate["short"],
+                              "keep_rate": gate["kept"] / draws if draws else None,
+                              "threshold": gate["calibration"]["threshold"],
+                              "per_class": {k: v["keep_rate"] for k, v in gate["classes"].items()}}
         if oracle is not None:
             sibs = [sibling_confusion(r, tail) for r in repeats]
             result["downstream_sibling_confusion"] = float(np.mean([sib["mean"] for sib in sibs]))
@@ -204,6 +216,11 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
             for name, (mode, extra) in ablations(seed, root, chimera.recipe_settings(), loft_rank).items():
                 runs.setdefault(name, []).append(run(name, seed, mode, extra))
 
+    if c.gated:
+        for seed in c.seeds:
+            for name, (mode, extra) in gated(seed, root, c.methods).items():
+                runs.setdefault(name, []).append(run(name, seed, mode, extra))
+
     return _aggregate(c, runs, tail, extractor.name, base_cfg.downstream.test_split, display, t0)
 
 
@@ -228,6 +245,7 @@ def _aggregate(c: Comparison, runs: dict[str, list[dict]], tail: list[str], extr
                    + ["--out", root, "--seeds", *map(str, c.seeds)] + ([] if c.run_ablations else ["--no-ablations"])
                    + (["--reference", reference] if reference != "chimera" else [])
                    + (["--classifier-seeds", str(c.classifier_seeds)] if c.classifier_seeds > 1 else [])
+                   + (["--gate"] if c.gated else [])
                    + list(c.overrides))}
     write_json(f"{root}/results.json", results)
     table = markdown(summary)
@@ -263,7 +281,8 @@ def summarize_finished(comparison: Comparison, display: Display) -> dict:
     c = comparison
     root = c.out.rstrip("/")
     t0 = time.time()
-    names = list(c.methods) + (list(ABLATIONS) if c.run_ablations else [])
+    names = (list(c.methods) + (list(ABLATIONS) if c.run_ablations else [])
+             + (list(gated(0, root, c.methods)) if c.gated else []))
     runs: dict[str, list[dict]] = {}
     missing = []
     for name in names:

@@ -285,6 +285,14 @@ def test_quality_gate_commits_only_passing_draws_exactly_once_and_deterministica
     rej_urls = sorted(str(p) for p in (out / "gate" / "rejects").glob("shard-*.tar"))
     rej = {r["__key__"] for r in wds.WebDataset(rej_urls, shardshuffle=False).decode()}
     assert rej == {f"{k}_a{a}" for k, a in failed}
+    # The report page's gate section: counts per class, the lowest-scored kept images, the
+    # highest-scored rejected draws.
+    from chimera_ray.eval.report.page import _gate_section, read_synthetic
+
+    page = _gate_section(str(out), read_synthetic(str(out / "shards"), 0))
+    lowest = min(m["gate"]["margin"] for m in kept.values())
+    assert "Quality gate" in page and f"margin {lowest:+.4f}" in page
+    assert f"Highest-scored rejected draws ({min(8, len(failed))})" in page
 
     # Same settings, other batch size and actors: the same kept set, byte for byte.
     first = json.loads((out / "shards" / "index.json").read_text())["shards"]

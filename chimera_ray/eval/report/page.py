@@ -67,6 +67,8 @@ __all__ = ["METRIC_COLUMNS", "build_report", "write_report", "read_synthetic"]
 METRIC_COLUMNS = ("fd", "kid", "kid_std", "precision", "recall", "density", "coverage", "diversity_real",
                   "diversity_synthetic", "n_real", "n_synthetic")
 _ACC_KEYS = ("overall_acc", "all_acc", "head_acc", "tail_acc")
+# Images in each of the quality gate's strips (lowest-scored kept, highest-scored rejected).
+GATE_STRIP = 8
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,6 +81,8 @@ class _Synthetic:
 
     weights: dict[str, list[list[float]]]  # every sample's mixture weights
     shown: dict[str, list[tuple[int, bytes, dict]]]  # the lowest sample indices: (index, image bytes, metadata)
+    # The quality gate's lowest-scored kept samples: (margin, image bytes, metadata), lowest first.
+    lowest_kept: list[tuple[float, bytes, dict]] = dataclasses.field(default_factory=list)
     total: int = 0
     shards: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -102,11 +106,18 @@ def read_synthetic(shards_dir: str, per_class: int) -> _Synthetic:
                          + (f"; showing the {len(urls)} shard file(s) found" if urls else ""))
     out.shards = len(urls)
     heaps: dict[str, list[tuple[int, str, bytes, dict]]] = {}
+    low: list[tuple[float, str, bytes, dict]] = []  # a max-heap on -margin keeps the GATE_STRIP lowest
     try:
         for s in iter_samples(urls, decode=False) if urls else ():
             meta, ck = s["metadata"], s["class_key"]
             out.total += 1
             out.weights.setdefault(ck, []).append([float(w) for w in meta.get("weights", [])])
+            if "gate" in meta:
+                item = (-float(meta["gate"]["margin"]), s["key"], s["image"], meta)
+                if len(low) < GATE_STRIP:
+                    heapq.heappush(low, item)
+                elif item > low[0]:
+                    heapq.heapreplace(low, item)
             if per_class <= 0:
                 continue
             idx = int(meta.get("sample_index", 0))
@@ -119,7 +130,68 @@ def read_synthetic(shards_dir: str, per_class: int) -> _Synthetic:
     except Exception as err:  # noqa: BLE001 - a corrupt shard: show what was read, say why the rest is missing
         out.notes.append(f"reading the shards stopped early: {type(err).__name__}: {err}")
     out.shown = {ck: [(-i, img, m) for i, _, img, m in sorted(h, reverse=True)] for ck, h in heaps.items()}
+    out.lowest_kept = [(-m, img, meta) for m, _, img, meta in sorted(low, reverse=True)]
     return out
+
+
+def _gate_section(run_dir: str, synth: _Synthetic) -> str:
+    """The quality gate's counts per class (``gate/summary.json``), the lowest-scored images it
+    kept and the highest-scored draws it rejected (``gate/rejects``, when kept); empty without the gate."""
+    try:
+        summary = read_json(join_url(run_dir, "gate", "summary.json"))
+    except ValueError as err:
+        return f"<section><h2>Quality gate</h2>{note(f'gate/summary.json is not valid JSON: {err}')}</section>"
+    if summary is None:
+        return ""
+    cal = summary.get("calibration", {})
+    out = ["<section><h2>Quality gate</h2>",
+           f"<p class='hint'>Each image scored in <code>{e(str(cal.get('features')))}</code> features: cosine to its "
+           "class's prototype minus the nearest other class's. Kept when the margin is at least "
+           f"{e(fmt(cal.get('threshold')))} ({e(str(cal.get('set_by')))}; it keeps {pct(cal.get('keep_rate'))} of the "
+           "real shots, leave-one-out). A rejected draw is replaced by a further draw of the same sample; a "
+           "slot whose draws all fail stays empty.</p>",
+           '<div class="cards">' + card(fmt(summary.get("kept")), "kept")
+           + card(fmt(summary.get("rejected")), "rejected draws")
+           + card(fmt(summary.get("short")), "empty slots", bad=bool(summary.get("short")))
+           + card(", ".join(summary.get("below_floor", [])) or "none",
+                  f"classes under keep-rate {summary.get('min_keep_rate')}", bad=bool(summary.get("below_floor")))
+           + "</div>"]
+    rows = [[k, c["kept"], c["rejected"], c["short"], pct(c.get("keep_rate"))]
+            for k, c in sorted(summary.get("classes", {}).items())]
+    out.append(table(["class", "kept", "rejected draws", "empty slots", "keep-rate"], rows))
+
+    def strip(items, what: str) -> str:
+        cells = []
+        for margin, img, meta in items:
+            try:
+                tag = img_tag(Image.open(io.BytesIO(img)), what)
+            except Exception as err:  # noqa: BLE001 - a note on the page, not a crash
+                tag = f"<i>undecodable image: {e(type(err).__name__)}</i>"
+            top = ", ".join(f"{e(str(k))} {float(v):.3f}" for k, v in meta["gate"].get("top", [])[:2])
+            cells.append(cell(tag, f"{e(meta.get('class_key', ''))}<br>margin {margin:+.4f}<br>{top}"))
+        return '<div class="grid">' + "".join(cells) + "</div>"
+
+    out.append(f"<h3>Lowest-scored kept images ({len(synth.lowest_kept)})</h3>")
+    out.append(strip(synth.lowest_kept, "kept") if synth.lowest_kept else note("no gate scores in the shards"))
+    rejected = []
+    rej_dir = join_url(run_dir, "gate", "rejects")
+    fs, path = fsspec.core.url_to_fs(rej_dir)
+    if fs.exists(path):
+        proto = rej_dir.split("://", 1)[0] + "://" if "://" in rej_dir else ""
+        urls = sorted(proto + p for p in fs.glob(f"{path}/*.tar"))
+        for s in iter_samples(urls, decode=False):
+            rejected.append((float(s["metadata"]["gate"]["margin"]), s["image"], s["metadata"]))
+        rejected = sorted(rejected, key=lambda r: -r[0])[:GATE_STRIP]
+    out.append(f"<h3>Highest-scored rejected draws ({len(rejected)})</h3>")
+    if rejected:
+        out.append(strip(rejected, "rejected"))
+    else:
+        best = summary.get("highest_rejected", [])[:GATE_STRIP]
+        out.append(note("rejected images are not kept (set gate.keep_rejects: true to see them); their scores: "
+                        + (", ".join(f"{r['key']} attempt {r['attempt']} margin {r['margin']:+.4f}" for r in best)
+                           or "none rejected")))
+    out.append("</section>")
+    return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -491,7 +563,7 @@ def build_report(run_dir: str, *, samples: int = 8, sweep: bool = True, config: 
               f"<title>chimera-ray report: {e(name)}</title><style>{CSS}</style></head><body>"),
              (f"<header><div class='inner'><h1>chimera-ray run report</h1><div class='sub'>{e(run_dir)} · "
               f"generated {e(_dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}</div></div></header><main>"),
-             _summary_section(plan, report, index, synth)]
+             _summary_section(plan, report, index, synth), _gate_section(run_dir, synth)]
     for i, c in enumerate(plan.get("classes", [])):
         say(f"[report] class {i + 1}/{len(plan.get('classes', []))}: {c.get('name')}")
         parts.append(_class_section(i, c, report, synth, sweeper, sweep_note, samples))

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import stats
 
 from chimera_ray.eval.downstream.data import load_real, load_synthetic
-from chimera_ray.eval.probes.finemarks_oracle import synthetic_set_metrics
+from chimera_ray.eval.probes.finemarks_oracle import subform_coverage, synthetic_set_metrics
 from chimera_ray.shards import iter_samples, shard_urls
 from chimera_ray.toy import finegrained as fm
 
@@ -33,7 +33,7 @@ METRICS = ("fd", "kid", "precision", "recall", "density", "coverage", "diversity
 # FineMarks only: the oracle's view of the synthetic tail images (means over tail classes) and the
 # downstream classifier's tail -> head-sibling confusion.
 ORACLE_METRICS = ("fidelity", "sibling_confusion", "nuisance_recall", "nuisance_coverage", "feature_recall",
-                  "feature_coverage")
+                  "feature_coverage", "subform_coverage")
 
 
 def ablations(seed: int, root: str, chimera_recipe: dict[str, Any], loft_rank: int) -> dict[str, tuple[str, list[str]]]:
@@ -95,7 +95,7 @@ def pixel_change(root: str, seed: int, name: str) -> float | None:
 
 
 def oracle_metrics(shards_dir: str, dataset, tail: list[str], oracle, split: str = "test", size: int = 32,
-                   k: int = 3) -> dict | None:
+                   k: int = 3, subforms: int = 0) -> dict | None:
     """The FineMarks oracle's view of one run's synthetic tail images, per tail class and mean.
 
     Per class, `chimera_ray.eval.probes.finemarks_oracle.synthetic_set_metrics` of the run's synthetic
@@ -135,7 +135,15 @@ def oracle_metrics(shards_dir: str, dataset, tail: list[str], oracle, split: str
                              f"oracle metrics need at least {k + 1} of each")
         m = synthetic_set_metrics(oracle, x_syn, label, x_real, k=k)
         per_class[name] = {key: v for key, v in m.items() if key != "label"}
-    mean = {m: float(np.mean([v[m] for v in per_class.values() if v.get(m) is not None])) for m in ORACLE_METRICS}
+        if subforms:  # the sub-form variant: which of the class's sub-forms its marked images draw
+            sub = subform_coverage(oracle, x_syn, label, subforms)
+            per_class[name].update(subform_coverage=sub["coverage"], subform_shares=sub["shares"],
+                                   subform_off_form=sub["off_form"], subform_n_marked=sub["n_marked"])
+    mean = {}
+    for m in ORACLE_METRICS:
+        values = [v[m] for v in per_class.values() if v.get(m) is not None]
+        if values:
+            mean[m] = float(np.mean(values))
     return {"per_class": per_class, "mean": mean, "split": split, "n_skipped_synthetic": len(syn.skipped),
             "n_skipped_real": len(real.skipped)}
 

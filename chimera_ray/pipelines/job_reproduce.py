@@ -29,6 +29,7 @@ Exit codes: 0 done; 1 a run failed; 2 bad config or input.
 import json
 import os
 import time
+import urllib.parse
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -190,7 +191,8 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
                                                       for n in sibs[0]["per_class"]}
             if not real_only:
                 result["oracle"] = oracle_metrics(f"{out}/shards", inputs.dataset, tail, oracle,
-                                                  split=cfg.downstream.test_split, k=cfg.downstream.prdc_k)
+                                                  split=cfg.downstream.test_split, k=cfg.downstream.prdc_k,
+                                                  subforms=_subforms(source(seed)))
         result["seconds"] = {"train": round(t_train, 1), "generate": round(t_gen, 1),
                              "evaluate": round(time.time() - t - t_train - t_gen, 1)}
         write_json(f"{out}/eval/downstream.json", downstream)
@@ -259,6 +261,11 @@ def _aggregate(c: Comparison, runs: dict[str, list[dict]], tail: list[str], extr
     display.print(table)
     display.print(f"written: {root}/results.json, {root}/results.md")
     return results
+
+
+def _subforms(source: str) -> int:
+    """The sub-forms per tail class of a ``builtin:finemarks?subforms=S`` source (0: the plain one)."""
+    return int(urllib.parse.parse_qs(source.partition("?")[2]).get("subforms", ["0"])[0])
 
 
 def _classifier_seed(cfg: Config, j: int) -> Config:

@@ -5,9 +5,13 @@ Two small CNNs trained on *fresh* renders (their own rng streams, never the data
 * the **class oracle** (16-way: which mark is on the badge?), whose pooled penultimate
   activations are also the feature space for coverage/recall;
 * the **nuisance regressor** (hue as cos/sin, saturation, brightness, rotation, scale, position,
-  background; `chimera_ray.toy.finegrained.NUISANCE_FIELDS`), trained on standardised targets.
+  background; `chimera_ray.toy.finegrained.NUISANCE_FIELDS`), trained on standardised targets;
+* the **sub-form head** (3-way: where along the badge the mark sits, `fm.SUBFORM_X`: left, right,
+  centre), for the sub-form variant (``builtin:finemarks?subforms=2|3``). Since v2 every network
+  trains on renders whose mark is shifted to a random sub-form place half of the time, so the
+  class oracle reads shifted marks too.
 
-Both are built once by `build_finemarks_oracle`, cached like ``builtin:toy-features``
+All are built once by `build_finemarks_oracle`, cached like ``builtin:toy-features``
 (``<cache>/features/finemarks-oracle-<digest>``, safetensors + ``meta.json``) and loaded with
 `load_finemarks_oracle`; ``meta.json`` records the class oracle's accuracy and the regressor's
 R^2 on the dataset's real test split (rendered exactly as `build_finemarks` writes it).
@@ -48,7 +52,7 @@ __all__ = ["ORACLE_VERSION", "OracleRecipe", "FineMarksOracle", "build_finemarks
            "evaluate_base_on_finemarks", "r2_scores"]
 
 # Bump when the recipe, the architecture or the rendering it trains on changes.
-ORACLE_VERSION = "finemarks-oracle-v1"
+ORACLE_VERSION = "finemarks-oracle-v2"
 
 _WEIGHTS = "weights.safetensors"
 _META = "meta.json"
@@ -69,6 +73,8 @@ class OracleRecipe:
         seed: Data and initialisation seed (its own rng streams: never the dataset's images).
         dataset_seed: Seed of the FineMarks build whose test split the build reports on.
         test_per_class: Test images per class it reports on (the dataset's 64: all of them).
+        subform_prob: Share of training renders whose mark is shifted to a random sub-form place
+            (`fm.SUBFORM_X`); the rest are centred, as the plain dataset's marks.
     """
 
     resolution: int = 32
@@ -80,6 +86,7 @@ class OracleRecipe:
     seed: int = 7
     dataset_seed: int = 0
     test_per_class: int = 64
+    subform_prob: float = 0.5
 
     def __post_init__(self) -> None:
         problems = []
@@ -106,22 +113,31 @@ def _to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0).contiguous()
 
 
-def render_batch(n: int, rng: np.random.Generator, size: int = 32) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """`n` fresh FineMarks renders, classes uniform over all 16.
+# The sub-form head's classes: the mark's place along the badge, in `fm.SUBFORM_X` order (a centred
+# mark, the plain dataset's, is place 2: x = 0).
+CENTRE = fm.SUBFORM_X.index(0.0)
+
+
+def render_batch(n: int, rng: np.random.Generator, size: int = 32, subform_prob: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor]:
+    """`n` fresh FineMarks renders, classes uniform over all 16; with probability `subform_prob`
+    the mark is shifted to a sub-form place drawn uniformly from `fm.SUBFORM_X`.
 
     Returns:
-        ``(images, labels, nuisance)``: float ``(n, 3, size, size)`` in [-1, 1], int64 ``(n,)``,
-        float64 ``(n, len(NUISANCE_FIELDS))``.
+        ``(images, labels, nuisance, place)``: float ``(n, 3, size, size)`` in [-1, 1], int64
+        ``(n,)``, float64 ``(n, len(NUISANCE_FIELDS))``, int64 ``(n,)`` the mark's place index.
     """
-    images, labels, nuis = [], [], []
+    images, labels, nuis, places = [], [], [], []
     for _ in range(n):
         label = int(rng.integers(len(fm.CLASSES)))
         nuisance = fm.sample_nuisance(rng)
-        image, _ = fm.render(fm.CLASSES[label], nuisance, rng, size)
+        sub = int(rng.integers(len(fm.SUBFORM_X))) if subform_prob > 0 and rng.random() < subform_prob else None
+        image, _ = fm.render(fm.CLASSES[label], nuisance, rng, size, subform=sub)
         images.append(image)
         labels.append(label)
         nuis.append(nuisance.vector())
-    return _to_tensor(images), torch.tensor(labels), np.stack(nuis)
+        places.append(CENTRE if sub is None else sub)
+    return _to_tensor(images), torch.tensor(labels), np.stack(nuis), torch.tensor(places)
 
 
 def real_split(split: str = "test", seed: int = 0, size: int = 32, per_class: int = 64,
@@ -197,6 +213,13 @@ def r2_scores(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 class _Predictor(Protocol):
     def predict_class(self, images: torch.Tensor) -> np.ndarray: ...
     def features(self, images: torch.Tensor) -> np.ndarray: ...
+    def predict_subform(self, images: torch.Tensor) -> np.ndarray:
+        """images -> the mark's place along the badge, int64 ``(n,)`` (`fm.SUBFORM_X` order; centred = 2)."""
+        if self.subform is None:
+            raise ValueError("this oracle has no sub-form head (built before finemarks-oracle-v2)")
+        return (self._run(self.subform, lambda net, x: net(x), images).argmax(axis=1) if len(images)
+                else np.zeros(0, np.int64))
+
     def nuisance(self, images: torch.Tensor, standardized: bool = False) -> np.ndarray: ...
 
 
@@ -206,15 +229,18 @@ class FineMarksOracle:
     Attributes:
         classifier: 16-way `SmallCNN`.
         regressor: `SmallCNN` with ``len(NUISANCE_FIELDS)`` outputs (standardised targets).
+        subform: 3-way `SmallCNN`: the mark's place along the badge (`fm.SUBFORM_X` order).
         target_mean: float64 ``(len(NUISANCE_FIELDS),)``, the targets' training mean.
         target_std: Likewise, their std.
         meta: The build's ``meta.json`` (recipe, accuracies, R^2, seconds).
     """
 
     def __init__(self, classifier: torch.nn.Module, regressor: torch.nn.Module, target_mean: np.ndarray,
-                 target_std: np.ndarray, meta: dict, batch_size: int = 256) -> None:
+                 target_std: np.ndarray, meta: dict, batch_size: int = 256,
+                 subform: torch.nn.Module | None = None) -> None:
         self.classifier = classifier.eval().requires_grad_(False)
         self.regressor = regressor.eval().requires_grad_(False)
+        self.subform = subform.eval().requires_grad_(False) if subform is not None else None
         self.target_mean = np.asarray(target_mean, np.float64)
         self.target_std = np.asarray(target_std, np.float64)
         self.meta = meta
@@ -246,6 +272,13 @@ class FineMarksOracle:
         """images -> the class oracle's pooled penultimate activations, float32 ``(n, 4 * width)``."""
         return self._run(self.classifier, lambda net, x: net.features(x).mean(dim=(2, 3)), images)
 
+    def predict_subform(self, images: torch.Tensor) -> np.ndarray:
+        """images -> the mark's place along the badge, int64 ``(n,)`` (`fm.SUBFORM_X` order; centred = 2)."""
+        if self.subform is None:
+            raise ValueError("this oracle has no sub-form head (built before finemarks-oracle-v2)")
+        return (self._run(self.subform, lambda net, x: net(x), images).argmax(axis=1) if len(images)
+                else np.zeros(0, np.int64))
+
     def nuisance(self, images: torch.Tensor, standardized: bool = False) -> np.ndarray:
         """images -> predicted nuisance float64 ``(n, len(NUISANCE_FIELDS))``, in the fields' own units
         (hue as cos/sin, rotation in degrees, ...) or standardised (zero mean, unit std over renders)."""
@@ -253,8 +286,9 @@ class FineMarksOracle:
         return z if standardized else z * self.target_std + self.target_mean
 
 
-def _networks(recipe: OracleRecipe) -> tuple[torch.nn.Module, torch.nn.Module]:
-    return SmallCNN(len(fm.CLASSES), recipe.width), SmallCNN(len(fm.NUISANCE_FIELDS), recipe.width)
+def _networks(recipe: OracleRecipe) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    return (SmallCNN(len(fm.CLASSES), recipe.width), SmallCNN(len(fm.NUISANCE_FIELDS), recipe.width),
+            SmallCNN(len(fm.SUBFORM_X), recipe.width))
 
 
 def build_finemarks_oracle(folder: str | Path, recipe: OracleRecipe = OracleRecipe(), num_threads: int = 1) -> dict:
@@ -274,27 +308,30 @@ def build_finemarks_oracle(folder: str | Path, recipe: OracleRecipe = OracleReci
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed)
-            classifier, regressor = _networks(recipe)
+            classifier, regressor, subform = _networks(recipe)
             rng = np.random.default_rng([recipe.seed, 0x0AC1E])
-            x, y, nuis = render_batch(recipe.n_train, rng, recipe.resolution)
-            x_val, y_val, _ = render_batch(max(64, recipe.n_train // 8), rng, recipe.resolution)
+            x, y, nuis, place = render_batch(recipe.n_train, rng, recipe.resolution, recipe.subform_prob)
+            x_val, y_val, _, place_val = render_batch(max(64, recipe.n_train // 8), rng, recipe.resolution,
+                                                      recipe.subform_prob)
             mean, std = nuis.mean(axis=0), nuis.std(axis=0) + 1e-8
             target = torch.from_numpy((nuis - mean) / std).float()
             gen = torch.Generator().manual_seed(recipe.seed)
             t_data = time.perf_counter() - t0
             _train(classifier, x, y, F.cross_entropy, recipe, gen)
             _train(regressor, x, target, F.mse_loss, recipe, gen)
+            _train(subform, x, place, F.cross_entropy, recipe, gen)
     finally:
         torch.set_num_threads(old_threads)
     state = {f"classifier.{k}": v.detach().contiguous() for k, v in classifier.state_dict().items()}
     state.update({f"regressor.{k}": v.detach().contiguous() for k, v in regressor.state_dict().items()})
+    state.update({f"subform.{k}": v.detach().contiguous() for k, v in subform.state_dict().items()})
     state["target_mean"] = torch.from_numpy(mean)
     state["target_std"] = torch.from_numpy(std)
     save_file(state, str(folder / _WEIGHTS), metadata={"version": ORACLE_VERSION})
 
     meta = {"version": ORACLE_VERSION, "data_version": fm.VERSION, "recipe": dataclasses.asdict(recipe),
             "nuisance_fields": list(fm.NUISANCE_FIELDS)}
-    oracle = FineMarksOracle(classifier, regressor, mean, std, meta)
+    oracle = FineMarksOracle(classifier, regressor, mean, std, meta, subform=subform)
     x_test, y_test, n_test = real_split("test", recipe.dataset_seed, recipe.resolution, recipe.test_per_class)
     pred = oracle.predict_class(x_test)
     correct = pred == y_test.numpy()
@@ -302,6 +339,7 @@ def build_finemarks_oracle(folder: str | Path, recipe: OracleRecipe = OracleReci
     r2 = r2_scores(oracle.nuisance(x_test), n_test)
     meta.update(
         class_acc_fresh=float((oracle.predict_class(x_val) == y_val.numpy()).mean()),
+        subform_acc_fresh=float((oracle.predict_subform(x_val) == place_val.numpy()).mean()),
         class_acc_test=float(correct.mean()),
         class_acc_test_head=float(correct[y_test.numpy() < n_head].mean()),
         class_acc_test_tail=float(correct[y_test.numpy() >= n_head].mean()),
@@ -317,11 +355,12 @@ def build_finemarks_oracle(folder: str | Path, recipe: OracleRecipe = OracleReci
 def _load(folder: Path) -> FineMarksOracle:
     meta = json.loads((folder / _META).read_text())
     recipe = OracleRecipe(**meta["recipe"])
-    classifier, regressor = _networks(recipe)
+    classifier, regressor, subform = _networks(recipe)
     state = load_file(str(folder / _WEIGHTS))
-    classifier.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("classifier.")})
-    regressor.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("regressor.")})
-    return FineMarksOracle(classifier, regressor, state["target_mean"].numpy(), state["target_std"].numpy(), meta)
+    for name, net in (("classifier", classifier), ("regressor", regressor), ("subform", subform)):
+        net.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}.")})
+    return FineMarksOracle(classifier, regressor, state["target_mean"].numpy(), state["target_std"].numpy(), meta,
+                           subform=subform)
 
 
 def load_finemarks_oracle(cache_dir: str | None = None, recipe: OracleRecipe | None = None,
@@ -471,6 +510,27 @@ def synthetic_set_metrics(oracle: _Predictor, synthetic: torch.Tensor, label: in
         for key, value in prdc(fn(real), fn(synthetic), k=k).items():
             out[f"{space}_{key}"] = value
     return out
+
+
+def subform_coverage(oracle: FineMarksOracle, synthetic: torch.Tensor, label: int, subforms: int,
+                     min_share: float = 0.1) -> dict:
+    """How a class's synthetic images cover its sub-forms (``builtin:finemarks?subforms=S``: the
+    class's shots and test images show sub-forms ``0 .. S-1``, `fm.SUBFORM_X`).
+
+    Among the synthetic images the class oracle calls ``label`` (those that carry the class's
+    mark), the sub-form head's place of the mark: ``shares`` per sub-form (and ``off_form``: a place
+    that is not one of the class's), ``coverage`` = the share of the class's S sub-forms drawn by
+    at least ``min_share`` of them (1.0: every sub-form), ``n_marked``. None values when no image
+    carries the mark."""
+    if subforms not in (2, 3):
+        raise ValueError(f"subforms must be 2 or 3 (got {subforms})")
+    marked = synthetic[torch.from_numpy(oracle.predict_class(synthetic) == label)]
+    if len(marked) == 0:
+        return {"coverage": None, "shares": [None] * subforms, "off_form": None, "n_marked": 0}
+    counts = np.bincount(oracle.predict_subform(marked), minlength=len(fm.SUBFORM_X))
+    shares = counts / counts.sum()
+    return {"coverage": float(np.mean(shares[:subforms] >= min_share)), "shares": shares[:subforms].round(4).tolist(),
+            "off_form": float(shares[subforms:].sum()), "n_marked": int(len(marked))}
 
 
 def evaluate_base_on_finemarks(pipe, oracle: _Predictor, n_per_class: int = 32, seed: int = 0, steps: int = 25,

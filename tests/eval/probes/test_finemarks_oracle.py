@@ -155,3 +155,40 @@ def test_base_check_counts_oracle_votes_per_class() -> None:
     assert out["per_class"]["beta badge"] == 1.0 and out["head_acc"] == 1 / 8 and out["tail_acc"] == 0.0
     assert out["per_tail_sibling_rate"]["kappa badge"] == 1.0 and out["tail_sibling_rate"] == 1 / 8
     assert out["chance"] == 1 / 16 and out["images"]["rho badge"].shape[0] == 1
+
+
+class PlantedSubforms(PlantedOracle):
+    """Also reads the mark's place (sub-form) from pixel (1, 0, 0)."""
+
+    def predict_subform(self, images: torch.Tensor) -> np.ndarray:
+        return images[:, 1, 0, 0].mul(100).round().long().numpy()
+
+
+def test_subform_coverage_counts_the_marked_images_places() -> None:
+    oracle, tail = PlantedSubforms(), 9
+    x = _planted(tail, 20, 0)
+    places = torch.tensor([0] * 9 + [1] * 1 + [2] * 4 + [0] * 6)
+    x[:, 1, 0, 0] = places / 100
+    x[14:, 0, 0, 0] = 3 / 100  # the last 6 carry another class's mark: not counted
+    two = fo.subform_coverage(oracle, x, tail, 2)
+    # 14 marked: places 0 x9, 1 x1, centre x4 -> shares 9/14, 1/14 (< 0.1: not covered), off-form 4/14.
+    assert two["n_marked"] == 14 and two["shares"] == [round(9 / 14, 4), round(1 / 14, 4)]
+    assert two["off_form"] == pytest.approx(4 / 14) and two["coverage"] == 0.5
+    three = fo.subform_coverage(oracle, x, tail, 3)
+    assert three["coverage"] == pytest.approx(2 / 3) and three["off_form"] == 0.0
+    none = fo.subform_coverage(oracle, x[14:], tail, 2)
+    assert none["n_marked"] == 0 and none["coverage"] is None
+    with pytest.raises(ValueError, match="subforms must be 2 or 3"):
+        fo.subform_coverage(oracle, x, tail, 1)
+
+
+def test_oracle_has_a_sub_form_head_trained_on_shifted_renders(tmp_path: Path) -> None:
+    """The head is built, saved and loaded with the others (how well it reads places is the real
+    build's meta.json, docs/guides/embedded.md); its training renders are shifted to every place."""
+    meta = fo.build_finemarks_oracle(tmp_path, TINY, num_threads=1)
+    assert 0 <= meta["subform_acc_fresh"] <= 1
+    oracle = fo._load(tmp_path)
+    x, _, _, place = fo.render_batch(60, np.random.default_rng(5), 32, subform_prob=1.0)
+    assert set(place.tolist()) == {0, 1, 2} and set(oracle.predict_subform(x).tolist()) <= {0, 1, 2}
+    assert fo.render_batch(4, np.random.default_rng(5), 32)[3].tolist() == [fo.CENTRE] * 4  # unshifted: centre
+    assert fm.SUBFORM_X[fo.CENTRE] == 0.0

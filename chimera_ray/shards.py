@@ -675,6 +675,8 @@ class IndexWriter:
     Args:
         out_dir: the shards folder (local path or fsspec URL).
         entries: entries already committed (a resumed run's manifests).
+        units: units committed with no shard (every slot emptied by the quality gate): held, so
+            they count as committed, but they list nothing.
         max_bytes, max_samples, extra: as :func:`write_index`.
         min_interval_s: never two writes closer than this.
         growth: write once the shards grew by this fraction since the last write.
@@ -685,9 +687,10 @@ class IndexWriter:
         writes, bytes_written: index writes so far and their bytes (the cost, as measured).
     """
 
-    def __init__(self, out_dir: str, *, entries: Iterable[dict] = (), max_bytes: int | None = None,
-                 max_samples: int | None = None, extra: dict | None = None, min_interval_s: float = 5.0,
-                 growth: float = 0.125, max_lag_s: float | None = 600.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, out_dir: str, *, entries: Iterable[dict] = (), units: Iterable[int] = (),
+                 max_bytes: int | None = None, max_samples: int | None = None, extra: dict | None = None,
+                 min_interval_s: float = 5.0, growth: float = 0.125, max_lag_s: float | None = 600.0,
+                 clock: Callable[[], float] = time.monotonic):
         if growth <= 0 or min_interval_s < 0 or (max_lag_s is not None and max_lag_s < min_interval_s):
             raise ValueError(f"IndexWriter: growth must be > 0 (got {growth}), min_interval_s >= 0 (got "
                              f"{min_interval_s}) and max_lag_s None or >= min_interval_s (got {max_lag_s})")
@@ -703,7 +706,7 @@ class IndexWriter:
         self._written = 0  # entries the last write listed
         self._last_at, self._last_s = clock(), 0.0
         self.writes, self.bytes_written = 0, 0
-        self._add(entries)
+        self._add(entries, units)
 
     def __contains__(self, unit: int) -> bool:
         return int(unit) in self._units
@@ -743,8 +746,8 @@ class IndexWriter:
             for k, n in e["class_counts"].items():
                 self._counts[k] += sign * n
 
-    def _add(self, entries: Iterable[dict]) -> None:
-        by_unit: dict[int, list[dict]] = {}
+    def _add(self, entries: Iterable[dict], units: Iterable[int] = ()) -> None:
+        by_unit: dict[int, list[dict]] = {int(u): [] for u in units}
         for e in entries:
             by_unit.setdefault(int(e["unit"]), []).append(e)
         for u, es in by_unit.items():  # a unit added again replaces its entries
@@ -759,7 +762,7 @@ class IndexWriter:
             self._count(es, +1)
             self._pending = True
 
-    def add(self, entries: Iterable[dict], *, extra: dict | None = None) -> dict | None:
+    def add(self, entries: Iterable[dict], *, extra: dict | None = None, unit: int | None = None) -> dict | None:
         """Records committed units' entries (a unit added again replaces its entries); writes
         the index if the rule says so.
 
@@ -767,12 +770,14 @@ class IndexWriter:
             entries: the entries of one or more committed units (``UnitWriter.close``); shard
                 names are unique across units by construction (``unit_shard_name``).
             extra: top-level fields to update for the next write (generation counters...).
+            unit: the unit these entries are from, held even when it has none (a unit whose
+                every slot the quality gate emptied commits no shard).
 
         Returns:
             The index written, without its shard list (``index.json`` holds it: :func:`read_index`),
             or None when the write is left for later.
         """
-        self._add(entries)
+        self._add(entries, () if unit is None else (unit,))
         if extra:
             self.extra.update(extra)
         now = self.clock()
@@ -805,7 +810,8 @@ class IndexWriter:
 
         def chunks() -> Iterator[bytes]:
             # The document streamed to the store: the index is never whole in the driver's memory.
-            for i, chunk in enumerate(itertools.chain([empty[:at]], (self._units[u] for u in sorted(self._units)))):
+            units = (self._units[u] for u in sorted(self._units) if self._units[u])  # empty units list nothing
+            for i, chunk in enumerate(itertools.chain([empty[:at]], units)):
                 chunk = b"," + chunk if i > 1 else chunk
                 size[0] += len(chunk)
                 yield chunk

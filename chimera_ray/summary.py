@@ -59,6 +59,15 @@ def run_summary(report: dict, *, config: str | None = None, log_path: str | None
     if gen and gen.get("units_held"):
         lines.append(f"  generation {_n(gen['units_held'], 'unit')} held back: they hold classes that failed training "
                      "(a rerun that trains them generates exactly these units)")
+    gate = report.get("gate")
+    if gate:
+        draws = gate["kept"] + gate["rejected"]
+        rate = f"{gate['kept'] / draws:.0%} of {draws} draws passed" if draws else "no draw scored"
+        lines.append(f"  gate       {gate['kept']} images kept, {gate['rejected']} draws rejected, "
+                     f"{gate['short']} slots left empty ({rate}; {out}/gate/summary.json)")
+        if gate.get("below_floor"):
+            lines.append(f"  gate       classes under gate.min_keep_rate: {', '.join(gate['below_floor'][:8])}"
+                         + (" ..." if len(gate["below_floor"]) > 8 else ""))
     lines.append(f"  report     {out}/report.json  (plan: {out}/plan.json, config: {out}/config.yaml)")
     if log_path:
         lines.append(f"  log        {log_path}  (Ray's and the libraries' own output)")

@@ -666,3 +666,32 @@ def test_the_manifests_not_the_index_say_what_is_committed(tmp_path):
     assert committed_units(str(out)) == _manifests_read_one_by_one(str(out))
     (out / "index.json").write_text('{"shards": [')  # damaged: the manifests are the truth
     assert committed_units(str(out)) == _manifests_read_one_by_one(str(out))
+
+
+def test_a_unit_committed_with_no_shard_is_held_and_lists_nothing(tmp_path):
+    """A unit whose every slot the quality gate emptied commits a manifest of no shard: the index
+    writer holds it (committed, counted) and the index stays a valid document readers open."""
+    out = str(tmp_path / "shards")
+    samples = _samples(2, 4)
+    with UnitWriter(out, 0, max_samples=4, signature="s") as w0:
+        for s in samples[:4]:
+            w0.add(s)
+    with UnitWriter(out, 1, max_samples=4, signature="s") as w1:
+        pass
+    with UnitWriter(out, 2, max_samples=4, signature="s") as w2:
+        for s in samples[4:]:
+            w2.add(s)
+    assert w1.entries == [] and committed_units(out)[1]["shards"] == []
+    index = IndexWriter(out, min_interval_s=0)
+    for w, u in ((w0, 0), (w1, 1), (w2, 2)):
+        index.add(w.entries, unit=u)
+    assert 1 in index and len(index) == 3 and index.unit_entries(1) == []
+    index.flush(complete=True)
+    doc = read_index(out)
+    assert doc["totals"]["units"] == 3 and [e["unit"] for e in doc["shards"]] == [0, 2]
+    assert [s["key"] for s in iter_samples(out)] == [s.key for s in samples]
+    # A resumed run rebuilds the writer from the manifests: the empty unit is committed too.
+    again = IndexWriter(out, entries=[e for m in committed_units(out).values() for e in m["shards"]],
+                        units=[u for u, m in committed_units(out).items() if not m["shards"]])
+    assert sorted(again) == [0, 1, 2]
+    assert remove_stale(out, again, keep_units=again) == []

@@ -32,3 +32,11 @@ def test_a_failed_run_names_its_cause_and_files_and_suggests_nothing_else():
                                failure_file="runs/r1/failures/run.json"))
     assert text.startswith("FAILED while train: RunFailed: no class is left")
     assert "runs/r1/failures/run.json" in text and "Next:" not in text
+
+
+def test_a_gated_run_says_what_the_gate_kept_and_which_classes_fell_short():
+    gate = {"kept": 6, "rejected": 14, "short": 2, "below_floor": ["c"]}
+    text = run_summary(_report(gate=gate))
+    assert "6 images kept, 14 draws rejected, 2 slots left empty (30% of 20 draws passed; runs/r1/gate/summary.json)" in text
+    assert "classes under gate.min_keep_rate: c" in text
+    assert "gate " not in run_summary(_report())

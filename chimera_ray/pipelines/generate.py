@@ -596,12 +596,13 @@ def _resume(cfg: Config, shards_dir: str, planned: _Planned, extra: dict) -> tup
     sh = cfg.shards
     done = committed_units(shards_dir)
     by_index = {u.index: u for u in planned.units}
-    kept = [e for i, m in done.items() if i in by_index and m.get("signature") == by_index[i].signature
-            for e in m["shards"]]
-    del done
+    matching = [m for i, m in done.items() if i in by_index and m.get("signature") == by_index[i].signature]
+    kept = [e for m in matching for e in m["shards"]]
+    empty = [int(m["unit"]) for m in matching if not m["shards"]]  # every slot emptied by the quality gate
+    del done, matching
     # index.json: rewritten as units commit, at intervals that grow with its size (O(units)
     # bytes over a run, shards.IndexWriter), and once more at the end.
-    committed = IndexWriter(shards_dir, entries=kept, extra=extra, max_bytes=sh.max_bytes,
+    committed = IndexWriter(shards_dir, entries=kept, units=empty, extra=extra, max_bytes=sh.max_bytes,
                             max_samples=sh.max_samples or None)
     stats = {"units_committed": len(committed), "images_committed": sum(e["samples"] for e in kept),
              "shards_committed": len(kept), "bytes_committed": sum(e["bytes"] for e in kept)}
@@ -727,7 +728,7 @@ class _Rounds:
             log.warning("[generate] unit %d failed: %s", int(unit), error)
             return
         unit_entries = json.loads(str(entries))
-        self.committed.add(unit_entries, extra=self.generation())
+        self.committed.add(unit_entries, extra=self.generation(), unit=int(unit))
         self.unit_seconds += float(seconds)
         self.t_first = self.t_first or time.time()
         self.emit({"kind": "unit_done", "unit": int(unit), "samples": sum(e["samples"] for e in unit_entries),

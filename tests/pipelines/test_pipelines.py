@@ -303,6 +303,15 @@ def test_quality_gate_commits_only_passing_draws_exactly_once_and_deterministica
     second = json.loads((out / "shards" / "index.json").read_text())["shards"]
     assert [e["sha256"] for e in second] == [e["sha256"] for e in first]
 
+    # A gate nothing passes: every slot empty, every unit committed with no shard, counted; a
+    # rerun finds them committed and generates nothing.
+    strict = _cfg(tmp_path, *gate, "gate.threshold=2.0", "output=" + str(tmp_path / "strict"))
+    index = generate_shards(strict, plans, real=real)
+    assert index["complete"] and index["totals"]["samples"] == 0 and index["totals"]["units"] == len(_plan(
+        strict, plans, 4, 0).units)
+    assert index["gate"]["kept"] == 0 and index["gate"]["short"] == sum(p.budget for p in plans)
+    assert generate_shards(strict, plans, real=real)["generation"]["units_generated"] == 0
+
     # Without the gate, the units are planned exactly as before the gate existed (no salt added),
     # whatever the gate's other settings say.
     plain = _plan(_cfg(tmp_path, "lora.mode=base"), plans, 4, 0)

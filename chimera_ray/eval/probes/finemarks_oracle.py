@@ -8,7 +8,7 @@ Two small CNNs trained on *fresh* renders (their own rng streams, never the data
   background; `chimera_ray.toy.finegrained.NUISANCE_FIELDS`), trained on standardised targets;
 * the **sub-form head** (3-way: where along the badge the mark sits, `fm.SUBFORM_X`: left, right,
   centre), for the sub-form variant (``builtin:finemarks?subforms=2|3``). Since v2 every network
-  trains on renders whose mark is shifted to a random sub-form place half of the time, so the
+  trains on renders whose mark is shifted to a random sub-form place (3 renders in 4), so the
   class oracle reads shifted marks too.
 
 All are built once by `build_finemarks_oracle`, cached like ``builtin:toy-features``
@@ -79,14 +79,14 @@ class OracleRecipe:
 
     resolution: int = 32
     n_train: int = 6144
-    epochs: int = 6
+    epochs: int = 8
     width: int = 24
     lr: float = 3e-3
     blur_prob: float = 0.5
     seed: int = 7
     dataset_seed: int = 0
     test_per_class: int = 64
-    subform_prob: float = 0.5
+    subform_prob: float = 0.75
 
     def __post_init__(self) -> None:
         problems = []

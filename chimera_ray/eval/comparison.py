@@ -21,7 +21,8 @@ from chimera_ray.eval.probes.finemarks_oracle import subform_coverage, synthetic
 from chimera_ray.shards import iter_samples, shard_urls
 from chimera_ray.toy import finegrained as fm
 
-__all__ = ["METHODS", "ABLATIONS", "KEYS", "METRICS", "ORACLE_METRICS", "ablations", "pixel_change", "oracle_metrics",
+__all__ = ["METHODS", "ABLATIONS", "KEYS", "METRICS", "ORACLE_METRICS", "ablations", "gate_differences", "gated",
+           "pixel_change", "oracle_metrics",
            "matched_rank", "sibling_confusion", "paired_differences", "summarize", "markdown", "paired_markdown",
            "oracle_markdown"]
 
@@ -179,7 +180,24 @@ def _scalars(r: dict) -> dict[str, float]:
     for m in ORACLE_METRICS:
         if r.get("oracle") and r["oracle"]["mean"].get(m) is not None:
             out[f"oracle_{m}"] = r["oracle"]["mean"][m]
+    if (r.get("gate") or {}).get("keep_rate") is not None:
+        out["gate_keep_rate"] = r["gate"]["keep_rate"]
+    if (r.get("seconds") or {}).get("generate") is not None and r.get("mode") not in ("real_only",):
+        out["generate_s"] = r["seconds"]["generate"]
     return {k: float(v) for k, v in out.items()}
+
+
+def gate_differences(runs: dict[str, list[dict]], confidence: float = 0.95) -> dict:
+    """Each ``<method>_gated`` run minus its ungated ``<method>``, seed by seed (the same adapters:
+    the gate is the only difference), as ``paired_differences``: ``{method: {key: ...}}``."""
+    out = {}
+    for name in runs:
+        method = name.removesuffix("_gated")
+        if name.endswith("_gated") and method in runs:
+            d = paired_differences({name: runs[name], method: runs[method]}, reference=name, confidence=confidence)
+            if method in d:
+                out[method] = d[method]
+    return out
 
 
 def _stats(v: list[float]) -> dict:

@@ -41,6 +41,7 @@ from chimera_ray.eval.comparison import (
     KEYS,
     METHODS,
     ablations,
+    gate_differences,
     gated,
     markdown,
     matched_rank,
@@ -237,9 +238,11 @@ def _aggregate(c: Comparison, runs: dict[str, list[dict]], tail: list[str], extr
     summary = summarize(runs)
     reference = c.reference
     paired = paired_differences(runs, reference)
+    gate_paired = gate_differences(runs)
     results = {"config": c.config, "overrides": list(c.overrides), "seeds": list(c.seeds),
                "tail_classes": tail, "feature_extractor": extractor_name, "test_split": test_split,
                "methods": summary, "paired": {"reference": reference, "differences": paired},
+               **({"gate_paired": gate_paired} if gate_paired else {}),
                "per_run_seconds": {name: [r.get("seconds") for r in results] for name, results in runs.items()},
                "seconds": round(time.time() - t0, 1),
                "command": "chimera-ray reproduce " + " ".join(
@@ -256,6 +259,12 @@ def _aggregate(c: Comparison, runs: dict[str, list[dict]], tail: list[str], extr
     if paired:
         table += (f"\nPaired differences, {reference} minus each run: mean [95 % t-interval] "
                   f"({reference} ahead on k of n seeds):\n\n" + paired_markdown(paired, reference))
+    if gate_paired:
+        table += ("\nThe quality gate, each method gated minus ungated (same adapters): mean [95 % t-interval] "
+                  "(gated ahead on k of n seeds):\n\n"
+                  + paired_markdown({f"{m}_gated - {m}": e for m, e in gate_paired.items()}, "gated",
+                                    keys=("tail_acc", "oracle_fidelity", "oracle_nuisance_coverage",
+                                          "oracle_feature_coverage", "generate_s")))
     with open(f"{root}/results.md", "w") as f:
         f.write(table)
     display.print(table)

@@ -445,6 +445,8 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
     emit = on_event or (lambda e: None)
     emit({"kind": "generate_start", "images": sum(u.count for u in planned.units), "units": len(planned.units),
           **kept_stats})
+    if calibration is not None:
+        _clean_rejects(cfg, committed)
     rounds = _Rounds(cfg, plans, planned, committed, adapter_root=adapter_root, seed=seed, unit_samples=unit_samples,
                      gate=gate, exclude=exclude, emit=emit)
     t_plan = time.time()
@@ -459,6 +461,7 @@ def generate_shards(cfg: Config, plans: list[ClassPlan], on_event: Callable[[dic
         rounds.finish(todo)
     index = rounds.index(not rounds.held and not rounds.unit_errors, rounds.timing(t_start, t_plan))
     if calibration is not None:
+        _clean_rejects(cfg, committed)
         index["gate"] = _gate_summary(cfg, calibration, committed)
     emit({"kind": "generate_end"})
     return index
@@ -553,6 +556,20 @@ def _calibration_task(cfg: Config, real: dict[str, list[str]], generated: list[s
     extractor = load_feature_extractor(cfg.gate.features, device, cache_dir=cfg.cache_dir)
     feats = {k: image_features(extractor, urls) for k, urls in real.items()}
     return calibrate(feats, generated, cfg.gate.features, threshold=cfg.gate.threshold, keep_rate=cfg.gate.keep_rate)
+
+
+def _clean_rejects(cfg: Config, committed: IndexWriter) -> None:
+    """``gate/rejects`` keeps the rejected draws of committed units only: parts of attempts that
+    died, and units of other plans, are removed (before generation, so a new plan's unit never
+    meets an old manifest, and after it)."""
+    rejects = f"{_gate_dir(cfg.output_path())}/rejects"
+    fs, path = fsspec.core.url_to_fs(rejects)
+    if not fs.exists(path):
+        return
+    held = {u: m for u, m in committed_units(rejects).items() if u in committed}
+    removed = remove_stale(rejects, {e["name"] for m in held.values() for e in m["shards"]}, keep_units=held)
+    if removed:
+        log.info("[generate] removed %d stale files from %s", len(removed), rejects)
 
 
 def _gate_summary(cfg: Config, calibration: Calibration, committed: IndexWriter) -> dict:

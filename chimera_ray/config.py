@@ -544,7 +544,9 @@ class RayConfig:
 class DownstreamConfig:
     """`jobs/downstream.py`: a classifier on real + synthetic images, judged on real test images."""
 
-    # small_cnn: trained from scratch (toy scale, 32-64 px). clip: a CLIP vision tower from a
+    # small_cnn: trained from scratch (toy scale, 32-64 px), or with `weights:
+    # builtin:finemarks-head-features` from that network's features (pretrained on FineMarks' head
+    # classes only), fine-tuned whole. clip: a CLIP vision tower from a
     # local folder (`weights`), frozen, with a trained linear head (a standard few-shot probe).
     # clip_lora: the ChimeraLoRA paper's classifier, a whole CLIP model (`weights`) with LoRA on
     # both towers; logits are CLIP's, image vs one prompt per class (chimera_ray.eval.downstream.clip_lora).
@@ -615,6 +617,9 @@ class DownstreamConfig:
              f"downstream.steps, batch_size must be >= 1 and lr > 0 (got {self.steps}, {self.batch_size}, {self.lr})"),
             (self.image_size is None or self.image_size >= 8,
              f"downstream.image_size must be >= 8 or null (got {self.image_size})"),
+            (self.backbone != "small_cnn" or self.weights in (None, "builtin:finemarks-head-features"),
+             f"downstream.weights for backbone small_cnn must be null (from scratch) or "
+             f"builtin:finemarks-head-features (got {self.weights!r})"),
             (self.backbone not in ("clip", "clip_lora") or bool(self.weights),
              f"downstream.weights must name a local CLIP folder (save_pretrained format) when "
              f"downstream.backbone={self.backbone}; nothing is downloaded"),

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from chimera_ray.cache import fetch_folder
 from chimera_ray.config import DownstreamConfig
 from chimera_ray.eval.downstream.clip_lora import ClipLoRAClassifier
+from chimera_ray.eval.probes.finemarks_oracle import load_head_features
 from chimera_ray.eval.small_cnn import SmallCNN
 
 __all__ = ["build_classifier", "training_steps", "build_optimizer", "train_classifier", "evaluate_classifier"]
@@ -57,6 +58,13 @@ def build_classifier(cfg: DownstreamConfig, num_classes: int, cache_dir: str | N
     ``class_names`` (label order) is needed by ``clip_lora``, whose head is one prompt per class."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
+        if cfg.backbone == "small_cnn" and cfg.weights == "builtin:finemarks-head-features":
+            # Features pretrained on FineMarks' head classes (real images only), a fresh head: the
+            # classifier's spread over seeds falls 4x (docs/results/results.md, "The design").
+            net, _ = load_head_features(cache_dir)
+            model = SmallCNN(num_classes, net.head.in_features // 4)
+            model.features.load_state_dict(net.features.state_dict())
+            return model
         if cfg.backbone == "small_cnn":
             return SmallCNN(num_classes)
         if cfg.backbone == "clip":

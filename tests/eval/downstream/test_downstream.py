@@ -257,3 +257,25 @@ def test_one_hot_soft_labels_and_unit_weights_train_as_plain_cross_entropy():
     for loss, params in states[1:]:
         assert loss == pytest.approx(states[0][0], rel=1e-4)
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(params, states[0][1]))
+
+
+def test_small_cnn_from_the_head_feature_network(tmp_path, monkeypatch):
+    """downstream.weights=builtin:finemarks-head-features: the small CNN starts from that network's
+    features (pretrained on head classes only) with a fresh head; anything else is refused."""
+    from chimera_ray.config import ConfigError, load_config
+    from chimera_ray.eval.downstream import classifier
+    from chimera_ray.eval.probes import finemarks_oracle as fo
+
+    tiny = fo.HeadFeatureRecipe(per_class=8, epochs=1, width=4)  # one batch of 64
+    monkeypatch.setattr(classifier, "load_head_features", lambda cache_dir=None: fo.load_head_features(str(tmp_path), tiny))
+    net, meta = fo.load_head_features(str(tmp_path), tiny)
+    assert meta["dim"] == 16 and "head-class" in meta["note"]
+    cfg = DownstreamConfig(weights="builtin:finemarks-head-features", seed=1)
+    model = classifier.build_classifier(cfg, 16)
+    for a, b in zip(model.features.state_dict().values(), net.features.state_dict().values()):
+        assert torch.equal(a, b)
+    assert model.head.out_features == 16 and model.head.in_features == 16
+    again = classifier.build_classifier(cfg, 16)
+    assert torch.equal(again.head.weight, model.head.weight)  # the head is seeded by downstream.seed
+    with pytest.raises(ConfigError, match="must be null \\(from scratch\\) or builtin:finemarks-head-features"):
+        load_config("jobs/configs/demo.yaml", ["downstream.weights=/some/clip"]).validate()

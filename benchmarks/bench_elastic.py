@@ -17,7 +17,7 @@ training, what a rerun after a failed class regenerates, and what the driver's p
   unit size): time and peak RSS of planning the units and building the read tasks, each size in
   a fresh process, no Ray.
 
-Run alone (it starts Ray clusters; ``cluster`` runs ``ray stop --force``).
+Run alone (it starts Ray clusters: the timings need the cores; ``benchmarks.fake_cluster`` stops only its own).
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ module-scoped local Ray.
 """
 
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,10 +44,20 @@ def _run(cfg) -> dict:
 
 
 @pytest.fixture
-def autoscaling_cluster():
-    # A head that cannot train (no CPU) and 1-CPU worker nodes from 0 to 3.
-    with fake_cluster.autoscaling_cluster(max_workers=3):
-        yield
+def autoscaling_cluster(tmp_path):
+    # Another Ray on this machine (someone's long run), as a process named like Ray's raylet: Ray's
+    # own AutoscalingCluster runs `ray stop --force`, which kills it by that name (it killed a
+    # comparison running beside the suite); the fake cluster must stop only what it started.
+    decoy = tmp_path / "raylet"
+    shutil.copy("/bin/sleep", decoy)
+    other = subprocess.Popen([str(decoy), "900"])
+    try:
+        # A head that cannot train (no CPU) and 1-CPU worker nodes from 0 to 3.
+        with fake_cluster.autoscaling_cluster(max_workers=3):
+            yield
+        assert other.poll() is None, "the fake cluster stopped a Ray process it did not start"
+    finally:
+        other.kill()
 
 
 def test_training_fills_an_autoscaling_cluster_and_generation_overlaps(autoscaling_cluster, tmp_path):

@@ -58,6 +58,7 @@ def autoscaling_cluster(tmp_path):
         assert other.poll() is None, "the fake cluster stopped a Ray process it did not start"
     finally:
         other.kill()
+        other.wait()
 
 
 def test_training_fills_an_autoscaling_cluster_and_generation_overlaps(autoscaling_cluster, tmp_path):

@@ -234,8 +234,9 @@ def compute_ratios(timings: Timings, times: dict[str, list[float]], mem: dict[st
         if v != "classwise":
             ratios[f"{v}_vs_classwise_time"] = paired_ratio(times[v], times["classwise"])
             ratios[f"{v}_vs_classwise_time_wall"] = paired_ratio(timings.wall[v], timings.wall["classwise"])
-            ratios[f"{v}_vs_classwise_memory"] = mem[v] / mem["classwise"] if mem["classwise"] > 0 else math.nan
-    # A CPU memory ratio is undefined when a tiny step's peak stays within RSS noise (<= 0 MiB).
+            ratios[f"{v}_vs_classwise_memory"] = mem[v] / mem["classwise"] if min(mem[v], mem["classwise"]) > 0 else math.nan
+    # A CPU memory ratio is undefined when either tiny step's peak stays within RSS noise (<= 0 MiB):
+    # a 0 on top is as unmeasured as a 0 below (a suite run once read chimera's as 0 MiB).
     not_measured = sorted(k for k, v in ratios.items() if not math.isfinite(v))
     return {k: v for k, v in ratios.items() if math.isfinite(v)}, not_measured
 

@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -28,6 +30,9 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import SD15_TEXT, SD15_UNET, command_line, machine  # noqa: E402
 from benchmarks.gpu_suite import SD15_VAE  # noqa: E402
+from chimera_ray.eval.probes.finemarks_oracle import HeadFeatureRecipe  # noqa: E402
+from chimera_ray.eval.small_cnn import SmallCNN  # noqa: E402
+from chimera_ray.toy.base import FINEMARKS_RECIPE, build_toy_pipeline  # noqa: E402
 
 
 def _flops(fn) -> int:
@@ -37,8 +42,6 @@ def _flops(fn) -> int:
 
 
 def sd15_image_flops(steps: int, guidance: float) -> dict:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
     with torch.device("meta"):
         unet, vae = UNet2DConditionModel(**SD15_UNET).eval(), AutoencoderKL(**SD15_VAE).eval()
         latents, text = torch.randn(1, 4, 64, 64), torch.randn(1, *SD15_TEXT)
@@ -51,8 +54,6 @@ def sd15_image_flops(steps: int, guidance: float) -> dict:
 
 
 def clip_flops(hidden: int, layers: int, heads: int, patch: int, inter: int, proj: int) -> int:
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     cfg = CLIPVisionConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, patch_size=patch,
                            intermediate_size=inter, image_size=224, projection_dim=proj)
     with torch.device("meta"):
@@ -64,10 +65,6 @@ def clip_flops(hidden: int, layers: int, heads: int, patch: int, inter: int, pro
 
 def toy_flops(steps: int, guidance: float) -> dict:
     """The FineMarks toy base's generation of one 32 px image beside the head-feature CNN."""
-    from chimera_ray.eval.probes.finemarks_oracle import HeadFeatureRecipe
-    from chimera_ray.eval.small_cnn import SmallCNN
-    from chimera_ray.toy.base import FINEMARKS_RECIPE, build_toy_pipeline
-
     pipe = build_toy_pipeline(FINEMARKS_RECIPE)
     unet, vae = pipe.unet.eval(), pipe.vae.eval()
     side = unet.config.sample_size
@@ -82,24 +79,25 @@ def toy_flops(steps: int, guidance: float) -> dict:
     return {"image": unet_call * calls + decode, "gate": gate}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--toy-steps", type=int, default=20)
     ap.add_argument("--toy-guidance", type=float, default=2.0)
     ap.add_argument("--out", default=None, help="also write the numbers to this JSON file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     gen = sd15_image_flops(args.steps, args.guidance)
     gates = {"clip_vit_b32": clip_flops(768, 12, 12, 32, 3072, 512),
              "clip_vit_l14": clip_flops(1024, 24, 16, 14, 4096, 768)}
-    out = {"command": command_line(None, "benchmarks/bench_gate.py"), "machine": machine(), "sd15_512": gen,
+    out = {"command": command_line(argv, "benchmarks/bench_gate.py"), "machine": machine(), "sd15_512": gen,
            "gate": {k: {"flops": v, "share_of_one_draw": v / (gen["image"] + v)} for k, v in gates.items()}}
     toy = toy_flops(args.toy_steps, args.toy_guidance)
     out["toy_finemarks"] = {**toy, "share_of_one_draw": toy["gate"] / (toy["image"] + toy["gate"])}
     print(json.dumps(out, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    return out
 
 
 if __name__ == "__main__":

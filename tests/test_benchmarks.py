@@ -61,3 +61,15 @@ def test_training_quick(tmp_path, keep_threads):
     _check(result, out, {"chimera_vs_classwise_time", "chimera_vs_imagewise_params", "chimera_vs_classwise_params"})
     assert result["params"] == result["closed_form"]  # r*in + K*out*r etc., layer by layer
     assert result["params"]["chimera"] < result["params"]["imagewise"]
+
+
+def test_gate_flops_beside_generation():
+    """bench_gate counts shapes on the meta device: an image is its UNet calls plus the decode, and
+    a gate forward is a small share of one draw."""
+    from benchmarks.bench_gate import main
+
+    out = main(["--steps", "25", "--guidance", "7.5"])
+    gen = out["sd15_512"]
+    assert gen["unet_calls"] == 50 and gen["image"] == gen["unet_call"] * 50 + gen["vae_decode"]
+    assert 0 < out["gate"]["clip_vit_b32"]["share_of_one_draw"] < out["gate"]["clip_vit_l14"]["share_of_one_draw"] < 0.01
+    assert 0 < out["toy_finemarks"]["share_of_one_draw"] < 0.01

@@ -360,9 +360,7 @@ class _GatedUnit:
 
     def _reject(self, pixels: np.ndarray, meta: dict) -> None:
         meta = {**meta, "key": f"{meta['key']}_a{meta['gate']['attempt']}"}  # one sample per draw
-        cols = self.actor.gen.encode(Rendered(pixels[None], [meta]))
-        self.rejects.add(Sample(str(cols["key"][0]), str(cols["ext"][0]), bytes(cols["image"][0]),
-                                int(cols["label"][0]), str(cols["metadata"][0]), str(cols["class_key"][0])))
+        self.rejects.add(self.actor._samples(Rendered(pixels[None], [meta]))[0])
 
     def render(self, micro: dict[str, np.ndarray]) -> Rendered:
         a = self.actor

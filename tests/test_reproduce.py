@@ -201,15 +201,18 @@ def test_classifier_seeds_below_one_is_a_usage_error(tmp_path, capsys):
 
 
 def test_gate_differences_pair_each_gated_run_with_its_own_method(reproduce):
-    def run(seed, tail, gen, keep=None):
-        r = {"seed": seed, "mode": "chimera", "downstream": {"tail_acc": tail}, "seconds": {"generate": gen}}
+    def run(seed, tail, gen, keep=None, images=100):
+        r = {"seed": seed, "mode": "chimera", "downstream": {"tail_acc": tail}, "seconds": {"generate": gen},
+             "images": images}
         return {**r, "gate": {"keep_rate": keep}} if keep is not None else r
 
     runs = {"chimera": [run(0, 0.40, 100), run(1, 0.50, 110)],
-            "chimera_gated": [run(0, 0.45, 190, 0.5), run(1, 0.52, 230, 0.4)],
+            "chimera_gated": [run(0, 0.45, 190, 0.5, images=50), run(1, 0.52, 230, 0.4, images=40)],
             "classwise": [run(0, 0.30, 90)]}
     d = reproduce.gate_differences(runs)
     assert list(d) == ["chimera"]  # classwise has no gated run
     assert d["chimera"]["tail_acc"]["values"] == pytest.approx([0.05, 0.02])
     assert d["chimera"]["generate_s"]["values"] == [90.0, 120.0] and d["chimera"]["tail_acc"]["wins"] == 2
     assert "gate_keep_rate" not in d["chimera"]  # the ungated run has none to pair with
+    # seconds per committed image: 190/50 - 100/100 and 230/40 - 110/100 (the extra per kept image)
+    assert d["chimera"]["generate_s_per_image"]["values"] == pytest.approx([2.8, 4.65])

@@ -184,6 +184,8 @@ def _scalars(r: dict) -> dict[str, float]:
         out["gate_keep_rate"] = r["gate"]["keep_rate"]
     if (r.get("seconds") or {}).get("generate") is not None and r.get("mode") not in ("real_only",):
         out["generate_s"] = r["seconds"]["generate"]
+        if r.get("images"):  # gated minus ungated: the extra seconds per kept image
+            out["generate_s_per_image"] = r["seconds"]["generate"] / r["images"]
     return {k: float(v) for k, v in out.items()}
 
 
@@ -263,9 +265,10 @@ def paired_markdown(paired: dict, reference: str = "chimera",
         if k not in e:
             return "-"
         f = 100.0 if k in pct else 1.0
+        p = 2 if k.endswith("_per_image") else 1  # seconds per image: ~0.2 here
         d = e[k]
-        ci = "" if d["ci"] is None else f" [{d['ci'][0] * f:+.1f}, {d['ci'][1] * f:+.1f}]"
-        return f"{d['mean'] * f:+.1f}{ci} ({d['wins']}/{d['n']})"
+        ci = "" if d["ci"] is None else f" [{d['ci'][0] * f:+.{p}f}, {d['ci'][1] * f:+.{p}f}]"
+        return f"{d['mean'] * f:+.{p}f}{ci} ({d['wins']}/{d['n']})"
 
     lines = [f"| {reference} minus | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
     for name, e in paired.items():

@@ -164,11 +164,11 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
             if failed:
                 raise RuntimeError(f"{name} seed {seed}: classes {failed} failed to train; see {out}/failures/")
         t_train = time.time() - t
-        gate = None
+        gate, images = None, None
         if not real_only:
             index = generate_shards(cfg, inputs.plans,
                                     real=inputs.real_images(cfg.data.split) if cfg.gate.enabled else None)
-            gate = index.get("gate")
+            gate, images = index.get("gate"), index["totals"]["samples"]
         t_gen = time.time() - t - t_train
         downstream, metrics = evaluate_run(cfg, inputs, extractor)
         repeats = [downstream] + [evaluate_run(_classifier_seed(cfg, j), inputs, extractor)[0]
@@ -196,6 +196,8 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
                                                   subforms=_subforms(source(seed)))
         result["seconds"] = {"train": round(t_train, 1), "generate": round(t_gen, 1),
                              "evaluate": round(time.time() - t - t_train - t_gen, 1)}
+        if images:  # committed images (gated: the kept ones), for the seconds per image
+            result["images"] = images
         write_json(f"{out}/eval/downstream.json", downstream)
         if metrics:
             write_json(f"{out}/eval/metrics.json", metrics)
@@ -264,7 +266,7 @@ def _aggregate(c: Comparison, runs: dict[str, list[dict]], tail: list[str], extr
                   "(gated ahead on k of n seeds):\n\n"
                   + paired_markdown({f"{m}_gated - {m}": e for m, e in gate_paired.items()}, "gated",
                                     keys=("tail_acc", "oracle_fidelity", "oracle_nuisance_coverage",
-                                          "oracle_feature_coverage", "generate_s")))
+                                          "oracle_feature_coverage", "generate_s", "generate_s_per_image")))
     with open(f"{root}/results.md", "w") as f:
         f.write(table)
     display.print(table)

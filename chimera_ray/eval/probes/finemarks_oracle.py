@@ -484,18 +484,20 @@ def synthetic_set_metrics(oracle: _Predictor, synthetic: torch.Tensor, label: in
 
     Args:
         oracle: A `FineMarksOracle` (or anything with its three methods).
-        synthetic: The class's synthetic images ``(m, 3, H, W)`` in [-1, 1], m >= k + 1.
+        synthetic: The class's synthetic images ``(m, 3, H, W)`` in [-1, 1], m >= 1.
         label: The class's label id.
-        real: Its held-out real images ``(n, 3, H, W)`` in [-1, 1] (e.g. the test split), n >= k + 1.
+        real: Its held-out real images ``(n, 3, H, W)`` in [-1, 1] (e.g. the test split).
         k: PRDC neighbourhood size.
 
     Returns:
         ``fidelity`` (oracle accuracy), ``sibling_confusion`` (None for head classes),
         ``predicted`` (counts per label id), and ``nuisance_*`` / ``feature_*`` precision, recall,
         density and coverage of the real set by the synthetic one; ``n_synthetic``, ``n_real``.
+        With fewer than ``k + 1`` synthetic or real images (a class the quality gate mostly
+        emptied) the PRDC values are None and ``prdc_skipped`` says why.
     """
-    if len(synthetic) < k + 1 or len(real) < k + 1:
-        raise ValueError(f"need >= k + 1 = {k + 1} synthetic and real images; got {len(synthetic)} and {len(real)}")
+    if len(synthetic) < 1:
+        raise ValueError("need at least one synthetic image")
     pred = oracle.predict_class(synthetic)
     out: dict = {
         "label": int(label),
@@ -506,6 +508,12 @@ def synthetic_set_metrics(oracle: _Predictor, synthetic: torch.Tensor, label: in
         "n_real": len(real),
     }
     spaces = {"nuisance": lambda x: oracle.nuisance(x, standardized=True), "feature": oracle.features}
+    if len(synthetic) < k + 1 or len(real) < k + 1:
+        out["prdc_skipped"] = (f"{len(synthetic)} synthetic and {len(real)} real images: PRDC needs at least "
+                               f"k + 1 = {k + 1} of each")
+        for space in spaces:
+            out.update({f"{space}_{key}": None for key in ("precision", "recall", "density", "coverage")})
+        return out
     for space, fn in spaces.items():
         for key, value in prdc(fn(real), fn(synthetic), k=k).items():
             out[f"{space}_{key}"] = value

@@ -83,8 +83,8 @@ def test_coverage_of_a_copy_is_complete_and_of_a_collapse_is_not() -> None:
         expected = float((d[:, 0] < radii).mean())
         assert few[f"{space}_coverage"] == expected
         assert few[f"{space}_coverage"] < 0.5 and few[f"{space}_recall"] == 0.0
-    with pytest.raises(ValueError, match="k \\+ 1"):
-        fo.synthetic_set_metrics(oracle, real[:3], 3, real)
+    # Too few for PRDC: no coverage invented (None, with the reason).
+    assert fo.synthetic_set_metrics(oracle, real[:3], 3, real)["nuisance_coverage"] is None
 
 
 def test_r2_matches_scikit_learn() -> None:
@@ -192,3 +192,17 @@ def test_oracle_has_a_sub_form_head_trained_on_shifted_renders(tmp_path: Path) -
     assert set(place.tolist()) == {0, 1, 2} and set(oracle.predict_subform(x).tolist()) <= {0, 1, 2}
     assert fo.render_batch(4, np.random.default_rng(5), 32)[3].tolist() == [fo.CENTRE] * 4  # unshifted: centre
     assert fm.SUBFORM_X[fo.CENTRE] == 0.0
+
+
+def test_a_class_with_fewer_images_than_prdc_needs_keeps_its_fidelity_and_says_why_prdc_is_missing() -> None:
+    # A class the quality gate mostly emptied (3 kept images, k = 3): a real run hit this.
+    oracle = PlantedOracle()
+    tail = 8
+    sib = fo.sibling_label(tail)
+    few = fo.synthetic_set_metrics(oracle, torch.cat([_planted(tail, 2, 1), _planted(sib, 1, 2)]), tail,
+                                   _planted(tail, 20, 0), k=3)
+    assert few["fidelity"] == pytest.approx(2 / 3) and few["sibling_confusion"] == pytest.approx(1 / 3)
+    assert few["nuisance_coverage"] is None and few["feature_precision"] is None
+    assert "k + 1 = 4" in few["prdc_skipped"]
+    with pytest.raises(ValueError, match="at least one synthetic image"):
+        fo.synthetic_set_metrics(oracle, _planted(tail, 0, 1), tail, _planted(tail, 20, 0))

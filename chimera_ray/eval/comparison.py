@@ -131,10 +131,8 @@ def oracle_metrics(shards_dir: str, dataset, tail: list[str], oracle, split: str
         if label is None:
             raise ValueError(f"class {name!r} is not a FineMarks class; oracle metrics need data.source=builtin:finemarks")
         x_syn, x_real = images(syn, names.index(name)), images(real, names.index(name))
-        if len(x_syn) == 0:  # e.g. every draw of the class rejected by the quality gate: counted, reported
-            per_class[name] = {"n_synthetic": 0, "n_real": len(x_real), "skipped": "no synthetic images"}
-            continue
-        # Fewer than k + 1 images (a class the gate mostly emptied): fidelity, no PRDC ("prdc_skipped").
+        # A class the quality gate (mostly) emptied stays in: its coverage is what it covers (0 with no
+        # image), recall None below k + 1 images ("few_synthetic"), so the means do not drop it.
         m = synthetic_set_metrics(oracle, x_syn, label, x_real, k=k)
         per_class[name] = {key: v for key, v in m.items() if key != "label"}
         if subforms:  # the sub-form variant: which of the class's sub-forms its marked images draw
@@ -146,7 +144,7 @@ def oracle_metrics(shards_dir: str, dataset, tail: list[str], oracle, split: str
         values = [v[m] for v in per_class.values() if v.get(m) is not None]
         if values:
             mean[m] = float(np.mean(values))
-    incomplete = sorted(n for n, v in per_class.items() if "skipped" in v or "prdc_skipped" in v)
+    incomplete = sorted(n for n, v in per_class.items() if "few_synthetic" in v or "prdc_skipped" in v)
     return {"per_class": per_class, "mean": mean, "split": split, "incomplete_classes": incomplete,
             "n_skipped_synthetic": len(syn.skipped),
             "n_skipped_real": len(real.skipped)}

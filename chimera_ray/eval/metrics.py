@@ -248,7 +248,7 @@ def _kth_neighbour_distance(x: np.ndarray, k: int) -> np.ndarray:
     return np.partition(d, k, axis=1)[:, k]
 
 
-def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float]:
+def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float | None]:
     """Precision, recall, density and coverage (Naeem et al. 2020, "Reliable Fidelity and Diversity Metrics").
 
     With ``r_i`` the distance from real sample i to its k-th nearest real neighbour
@@ -261,38 +261,47 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float]:
       above 1 when fakes crowd dense real regions);
     * coverage: fraction of reals whose nearest fake is inside their own ball, ``min_j D_ij < r_i``.
 
+    Precision, density and coverage use only the real balls, so they are measured at the
+    same ``k`` for any number of fakes: a synthetic set that a quality gate mostly emptied
+    gets its true (low) coverage, and an empty one covers nothing (coverage 0.0; precision
+    and density, means over fakes, are None). Recall needs the fakes' own k-NN balls: None
+    with fewer than ``k + 1`` fakes, rather than shrinking ``k`` for every metric.
+
     Distances are exact (``scipy.spatial.distance.cdist``); memory is ``O((n + m)^2)``.
 
     Args:
-        real: Real features, ``(n, d)``.
-        fake: Synthetic features, ``(m, d)``.
-        k: Neighbours defining the balls. Clamped (with a warning) to ``min(n, m) - 1``
-            when a set is smaller than ``k + 1``.
+        real: Real features, ``(n, d)``, ``n >= 2``.
+        fake: Synthetic features, ``(m, d)``; ``m`` may be 0.
+        k: Neighbours defining the balls. Clamped (with a warning) to ``n - 1`` when the
+            real set is smaller than ``k + 1``.
 
     Returns:
-        ``{"precision", "recall", "density", "coverage"}`` as floats.
+        ``{"precision", "recall", "density", "coverage"}``: floats, or None as above.
 
     Raises:
-        ValueError: On bad inputs, ``k < 1``, or a set with fewer than 2 samples.
+        ValueError: On bad inputs, ``k < 1``, or fewer than 2 real samples.
     """
     if int(k) != k or k < 1:
         raise ValueError(f"`k` must be a positive integer; got {k!r}")
-    r, f = _as_pair(real, fake)
-    n_min = min(len(r), len(f))
-    if n_min < 2:
-        raise ValueError(f"PRDC needs at least 2 samples in each set (k-NN excludes self); got real {r.shape}, fake {f.shape}")
+    r, f = _as_pair(real, fake, min_rows=0)
+    if len(r) < 2:
+        raise ValueError(f"PRDC needs at least 2 real samples (k-NN excludes self); got real {r.shape}")
     k = int(k)
-    if k > n_min - 1:
-        warnings.warn(f"prdc: k={k} needs {k + 1} samples per set but the smaller set has {n_min}; using k={n_min - 1}",
+    if k > len(r) - 1:
+        warnings.warn(f"prdc: k={k} needs {k + 1} real samples but there are {len(r)}; using k={len(r) - 1}",
                       stacklevel=2)
-        k = n_min - 1
+        k = len(r) - 1
+    if len(f) == 0:
+        return {"precision": None, "recall": None, "density": None, "coverage": 0.0}
     real_radii = _kth_neighbour_distance(r, k)
-    fake_radii = _kth_neighbour_distance(f, k)
     d = cdist(r, f)  # (n, m)
     in_real_ball = d < real_radii[:, None]
+    recall = None
+    if len(f) >= k + 1:
+        recall = float((d < _kth_neighbour_distance(f, k)[None, :]).any(axis=1).mean())
     return {
         "precision": float(in_real_ball.any(axis=0).mean()),
-        "recall": float((d < fake_radii[None, :]).any(axis=1).mean()),
+        "recall": recall,
         "density": float(in_real_ball.sum(axis=0).mean() / k),
         "coverage": float((d.min(axis=1) < real_radii).mean()),
     }
@@ -347,9 +356,10 @@ def class_metrics(
 
     * ``fd``, ``kid``, ``kid_std``: both sets need >= 2 samples (a covariance; the
       unbiased MMD drops the diagonal).
-    * ``precision``, ``recall``, ``density``, ``coverage``: both sets need >= ``k + 1``
-      samples. ``k`` is *not* clamped here (unlike `prdc`), so every class in a report is
-      measured with the same balls.
+    * ``precision``, ``recall``, ``density``, ``coverage``: the real set needs >= ``k + 1``
+      samples (``k`` is *not* clamped here, unlike `prdc`, so every class in a report is
+      measured with the same balls). With fewer than ``k + 1`` synthetic samples recall is
+      None; with none, coverage is 0.0 and precision and density are None (see `prdc`).
     * ``diversity_real`` / ``diversity_synthetic``: that set needs >= 2 samples.
 
     Args:
@@ -386,7 +396,7 @@ def class_metrics(
         out["kid"], out["kid_std"] = kernel_inception_distance(
             r, f, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
         )
-    if min(n, m) >= k + 1:
+    if n >= k + 1:
         out.update(prdc(r, f, k=k))
     if n >= 2:
         out["diversity_real"] = intra_class_diversity(r, diversity_metric)

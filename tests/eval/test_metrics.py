@@ -176,11 +176,28 @@ def test_prdc_hand_worked_cases(name, real, fake, k, expected):
     assert prdc(np.array(real, float), np.array(fake, float), k=k) == pytest.approx(expected)
 
 
-def test_prdc_clamps_k_with_a_warning():
+def test_prdc_clamps_k_to_the_real_set_with_a_warning():
     real, fake = np.array([[0.0], [1.0], [2.0]]), np.array([[0.0], [5.0], [6.0], [7.0]])
     with pytest.warns(UserWarning, match="using k=2"):
         out = prdc(real, fake, k=5)
     assert out == pytest.approx(prdc(real, fake, k=2))
+
+
+def test_prdc_with_fewer_fakes_than_k_keeps_the_real_balls():
+    # The k2_line reals (radii 2, 1, 2) with only two fakes, 0 and 5: fewer than k + 1 = 3, so the
+    # fakes have no 2-NN balls (recall None), but the real balls stay those of k = 2 (not shrunk).
+    # precision: 0 is in real 0's ball, 5 in none -> 1/2; density: one ball hit / (2 * 2) -> 1/4;
+    # coverage: nearest-fake distances 0, 1, 2 vs radii 2, 1, 2 -> only real 0 -> 1/3.
+    real = np.array([[0.0], [1.0], [2.0]])
+    out = prdc(real, np.array([[0.0], [5.0]]), k=2)
+    assert out["recall"] is None
+    assert {key: out[key] for key in ("precision", "density", "coverage")} == pytest.approx(
+        {"precision": 1 / 2, "density": 1 / 4, "coverage": 1 / 3})
+    # One fake far from every real: covers nothing; none at all: coverage 0, nothing else measurable.
+    assert prdc(real, np.array([[9.0]]), k=2)["coverage"] == 0.0
+    assert prdc(real, np.zeros((0, 1)), k=2) == {"precision": None, "recall": None, "density": None, "coverage": 0.0}
+    with pytest.raises(ValueError, match="at least 2 real"):
+        prdc(real[:1], real, k=1)
 
 
 # ---- diversity ------------------------------------------------------------------------------
@@ -212,7 +229,9 @@ CLASS_SIZE_CASES = [
     (2, 40, {"precision", "recall", "density", "coverage"}),
     (5, 40, {"precision", "recall", "density", "coverage"}),
     (6, 40, set()),
-    (20, 1, {"fd", "kid", "kid_std", "precision", "recall", "density", "coverage", "diversity_synthetic"}),
+    (20, 1, {"fd", "kid", "kid_std", "recall", "diversity_synthetic"}),
+    (20, 5, {"recall"}),
+    (20, 0, {"fd", "kid", "kid_std", "precision", "recall", "density", "diversity_synthetic"}),
 ]
 
 
@@ -255,7 +274,7 @@ BAD_INPUT_CASES = [
     ("kid_subsets", lambda: kernel_inception_distance(_X, _X, subsets=0), r"`subsets` must be >= 1"),
     ("kid_subset_size", lambda: kernel_inception_distance(_X, _X, subset_size=1), r"`subset_size` must be >= 2"),
     ("prdc_k", lambda: prdc(_X, _X, k=0), r"`k` must be a positive integer"),
-    ("prdc_one_sample", lambda: prdc(_X[:1], _X), r"at least 2 samples"),
+    ("prdc_one_sample", lambda: prdc(_X[:1], _X), r"at least 2 real samples"),
     ("diversity_one_sample", lambda: intra_class_diversity(_X[:1]), r"`feats` needs at least 2"),
     ("diversity_metric", lambda: intra_class_diversity(_X, "manhattan"), r"`metric` must be"),
     ("stats_shapes", lambda: frechet_distance_from_stats(np.zeros(3), np.eye(3), np.zeros(3), np.eye(2)),

@@ -484,7 +484,8 @@ def synthetic_set_metrics(oracle: _Predictor, synthetic: torch.Tensor, label: in
 
     Args:
         oracle: A `FineMarksOracle` (or anything with its three methods).
-        synthetic: The class's synthetic images ``(m, 3, H, W)`` in [-1, 1], m >= 1.
+        synthetic: The class's synthetic images ``(m, 3, H, W)`` in [-1, 1]; m may be 0 (a class
+            the quality gate emptied).
         label: The class's label id.
         real: Its held-out real images ``(n, 3, H, W)`` in [-1, 1] (e.g. the test split).
         k: PRDC neighbourhood size.
@@ -493,29 +494,30 @@ def synthetic_set_metrics(oracle: _Predictor, synthetic: torch.Tensor, label: in
         ``fidelity`` (oracle accuracy), ``sibling_confusion`` (None for head classes),
         ``predicted`` (counts per label id), and ``nuisance_*`` / ``feature_*`` precision, recall,
         density and coverage of the real set by the synthetic one; ``n_synthetic``, ``n_real``.
-        With fewer than ``k + 1`` synthetic or real images (a class the quality gate mostly
-        emptied) the PRDC values are None and ``prdc_skipped`` says why.
+        Few synthetic images do not hide a class (`chimera_ray.eval.metrics.prdc`): with fewer than
+        ``k + 1`` recall is None, with none coverage is 0.0 and fidelity, precision and density are
+        None; ``few_synthetic`` then says so. With fewer than ``k + 1`` real images there are no
+        k-NN balls: every PRDC value is None and ``prdc_skipped`` says why.
     """
-    if len(synthetic) < 1:
-        raise ValueError("need at least one synthetic image")
-    pred = oracle.predict_class(synthetic)
-    out: dict = {
-        "label": int(label),
-        "fidelity": class_fidelity(pred, label),
-        "sibling_confusion": sibling_confusion(pred, label),
-        "predicted": np.bincount(pred, minlength=len(fm.CLASSES)).tolist(),
-        "n_synthetic": len(synthetic),
-        "n_real": len(real),
-    }
+    m = len(synthetic)
+    out: dict = {"label": int(label), "fidelity": None, "sibling_confusion": None,
+                 "predicted": [0] * len(fm.CLASSES), "n_synthetic": m, "n_real": len(real)}
+    if m:
+        pred = oracle.predict_class(synthetic)
+        out.update(fidelity=class_fidelity(pred, label), sibling_confusion=sibling_confusion(pred, label),
+                   predicted=np.bincount(pred, minlength=len(fm.CLASSES)).tolist())
+    if m < k + 1:
+        out["few_synthetic"] = (f"{m} synthetic images: recall needs k + 1 = {k + 1}"
+                                + ("; coverage 0, nothing else measurable" if m == 0 else ""))
     spaces = {"nuisance": lambda x: oracle.nuisance(x, standardized=True), "feature": oracle.features}
-    if len(synthetic) < k + 1 or len(real) < k + 1:
-        out["prdc_skipped"] = (f"{len(synthetic)} synthetic and {len(real)} real images: PRDC needs at least "
-                               f"k + 1 = {k + 1} of each")
+    if len(real) < k + 1:
+        out["prdc_skipped"] = f"{len(real)} real images: PRDC needs at least k + 1 = {k + 1}"
         for space in spaces:
             out.update({f"{space}_{key}": None for key in ("precision", "recall", "density", "coverage")})
         return out
     for space, fn in spaces.items():
-        for key, value in prdc(fn(real), fn(synthetic), k=k).items():
+        r = fn(real)
+        for key, value in prdc(r, fn(synthetic) if m else r[:0], k=k).items():
             out[f"{space}_{key}"] = value
     return out
 

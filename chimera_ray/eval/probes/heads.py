@@ -128,7 +128,8 @@ def coverage_sweep(real: np.ndarray, fakes: dict, k: int = 3) -> dict:
 
     Args:
         real: ``(n, D)`` held-out real images of the class; fakes: ``{alpha: (m, D)}``.
-        k: neighbours of the k-NN balls (clamped to the smaller set).
+        k: neighbours of the k-NN balls (clamped to the real set; recall is None for an alpha
+            with fewer than k + 1 images, see `chimera_ray.eval.metrics.prdc`).
 
     Returns:
         ``{alpha: {"coverage", "recall", "precision", "density"}}``; empty when ``n < 2``.
@@ -137,8 +138,8 @@ def coverage_sweep(real: np.ndarray, fakes: dict, k: int = 3) -> dict:
         return {}
     out = {}
     for alpha, f in fakes.items():
-        kk = max(1, min(k, len(real) - 1, len(f) - 1))
-        out[str(alpha)] = {m: round(v, 6) for m, v in prdc(real, f, k=kk).items()}
+        scores = prdc(real, f, k=min(k, len(real) - 1))
+        out[str(alpha)] = {m: None if v is None else round(v, 6) for m, v in scores.items()}
     return out
 
 

@@ -83,8 +83,15 @@ def test_coverage_of_a_copy_is_complete_and_of_a_collapse_is_not() -> None:
         expected = float((d[:, 0] < radii).mean())
         assert few[f"{space}_coverage"] == expected
         assert few[f"{space}_coverage"] < 0.5 and few[f"{space}_recall"] == 0.0
-    # Too few for PRDC: no coverage invented (None, with the reason).
-    assert fo.synthetic_set_metrics(oracle, real[:3], 3, real)["nuisance_coverage"] is None
+    # Three images (< k + 1): coverage by the real balls of k = 3 (brute force as above), no recall.
+    three = fo.synthetic_set_metrics(oracle, real[:3], 3, real)
+    points = oracle.nuisance(real, standardized=True)
+    d = np.linalg.norm(points[:, None] - points[None], axis=2)
+    radii = np.sort(d, axis=1)[:, 3]
+    assert three["nuisance_coverage"] == float((d[:, :3].min(axis=1) < radii).mean())
+    assert three["nuisance_recall"] is None and "recall needs k + 1 = 4" in three["few_synthetic"]
+    # Too few real images for k-NN balls: no PRDC invented (None, with the reason).
+    assert fo.synthetic_set_metrics(oracle, real, 3, real[:3])["nuisance_coverage"] is None
 
 
 def test_r2_matches_scikit_learn() -> None:
@@ -194,7 +201,7 @@ def test_oracle_has_a_sub_form_head_trained_on_shifted_renders(tmp_path: Path) -
     assert fm.SUBFORM_X[fo.CENTRE] == 0.0
 
 
-def test_a_class_with_fewer_images_than_prdc_needs_keeps_its_fidelity_and_says_why_prdc_is_missing() -> None:
+def test_a_class_the_gate_mostly_emptied_keeps_its_fidelity_and_true_coverage() -> None:
     # A class the quality gate mostly emptied (3 kept images, k = 3): a real run hit this.
     oracle = PlantedOracle()
     tail = 8
@@ -202,7 +209,9 @@ def test_a_class_with_fewer_images_than_prdc_needs_keeps_its_fidelity_and_says_w
     few = fo.synthetic_set_metrics(oracle, torch.cat([_planted(tail, 2, 1), _planted(sib, 1, 2)]), tail,
                                    _planted(tail, 20, 0), k=3)
     assert few["fidelity"] == pytest.approx(2 / 3) and few["sibling_confusion"] == pytest.approx(1 / 3)
-    assert few["nuisance_coverage"] is None and few["feature_precision"] is None
-    assert "k + 1 = 4" in few["prdc_skipped"]
-    with pytest.raises(ValueError, match="at least one synthetic image"):
-        fo.synthetic_set_metrics(oracle, _planted(tail, 0, 1), tail, _planted(tail, 20, 0))
+    assert few["nuisance_recall"] is None and "k + 1 = 4" in few["few_synthetic"]
+    assert isinstance(few["nuisance_coverage"], float) and isinstance(few["feature_precision"], float)
+    # Emptied by the gate: no fidelity, and it covers nothing (counted as 0, not left out of a mean).
+    none = fo.synthetic_set_metrics(oracle, _planted(tail, 0, 1), tail, _planted(tail, 20, 0))
+    assert none["fidelity"] is None and none["n_synthetic"] == 0
+    assert none["nuisance_coverage"] == 0.0 and none["feature_coverage"] == 0.0 and none["nuisance_recall"] is None

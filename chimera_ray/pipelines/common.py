@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -66,20 +65,6 @@ def absolute_config(cfg: Config) -> Config:
     )
 
 
-# Loggers whose warnings mean only "this Ray has no dashboard" (see quiet_dashboardless_warnings).
-DASHBOARDLESS_NOISE = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
-
-
-def quiet_dashboardless_warnings() -> None:
-    """Worker setup hook of the private local Ray, which runs without its dashboard (two cores
-    are spared a process). Ray Train's placement-group cleaner asks the state API, which the
-    dashboard serves, once a second whether the train controller still lives, and warns each
-    time it cannot ask: ~800 of a comparison seed's ~1500 log lines. What it guards (a dead
-    controller's placement group) ends with the local instance anyway; its errors still show."""
-    for name in DASHBOARDLESS_NOISE:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def init_ray(cfg: Config) -> None:
     """Joins the cluster (``ray.address`` or RAY_ADDRESS, as under ``ray job submit``) or starts a local Ray."""
     if ray.is_initialized():
@@ -93,8 +78,7 @@ def init_ray(cfg: Config) -> None:
         # address="local": always a new private instance. Plain ray.init() would join whatever
         # cluster /tmp/ray/ray_current_cluster names (another user's `ray start`, or a dead one
         # whose head was killed without `ray stop`, where it then hangs).
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
-                 runtime_env={"worker_process_setup_hook": f"{__name__}.{quiet_dashboardless_warnings.__name__}"})
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False)
         # The instance is ours alone: it must not outlive this driver, even a SIGKILLed one.
         # (ray._private: the session folder has no public accessor in Ray 2.60, which is pinned.)
         watchdog.start(os.getpid(), ray._private.worker._global_node.get_session_dir_path())

@@ -130,6 +130,9 @@ def _add_cluster_jobs(sub) -> None:
                    help="subset of real_only base classwise imagewise chimera (default: all)")
     p.add_argument("--no-ablations", action="store_true",
                    help="skip the ablations (alpha, one head, no boosting, LoFT-matched rank)")
+    p.add_argument("--ablations", nargs="+", default=None, metavar="NAME",
+                   help="only these ablations, e.g. one_head alpha0.1 (names with or without chimera_; "
+                        "default: all of alpha0.1 alpha10 one_head no_boost rank_loft)")
     p.add_argument("--reference", default="chimera",
                    help="method the paired differences are taken against (default: chimera)")
     p.add_argument("--classifier-seeds", type=int, default=1, metavar="N",
@@ -417,7 +420,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from chimera_ray.eval.comparison import METHODS
+    from chimera_ray.eval.comparison import ABLATIONS, METHODS
     from chimera_ray.pipelines.job_reproduce import DEFAULT_CONFIG, Comparison, compare
     from chimera_ray.pipelines.runner import run_job
 
@@ -428,10 +431,20 @@ def _cmd_reproduce(args) -> int:
     if unknown:
         print(f"error: --methods {' '.join(unknown)}: unknown; choose among {', '.join(METHODS)}", file=sys.stderr)
         return 2
+    if args.ablations is not None and args.no_ablations:
+        print("error: --ablations and --no-ablations: give one of them", file=sys.stderr)
+        return 2
+    chosen = [a if a.startswith("chimera_") else f"chimera_{a}" for a in args.ablations or ()]
+    unknown = [a for a in chosen if a not in ABLATIONS]
+    if unknown:
+        print(f"error: --ablations {' '.join(unknown)}: unknown; choose among "
+              f"{', '.join(a.removeprefix('chimera_') for a in ABLATIONS)}", file=sys.stderr)
+        return 2
+    names = () if args.no_ablations else tuple(a for a in ABLATIONS if a in chosen) if chosen else ABLATIONS
     config, overrides = _config_and_overrides(args)
     c = Comparison(config=config or DEFAULT_CONFIG, overrides=tuple(overrides), out=args.out,
                    seeds=tuple(args.seeds), methods=tuple(args.methods or METHODS),
-                   run_ablations=not args.no_ablations, reference=args.reference,
+                   ablation_names=names, reference=args.reference,
                    classifier_seeds=args.classifier_seeds, gated=args.gate)
     cfg = load_config(c.config, list(c.overrides))
     return run_job(partial(compare, comparison=c, summarize_only=args.summarize_only), cfg, config_path=c.config,

@@ -1,7 +1,7 @@
 """Toy reproduction of the paper's comparison (real-only, base, class-wise, image-wise and
 ChimeraLoRA over seeds, plus ablations) on the embedded long-tail dataset and base model.
 
-    python jobs/reproduce.py [--seeds 0 1 2] [--no-ablations] [key=value ...]
+    python jobs/reproduce.py [--seeds 0 1 2] [--no-ablations | --ablations NAME ...] [key=value ...]
     ray job submit --working-dir . -- python jobs/reproduce.py --seeds 0 --no-ablations
 
 The same as `chimera-ray reproduce` (chimera_ray/cli.py parses it, chimera_ray/pipelines/runner.py runs

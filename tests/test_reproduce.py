@@ -216,3 +216,28 @@ def test_gate_differences_pair_each_gated_run_with_its_own_method(reproduce):
     assert "gate_keep_rate" not in d["chimera"]  # the ungated run has none to pair with
     # seconds per committed image: 190/50 - 100/100 and 230/40 - 110/100 (the extra per kept image)
     assert d["chimera"]["generate_s_per_image"]["values"] == pytest.approx([2.8, 4.65])
+
+
+def test_ablations_flag_selects_a_subset_and_rejects_unknown_names(tmp_path, capsys):
+    import json
+
+    from chimera_ray.cli import main
+
+    for name in ("chimera", "chimera_one_head", "chimera_alpha0.1", "chimera_no_boost"):
+        r = {"name": name, "seed": 0, "mode": name, "overrides": [],
+             "downstream": {**_run(0.5)["downstream"], "classes": [{"name": "kappa badge", "group": "tail"}]},
+             "metrics": None}
+        (tmp_path / f"seed0/{name}/eval").mkdir(parents=True)
+        (tmp_path / f"seed0/{name}/eval/result.json").write_text(json.dumps(r))
+    base = ["reproduce", "--out", str(tmp_path), "--seeds", "0", "--methods", "chimera", "--summarize-only"]
+    # with or without the chimera_ prefix; the runs are the ablations chosen, in ABLATIONS order
+    assert main([*base, "--ablations", "one_head", "chimera_alpha0.1"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert list(res["methods"]) == ["chimera", "chimera_alpha0.1", "chimera_one_head"] and res["missing"] == []
+    assert "--ablations chimera_alpha0.1 chimera_one_head" in res["command"]
+    assert main([*base, "--no-ablations"]) == 0
+    assert list(json.loads((tmp_path / "results.json").read_text())["methods"]) == ["chimera"]
+    assert main([*base, "--ablations", "two_heads"]) == 2
+    assert "--ablations chimera_two_heads: unknown; choose among alpha0.1, alpha10" in capsys.readouterr().err
+    assert main([*base, "--ablations", "one_head", "--no-ablations"]) == 2
+    assert "give one of them" in capsys.readouterr().err

@@ -2,8 +2,10 @@
 
 Methods, with equal per-class budgets and the same downstream recipe: real-only, base (prompt
 only), class-wise LoRA, image-wise LoRA and ChimeraLoRA; each over several seeds (the seed drives
-LoRA training, generation and the downstream classifier). Ablations on the first seed: Dirichlet
-concentration (alpha), semantic boosting off, LoRA rank. Every run lives in its own folder
+LoRA training, generation and the downstream classifier). Ablations on every seed, each at
+chimera's own recipe (``comparison.ablations``): Dirichlet concentration (alpha), one head,
+semantic boosting off, the rank matched to LoFT's (``--ablations`` picks some, ``--no-ablations``
+none). Every run lives in its own folder
 (<out>/seed<S>/<method>) with its shards and eval/*.json; a rerun skips finished runs.
 
     chimera-ray reproduce                                       # demo config, 3 seeds, ablations
@@ -85,8 +87,9 @@ class Comparison:
     # Each seed fixes the shots, the noise and the classifier's initialisation across methods.
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = METHODS
-    # The ablations (comparison.ABLATIONS: alpha, one head, no boosting, LoFT-matched rank), on every seed.
-    run_ablations: bool = True
+    # The ablations run on every seed (comparison.ABLATIONS: alpha, one head, no boosting, LoFT-matched
+    # rank, or a subset; empty: none).
+    ablation_names: tuple[str, ...] = ABLATIONS
     # The method the paired differences are taken against.
     reference: str = "chimera"
     # Classifiers trained per synthetic set (downstream seeds seed + 1000 j): a run's accuracies
@@ -210,7 +213,7 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
     for seed in c.seeds:
         for method in c.methods:
             runs.setdefault(method, []).append(run(method, seed, method, []))
-    if c.run_ablations:
+    if c.ablation_names:
         # On every seed, so that each ablation is paired with the methods seed by seed.
         chimera = load_config(c.config, [*c.overrides, "lora.mode=chimera"])
         loft = load_config(c.config, [*c.overrides, "lora.mode=imagewise"])
@@ -219,6 +222,8 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
         display.print(f"reproduce: chimera_rank_loft at rank {loft_rank} (LoFT: {shots} LoRAs of rank {loft.lora.rank})")
         for seed in c.seeds:
             for name, (mode, extra) in ablations(seed, root, chimera.recipe_settings(), loft_rank).items():
+                if name not in c.ablation_names:
+                    continue
                 runs.setdefault(name, []).append(run(name, seed, mode, extra))
 
     if c.gated:
@@ -249,7 +254,7 @@ def _aggregate(c: Comparison, runs: dict[str, list[dict]], tail: list[str], extr
                "seconds": round(time.time() - t0, 1),
                "command": "chimera-ray reproduce " + " ".join(
                    (["--config", c.config] if c.config != DEFAULT_CONFIG else [])
-                   + ["--out", root, "--seeds", *map(str, c.seeds)] + ([] if c.run_ablations else ["--no-ablations"])
+                   + ["--out", root, "--seeds", *map(str, c.seeds)] + _ablation_flags(c.ablation_names)
                    + (["--reference", reference] if reference != "chimera" else [])
                    + (["--classifier-seeds", str(c.classifier_seeds)] if c.classifier_seeds > 1 else [])
                    + (["--gate"] if c.gated else [])
@@ -272,6 +277,13 @@ def _aggregate(c: Comparison, runs: dict[str, list[dict]], tail: list[str], extr
     display.print(table)
     display.print(f"written: {root}/results.json, {root}/results.md")
     return results
+
+
+def _ablation_flags(names: tuple[str, ...]) -> list[str]:
+    """The ``reproduce`` flags that select ``names`` among the ablations (none for all of them)."""
+    if tuple(names) == ABLATIONS:
+        return []
+    return ["--ablations", *names] if names else ["--no-ablations"]
 
 
 def _subforms(source: str) -> int:
@@ -299,7 +311,7 @@ def summarize_finished(comparison: Comparison, display: Display) -> dict:
     c = comparison
     root = c.out.rstrip("/")
     t0 = time.time()
-    names = (list(c.methods) + (list(ABLATIONS) if c.run_ablations else [])
+    names = (list(c.methods) + list(c.ablation_names)
              + (list(gated(0, root, c.methods)) if c.gated else []))
     runs: dict[str, list[dict]] = {}
     missing = []

@@ -49,6 +49,9 @@ def test_ablations_each_change_one_thing_at_chimeras_own_recipe(reproduce):
                        "chimera_no_boost": {"train.crop.method"}, "chimera_rank_loft": {"lora.rank", "lora.lora_alpha"}}
     assert abl["chimera_one_head"][0] == "classwise"  # one LoRA for all shots, everything else chimera's
     assert resolved["chimera_rank_loft"]["lora.rank"] == 3
+    # without a matched rank (the ablation not asked for) rank_loft is left out, the rest unchanged
+    without = reproduce.ablations(0, "out", ref, None)
+    assert tuple(without) == tuple(n for n in reproduce.ABLATIONS if n != "chimera_rank_loft")
 
 
 def test_gated_runs_reuse_each_methods_adapters_and_change_only_the_gate(reproduce):

@@ -37,7 +37,8 @@ ORACLE_METRICS = ("fidelity", "sibling_confusion", "nuisance_recall", "nuisance_
                   "feature_coverage", "subform_coverage")
 
 
-def ablations(seed: int, root: str, chimera_recipe: dict[str, Any], loft_rank: int) -> dict[str, tuple[str, list[str]]]:
+def ablations(seed: int, root: str, chimera_recipe: dict[str, Any],
+              loft_rank: int | None) -> dict[str, tuple[str, list[str]]]:
     """name -> (mode, overrides) of each ablation (``ABLATIONS``), each at chimera's own recipe
     for the comparison's config (``chimera_recipe``: ``Config.recipe_settings()`` of its chimera
     run) and changing one thing:
@@ -48,18 +49,22 @@ def ablations(seed: int, root: str, chimera_recipe: dict[str, Any], loft_rank: i
       optimiser, rates, batch, sampler, crops and rank: what the per-shot heads add;
     * ``no_boost``: crops that may cut the object away (``random_resized``) instead of boosting;
     * ``rank_loft``: chimera with its rank set so that its trainable parameters match LoFT's
-      (``loft_rank``, ``matched_rank``), the alpha / rank scale kept.
+      (``loft_rank``, ``matched_rank``), the alpha / rank scale kept; left out when
+      ``loft_rank`` is None.
     """
     adapters = f"{root}/seed{seed}/chimera/adapters"
     at_chimera = [f"{k}={json.dumps(v)}" for k, v in chimera_recipe.items()]
     scale = chimera_recipe["lora.lora_alpha"] / chimera_recipe["lora.rank"]
-    return {
+    runs = {
         "chimera_alpha0.1": ("chimera", ["generate.dirichlet_concentration=0.1", f"generate.adapters={adapters}"]),
         "chimera_alpha10": ("chimera", ["generate.dirichlet_concentration=10", f"generate.adapters={adapters}"]),
         "chimera_one_head": ("classwise", at_chimera),
         "chimera_no_boost": ("chimera", [*at_chimera, "train.crop.method=random_resized"]),
-        "chimera_rank_loft": ("chimera", [*at_chimera, f"lora.rank={loft_rank}", f"lora.lora_alpha={loft_rank * scale}"]),
     }
+    if loft_rank is not None:
+        runs["chimera_rank_loft"] = ("chimera", [*at_chimera, f"lora.rank={loft_rank}",
+                                                 f"lora.lora_alpha={loft_rank * scale}"])
+    return runs
 
 
 def gated(seed: int, root: str, methods: tuple[str, ...]) -> dict[str, tuple[str, list[str]]]:

@@ -216,10 +216,13 @@ def reproduce(cfg: Config, comparison: Comparison, display: Display) -> dict:
     if c.ablation_names:
         # On every seed, so that each ablation is paired with the methods seed by seed.
         chimera = load_config(c.config, [*c.overrides, "lora.mode=chimera"])
-        loft = load_config(c.config, [*c.overrides, "lora.mode=imagewise"])
-        shots = int(np.median([len(p.shots) for p in first.plans]))
-        loft_rank = matched_rank(_adapted_layers(chimera), shots, loft.lora.rank)
-        display.print(f"reproduce: chimera_rank_loft at rank {loft_rank} (LoFT: {shots} LoRAs of rank {loft.lora.rank})")
+        loft_rank = None  # needs the base model's layers: computed only when the ablation runs
+        if "chimera_rank_loft" in c.ablation_names:
+            loft = load_config(c.config, [*c.overrides, "lora.mode=imagewise"])
+            shots = int(np.median([len(p.shots) for p in first.plans]))
+            loft_rank = matched_rank(_adapted_layers(chimera), shots, loft.lora.rank)
+            display.print(f"reproduce: chimera_rank_loft at rank {loft_rank} "
+                          f"(LoFT: {shots} LoRAs of rank {loft.lora.rank})")
         for seed in c.seeds:
             for name, (mode, extra) in ablations(seed, root, chimera.recipe_settings(), loft_rank).items():
                 if name not in c.ablation_names:

@@ -1,0 +1,142 @@
+"""The FineMarks comparison's seed-by-seed tables in docs/results/results.md, from the per-run results.
+
+    python experiments/finemarks_paired.py outputs/finemarks --seeds 0 1 2 3 4 5
+    python experiments/finemarks_paired.py outputs/finemarks_subforms --seeds 0 1 2
+
+Reads every ``<root>/seed<S>/<run>/eval/result.json`` that `chimera-ray reproduce` wrote (finished
+runs only: a run commits its result.json last) and prints markdown:
+
+* per run: tail accuracy per seed, mean ± sample sd over seeds, and the oracle's means;
+* paired differences (a minus b, seed by seed, over the seeds both ran) with their 95 % Student-t
+  intervals and on how many seeds a was ahead, for the main methods, chimera minus each ablation,
+  and each gated run minus its ungated self (``comparison.paired_differences`` /
+  ``gate_differences``, the same functions `reproduce` summarises with);
+* the stopping rule fixed before the test seeds ran: at least 6 seeds, and the paired 95 %
+  half-width of chimera minus each fine-tuned baseline on tail accuracy <= 1.5 points.
+
+Unlike ``finemarks_tables.py`` (one results.json, chimera as the only reference), this pairs any
+two runs and works over seeds that ran different sets of runs (the gated runs and the ablations
+were run on fewer seeds than the main methods).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from chimera_ray.eval.comparison import gate_differences, paired_differences
+
+MAIN = ("real_only", "base", "classwise", "imagewise", "chimera")
+ABLATIONS = ("chimera_alpha0.1", "chimera_alpha10", "chimera_one_head", "chimera_no_boost", "chimera_rank_loft")
+GATED = ("classwise_gated", "imagewise_gated", "chimera_gated")
+PAIRS = (("chimera", "classwise"), ("chimera", "imagewise"), ("chimera", "real_only"), ("chimera", "base"),
+         ("classwise", "real_only"), ("imagewise", "real_only"), ("classwise", "imagewise"),
+         ("chimera_gated", "classwise_gated"), ("chimera_gated", "imagewise_gated"), ("chimera_gated", "real_only"),
+         ("classwise_gated", "real_only"), ("imagewise_gated", "real_only"))
+# (result key, column title): accuracies and oracle shares, all shown in points
+KEYS = (("tail_acc", "tail acc"), ("oracle_fidelity", "oracle fidelity"),
+        ("oracle_nuisance_coverage", "nuisance coverage"), ("oracle_feature_coverage", "feature coverage"),
+        ("oracle_subform_coverage", "sub-form coverage"))
+STOP_MIN_SEEDS, STOP_HALF_WIDTH = 6, 1.5
+
+
+def load_runs(root: Path, seeds: list[int]) -> dict[str, list[dict]]:
+    """run name -> its finished results, in seed order."""
+    runs: dict[str, list[dict]] = {}
+    for seed in seeds:
+        for path in sorted((root / f"seed{seed}").glob("*/eval/result.json")):
+            r = json.loads(path.read_text())
+            runs.setdefault(path.parent.parent.name, []).append({**r, "seed": seed})
+    return runs
+
+
+def _value(r: dict, key: str) -> float | None:
+    if key == "tail_acc":
+        return r["downstream"]["tail_acc"]
+    v = (r.get("oracle") or {}).get("mean", {}).get(key.removeprefix("oracle_"))
+    return None if v is None else float(v)
+
+
+def _mean_sd(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    xs = [100 * x for x in xs]
+    return f"{xs[0]:.1f}" if len(xs) == 1 else f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
+
+
+def _diff(entry: dict | None) -> str:
+    if entry is None:
+        return "-"
+    mean = 100 * entry["mean"]
+    if entry["ci"] is None:
+        return f"{mean:+.1f} (1 seed)"
+    lo, hi = (100 * x for x in entry["ci"])
+    return f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}] ({entry['wins']}/{entry['n']})"
+
+
+def runs_table(runs: dict[str, list[dict]], keys: tuple) -> str:
+    order = [n for n in (*MAIN, *ABLATIONS, *GATED) if n in runs] + sorted(set(runs) - {*MAIN, *ABLATIONS, *GATED})
+    head = ["run", "seeds", "tail acc per seed", *(f"{t} (mean ± sd)" for _, t in keys)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in order:
+        rs = runs[name]
+        per = " / ".join(f"{100 * r['downstream']['tail_acc']:.1f}" for r in rs)
+        cells = [_mean_sd([v for r in rs if (v := _value(r, k)) is not None]) for k, _ in keys]
+        lines.append(f"| {name} | {' '.join(str(r['seed']) for r in rs)} | {per} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def diff_table(title: str, rows: list[tuple[str, dict]], keys: tuple) -> str:
+    head = [title, "seeds", *(t for _, t in keys)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, entry in rows:
+        n = max(e["n"] for e in entry.values())
+        lines.append(f"| {label} | {n} | " + " | ".join(_diff(entry.get(k)) for k, _ in keys) + " |")
+    return "\n".join(lines)
+
+
+def stopping_rule(runs: dict[str, list[dict]]) -> str:
+    paired = paired_differences(runs, "chimera")
+    widths = {}
+    for other in ("classwise", "imagewise"):
+        e = paired.get(other, {}).get("tail_acc")
+        if e and e["ci"] is not None:
+            widths[other] = (e["n"], 100 * (e["ci"][1] - e["ci"][0]) / 2)
+    if len(widths) < 2:
+        return "stopping rule: needs chimera, classwise and imagewise on at least 2 seeds"
+    n = min(k for k, _ in widths.values())
+    met = n >= STOP_MIN_SEEDS and all(w <= STOP_HALF_WIDTH for _, w in widths.values())
+    shown = ", ".join(f"chimera - {o} {w:.2f}" for o, (_, w) in widths.items())
+    return (f"stopping rule ({n} seeds; >= {STOP_MIN_SEEDS} seeds and every half-width <= {STOP_HALF_WIDTH}): "
+            f"tail-acc half-widths {shown}: {'met' if met else 'not met'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("root", type=Path, help="a reproduce --out folder (holds seed<S>/<run>/eval/result.json)")
+    p.add_argument("--seeds", type=int, nargs="+", help="default: every seed<S> folder under root")
+    a = p.parse_args(argv)
+    seeds = a.seeds or sorted(int(d.name[4:]) for d in a.root.glob("seed*") if d.name[4:].isdigit())
+    runs = load_runs(a.root, seeds)
+    if not runs:
+        raise SystemExit(f"no finished runs under {a.root}/seed<S>/<run>/eval/result.json for seeds {seeds}")
+    keys = tuple(k for k in KEYS if any(_value(r, k[0]) is not None for rs in runs.values() for r in rs))
+    print(runs_table(runs, keys), end="\n\n")
+    rows = [(f"{x} - {y}", e) for x, y in PAIRS if x in runs and y in runs
+            if (e := paired_differences({x: runs[x], y: runs[y]}, x).get(y))]
+    print(diff_table("paired", rows, keys), end="\n\n")
+    chimera = paired_differences(runs, "chimera")
+    rows = [(f"chimera - {n}", chimera[n]) for n in ABLATIONS if n in chimera]
+    if rows:
+        print(diff_table("chimera minus ablation", rows, keys), end="\n\n")
+    gate = gate_differences(runs)
+    rows = [(f"{m}_gated - {m}", e) for m, e in gate.items()]
+    if rows:
+        print(diff_table("gated minus ungated", rows, keys), end="\n\n")
+    print(stopping_rule(runs))
+
+
+if __name__ == "__main__":
+    main()

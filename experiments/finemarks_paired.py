@@ -35,10 +35,15 @@ PAIRS = (("chimera", "classwise"), ("chimera", "imagewise"), ("chimera", "real_o
          ("classwise", "real_only"), ("imagewise", "real_only"), ("classwise", "imagewise"),
          ("chimera_gated", "classwise_gated"), ("chimera_gated", "imagewise_gated"), ("chimera_gated", "real_only"),
          ("classwise_gated", "real_only"), ("imagewise_gated", "real_only"))
-# (result key, column title): accuracies and oracle shares, all shown in points
+# (result key, column title): accuracies and oracle shares in points; "fd" is the class-conditional
+# Frechet distance of a class's synthetic images to its real test images in the oracle's features
+# (the synthetic-to-real gap; mean over the tail classes, lower is closer); "diversity_synthetic" the
+# mean pairwise cosine distance among a class's synthetic images in those features (x 100)
 KEYS = (("tail_acc", "tail acc"), ("oracle_fidelity", "oracle fidelity"),
         ("oracle_nuisance_coverage", "nuisance coverage"), ("oracle_feature_coverage", "feature coverage"),
-        ("oracle_subform_coverage", "sub-form coverage"))
+        ("oracle_subform_coverage", "sub-form coverage"), ("fd", "FD to real"),
+        ("diversity_synthetic", "within-set diversity"))
+SCALE = {"fd": 1.0}  # every other key x 100 (points)
 STOP_MIN_SEEDS, STOP_HALF_WIDTH = 6, 1.5
 
 
@@ -55,24 +60,27 @@ def load_runs(root: Path, seeds: list[int]) -> dict[str, list[dict]]:
 def _value(r: dict, key: str) -> float | None:
     if key == "tail_acc":
         return r["downstream"]["tail_acc"]
+    if key in ("fd", "diversity_synthetic"):
+        v = ((r.get("metrics") or {}).get("mean") or {}).get(key)
+        return None if v is None else float(v)
     v = (r.get("oracle") or {}).get("mean", {}).get(key.removeprefix("oracle_"))
     return None if v is None else float(v)
 
 
-def _mean_sd(xs: list[float]) -> str:
+def _mean_sd(xs: list[float], scale: float = 100.0) -> str:
     if not xs:
         return "-"
-    xs = [100 * x for x in xs]
+    xs = [scale * x for x in xs]
     return f"{xs[0]:.1f}" if len(xs) == 1 else f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
 
 
-def _diff(entry: dict | None) -> str:
+def _diff(entry: dict | None, scale: float = 100.0) -> str:
     if entry is None:
         return "-"
-    mean = 100 * entry["mean"]
+    mean = scale * entry["mean"]
     if entry["ci"] is None:
         return f"{mean:+.1f} (1 seed)"
-    lo, hi = (100 * x for x in entry["ci"])
+    lo, hi = (scale * x for x in entry["ci"])
     return f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}] ({entry['wins']}/{entry['n']})"
 
 
@@ -83,7 +91,7 @@ def runs_table(runs: dict[str, list[dict]], keys: tuple) -> str:
     for name in order:
         rs = runs[name]
         per = " / ".join(f"{100 * r['downstream']['tail_acc']:.1f}" for r in rs)
-        cells = [_mean_sd([v for r in rs if (v := _value(r, k)) is not None]) for k, _ in keys]
+        cells = [_mean_sd([v for r in rs if (v := _value(r, k)) is not None], SCALE.get(k, 100.0)) for k, _ in keys]
         lines.append(f"| {name} | {' '.join(str(r['seed']) for r in rs)} | {per} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -93,7 +101,7 @@ def diff_table(title: str, rows: list[tuple[str, dict]], keys: tuple) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, entry in rows:
         n = max(e["n"] for e in entry.values())
-        lines.append(f"| {label} | {n} | " + " | ".join(_diff(entry.get(k)) for k, _ in keys) + " |")
+        lines.append(f"| {label} | {n} | " + " | ".join(_diff(entry.get(k), SCALE.get(k, 100.0)) for k, _ in keys) + " |")
     return "\n".join(lines)
 
 

@@ -524,7 +524,8 @@ def build_builtin_toy_head(folder: Path) -> None:
 
 # FineMarks (`chimera_ray.toy.finegrained`) at its native 32 px, pretrained on the 8 head classes
 # and on generic captions of their images only: the tail marks are new to it, and the tail
-# names are tokens it never trained. Built on first use into the cache (not shipped).
+# names are tokens it never trained. Its weights ship in chimera_ray/assets/toy-finemarks (14.8 MB;
+# a build takes 26-65 min on 2 cores, longer than a FineMarks run); a new version rebuilds.
 # v1 used `builtin:toy`'s 1200 UNet steps on a 3072-image pool: it learnt badge, colour, pose
 # and background but drew the 6 px mark as a blob (head classes 21.9 % on the class oracle,
 # although its VAE keeps the mark: the oracle reads 86.5 % of VAE reconstructions of the test

@@ -183,7 +183,7 @@ def test_generic_captions_and_head_only_sampling() -> None:
     assert all(cap == f"a photo of a {label}" for _, cap, label in draws if cap != fm.GENERIC_CAPTION)
 
 
-def test_finemarks_base_recipe_never_sees_the_tail() -> None:
+def test_finemarks_base_recipe_never_sees_the_tail(tmp_path: Path) -> None:
     recipe = toy_base.FINEMARKS_RECIPE
     assert recipe.world == "finemarks" and recipe.pretrain_classes == len(fm.HEAD)
     assert fm.CLASSES[: recipe.pretrain_classes] == fm.HEAD
@@ -194,6 +194,9 @@ def test_finemarks_base_recipe_never_sees_the_tail() -> None:
     name, version = "toy-finemarks", toy_base.FINEMARKS_VERSION
     assert models._BUILTINS[name][1] == version
     assert len({v for _, v in models._BUILTINS.values()}) == len(models._BUILTINS)
+    # Its weights ship at this version (a recipe change needs a new version, then it rebuilds).
+    shipped = Path(models.__file__).parent / "assets" / name
+    assert models.resolve_base(f"builtin:{name}", cache_dir=str(tmp_path)) == str(shipped)
     # ToyWorld's vocabulary is unchanged by the new world.
     assert "badge" not in toy_base.caption_words()
     with pytest.raises(ValueError, match="world"):

@@ -125,8 +125,14 @@ def _diff(entry: dict | None, scale: float = 100.0) -> str:
     return f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}] ({entry['wins']}/{entry['n']})"
 
 
+def _order(runs: dict) -> list[str]:
+    """Run names: the main methods, ablations and gated runs in their order, then any others."""
+    known = (*MAIN, *ABLATIONS, *GATED)
+    return [n for n in known if n in runs] + sorted(set(runs) - set(known))
+
+
 def runs_table(runs: dict[str, list[dict]], keys: tuple) -> str:
-    order = [n for n in (*MAIN, *ABLATIONS, *GATED) if n in runs] + sorted(set(runs) - {*MAIN, *ABLATIONS, *GATED})
+    order = _order(runs)
     head = ["run", "seeds", "tail acc per seed", *(f"{t} (mean ± sd)" for _, t in keys)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in order:
@@ -151,7 +157,7 @@ def subform_shares_table(runs: dict[str, list[dict]]) -> str | None:
     right, centre), mean over the tail classes that have such images, then over seeds; None when
     no run has per-class shares (not the sub-form variant)."""
     lines = []
-    for name in [n for n in (*MAIN, *ABLATIONS, *GATED) if n in runs] + sorted(set(runs) - {*MAIN, *ABLATIONS, *GATED}):
+    for name in _order(runs):
         per_seed, seeds = [], []
         for r in runs[name]:
             shares = [v["subform_shares"] for v in ((r.get("oracle") or {}).get("per_class") or {}).values()

@@ -4,20 +4,27 @@ training and generation, from the plan's counts and a short calibration on this 
 Calibration: the configured base model is loaded on the configured device (``model.device``);
 the first planned class trains ``1 + train_steps`` steps (the first is a warm-up) and its
 adapter renders one generation batch (``generate.batch_size`` images, after a one-image
-warm-up). Everything else is arithmetic on the plan, with Ray's fixed costs as constants
-measured on this project's benchmarks (docs/performance/benchmarks.md). Ray-free: runs in a second.
+warm-up). Ray's fixed costs (process starts, actor pools, Ray Train's controller) scale with how
+fast this machine starts a Python process that imports what a Ray worker imports: calibration
+times one such start (``worker_start_s``, a subprocess; Ray itself is not started) and the fixed
+costs are constant multiples of it, fitted by benchmarks/bench_estimate.py (docs/guides/plan.md).
+Everything else is arithmetic on the plan.
 
 Timings run with as many torch threads as a Ray worker of the run gets (``ray.train_cpus``,
 ``ray.gen_cpus``: Ray sets ``OMP_NUM_THREADS`` from them); on a GPU the device decides.
 
 The arithmetic, per phase (``device`` = a GPU, or the CPUs a CPU worker holds):
 
-* training: per trainer run (``ray.classes_per_trainer`` classes), ``TRAINER_FIXED_S`` +
-  model load; per class, its measured setup + ``train.steps`` x the measured step time;
+* training: per trainer run (``ray.classes_per_trainer`` classes), ``TRAINER_FIXED_STARTS`` worker
+  starts + model load; per class, its measured setup + ``train.steps`` x the measured step time;
   wall time = device time / trainers at once (the cluster's GPUs or CPUs, at most the runs);
-* generation: ``images`` x the measured seconds per image + one model load per actor +
-  ``GENERATE_FIXED_S``; wall time = device time / actors at once (``ray.gen_actors_max``, 0: the cluster; at
+* generation: ``images`` x the measured seconds per image + per generation round (a round
+  streams up to ``ray.round_units`` units) and actor, a model load + ``GENERATE_FIXED_STARTS`` worker
+  starts; wall time = device time / actors at once (``ray.gen_actors_max``, 0: the cluster; at
   most the units);
+* total: ``RAY_START_STARTS`` worker starts (``ray.init``) + training + generation, in sequence: a
+  run overlaps them (a window generates once its classes are trained), so this is an upper bound
+  where trainers and actors hold separate devices, and close to the run where they share the CPUs;
 * storage: the measured tar bytes per sample (image + label + metadata, tar headers) x images,
   shards per unit from ``shards.max_bytes`` / ``shards.max_samples``, plus one adapter per class.
 """
@@ -29,6 +36,8 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -49,16 +58,19 @@ from chimera_ray.shards import RECORD, Sample, sample_tar_size, tar_size
 from chimera_ray.train import train_class
 from chimera_ray.units import plan_units, resolve_unit_samples
 
-__all__ = ["estimate_run", "format_estimate", "gate_estimate", "TRAINER_FIXED_S", "GENERATE_FIXED_S"]
+__all__ = ["estimate_run", "format_estimate", "gate_estimate", "worker_start_s", "TRAINER_FIXED_STARTS",
+           "GENERATE_FIXED_STARTS", "RAY_START_STARTS"]
 
-# A Ray Train run's fixed cost (controller, worker group, process start), without the model
-# load (timed here): 10.4 s per run on 2 CPU cores (docs/performance/benchmarks.md, "4 classes: one run each
-# vs packed into one run"); the model load is measured on top.
-TRAINER_FIXED_S = 10.0
-# Ray Data's start-up for the generation graph (actor pool, the light stage), model load aside.
-GENERATE_FIXED_S = 5.0
-# Local Ray start (``ray.init``): a few seconds, once per run.
-RAY_START_S = 5.0
+# What a Ray worker of a run imports before it does any work (a trainer or a generation actor).
+WORKER_IMPORTS = "import ray, ray.train, ray.data, chimera_ray.train, chimera_ray.generate"
+# Ray's fixed costs in worker starts (``worker_start_s``), model loads aside (those are timed):
+# fitted by benchmarks/bench_estimate.py on the smoke job (docs/guides/plan.md, "How close it
+# comes"). Absolute constants (10 s a trainer run, 5 s a generation graph, measured on an idle
+# machine) were 4-7x short on a machine whose process starts were 3-4x slower: these costs are
+# process starts and imports, so they move with them.
+TRAINER_FIXED_STARTS = 5.0  # a Ray Train run: controller, worker group, its processes
+GENERATE_FIXED_STARTS = 4.0  # a generation round: its process, the actor pool, Ray Data's start-up
+RAY_START_STARTS = 1.5  # a local ``ray.init``, once per run
 
 
 def _n(count: int, word: str, plural: str | None = None) -> str:
@@ -107,14 +119,26 @@ def _threads(n: float, device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def worker_start_s() -> float:
+    """Seconds this machine takes to start a Python process that imports what a Ray worker of a
+    run imports (``WORKER_IMPORTS``): the unit of Ray's fixed costs here."""
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", WORKER_IMPORTS], check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
 def _calibrate(cfg: Config, inputs, train_steps: int, log: Callable[[str], None]) -> dict:
-    """Times model load, a few training steps and one generation batch on the first planned class."""
+    """Times a worker start, model load, a few training steps and one generation batch on the
+    first planned class."""
+    log("plan: timing a worker process start")
+    start_s = worker_start_s()
     device = resolve_device(cfg.model.device)
     t = time.perf_counter()
     pipe = load_pipeline(cfg.model, device, cache_dir=cfg.cache_dir)
     load_s = time.perf_counter() - t
     plan = inputs.plans[0]
-    out: dict = {"device": str(device), "model_load_s": round(load_s, 3), "class": plan.key}
+    out: dict = {"device": str(device), "worker_start_s": round(start_s, 3), "model_load_s": round(load_s, 3),
+                 "class": plan.key}
     with tempfile.TemporaryDirectory(prefix="chimera-plan-") as tmp:
         adapter_root = None
         if cfg.lora.mode != "base":
@@ -236,13 +260,15 @@ def estimate_run(cfg: Config, *, calibrate: bool = True, train_steps: int = 5,
     cal = _calibrate(cfg, inputs, train_steps, log)
     device = torch.device(cal["device"])
     trainers, actors, why = _concurrency(cfg, device, counts)
+    start = cal["worker_start_s"]
     train_device_s = 0.0
     if cfg.lora.mode != "base":
-        train_device_s = (counts["trainer_runs"] * (TRAINER_FIXED_S + cal["model_load_s"])
+        train_device_s = (counts["trainer_runs"] * (TRAINER_FIXED_STARTS * start + cal["model_load_s"])
                           + counts["classes"] * cal["train_class_setup_s"] + counts["train_steps"] * cal["train_step_s"])
     gate = gate_estimate(cfg)
     draws = counts["images"] * (gate["draws_per_image"] if gate else 1.0)
-    gen_device_s = draws * cal["image_s"] + actors * (cal["model_load_s"] + GENERATE_FIXED_S)
+    rounds = max(1, math.ceil(counts["units"] / cfg.ray.round_units))
+    gen_device_s = draws * cal["image_s"] + rounds * actors * (cal["model_load_s"] + GENERATE_FIXED_STARTS * start)
     shards, shard_bytes = _shards(cfg, counts["unit_samples"], cal["sample_bytes"])
     adapters = counts["classes"] * cal.get("adapter_bytes", 0)
     train_wall = train_device_s / trainers
@@ -253,7 +279,7 @@ def estimate_run(cfg: Config, *, calibrate: bool = True, train_steps: int = 5,
         train={"device_hours": round(train_device_s / 3600, 4), "wall_s": round(train_wall, 1)},
         generate={"device_hours": round(gen_device_s / 3600, 4), "wall_s": round(gen_wall, 1),
                   "images_per_s": round(actors / cal["image_s"], 2)},
-        total_wall_s=round(RAY_START_S + train_wall + gen_wall, 1),
+        total_wall_s=round(RAY_START_STARTS * start + train_wall + gen_wall, 1),
         **({"gate": gate} if gate else {}),
         storage={"shards": shards, "shard_bytes": shard_bytes,
                  "mean_shard_bytes": round(shard_bytes / shards) if shards else 0,
@@ -287,7 +313,8 @@ def format_estimate(est: dict) -> str:
         return "\n".join(lines + _gate_lines(est))
     cal, dev = est["calibration"], est["calibration"]["device"]
     unit = "GPU-hours" if dev.startswith("cuda") else f"device-hours ({dev})"
-    lines.append(f"measured: on {dev}: model load {cal['model_load_s']:.1f} s"
+    lines.append(f"measured: a worker process start {cal['worker_start_s']:.1f} s; on {dev}: model load "
+                 f"{cal['model_load_s']:.1f} s"
                  + (f", {cal['train_step_s'] * 1000:.0f} ms per training step" if "train_step_s" in cal else "")
                  + f", {cal['image_s'] * 1000:.0f} ms per image (batch of {cal['generate_batch']}), "
                    f"{format_bytes(cal['sample_bytes'])} per sample in a shard")

@@ -1,6 +1,6 @@
 """The cost estimate's arithmetic (`chimera_ray.estimate`) on a fixed calibration: nothing is timed,
-so machine noise cannot move these numbers. tests/test_cli.py's smoke job compares an estimate with
-a real run (within a wide factor, because there both sides are timings)."""
+so machine noise cannot move these numbers. How close it comes to real runs is measured by
+benchmarks/bench_estimate.py (docs/guides/plan.md), not tested: both sides are timings."""
 
 from pathlib import Path
 
@@ -11,13 +11,13 @@ from chimera_ray.config import SMOKE_RUN, load_config
 
 TINY = str(Path(__file__).resolve().parents[1] / "tests" / "configs" / "tiny.yaml")
 # Round numbers, large enough that the estimate's rounding (0.1 s) does not matter.
-CAL = {"device": "cpu", "model_load_s": 3.0, "class": "", "train_step_s": 100.0, "train_class_setup_s": 7.0,
+CAL = {"device": "cpu", "worker_start_s": 2.0, "model_load_s": 3.0, "class": "", "train_step_s": 100.0, "train_class_setup_s": 7.0,
        "adapter_bytes": 1000, "trainable_params": 250, "generate_batch": 4, "generate_batch_s": 200.0,
        "image_s": 50.0, "sample_bytes": 5000.0, "image_bytes": 3000.0}
 
 
-def _estimate(monkeypatch, tmp_path, *overrides) -> dict:
-    monkeypatch.setattr(estimate, "_calibrate", lambda *args: dict(CAL))
+def _estimate(monkeypatch, tmp_path, *overrides, **cal) -> dict:
+    monkeypatch.setattr(estimate, "_calibrate", lambda *args: {**CAL, **cal})
     # ray.num_cpus fixes the cluster: the same trainers and actors at once on any machine.
     cfg = load_config(TINY, [*SMOKE_RUN, f"output={tmp_path}", "ray.num_cpus=2", *overrides])
     return estimate.estimate_run(cfg)
@@ -25,15 +25,41 @@ def _estimate(monkeypatch, tmp_path, *overrides) -> dict:
 
 def test_estimate_is_the_documented_sum(monkeypatch, tmp_path):
     """docs/guides/plan.md: training = runs x (Ray Train's fixed cost + model load) + classes x (setup +
-    steps x step time), generation = images x time per image + actors x (model load + Ray Data's
-    fixed cost); each over what runs at once."""
+    steps x step time), generation = images x time per image + rounds x actors x (model load + a
+    round's fixed cost), the fixed costs in worker starts; each over what runs at once; the total
+    adds Ray's start."""
     est = _estimate(monkeypatch, tmp_path)
     counts, at_once = est["counts"], est["concurrency"]
     assert (counts["classes"], counts["train_steps"], counts["images"]) == (2, 2 * 4, 2 * 3)  # SMOKE_RUN
-    train_s = counts["trainer_runs"] * (estimate.TRAINER_FIXED_S + 3.0) + 2 * 7.0 + 2 * 4 * 100.0
-    gen_s = 2 * 3 * 50.0 + at_once["generation_actors"] * (3.0 + estimate.GENERATE_FIXED_S)
+    # Hand-written from the guide: Ray Train 5 worker starts a run, a generation round 4, ray.init 1.5.
+    train_s = counts["trainer_runs"] * (5 * 2.0 + 3.0) + 2 * 7.0 + 2 * 4 * 100.0
+    gen_s = 2 * 3 * 50.0 + 1 * at_once["generation_actors"] * (3.0 + 4 * 2.0)
     assert est["train"]["wall_s"] == pytest.approx(train_s / at_once["trainers"], abs=0.1)
     assert est["generate"]["wall_s"] == pytest.approx(gen_s / at_once["generation_actors"], abs=0.1)
+    assert est["total_wall_s"] == pytest.approx(1.5 * 2.0 + est["train"]["wall_s"] + est["generate"]["wall_s"], abs=0.2)
+    assert "a worker process start 2.0 s" in estimate.format_estimate(est)
+
+
+def test_the_fixed_costs_move_with_the_machines_process_start(monkeypatch, tmp_path):
+    """A machine that starts processes 3x slower pays Ray's fixed costs 3x (the variable work is
+    timed apart); each generation round pays its actor pool again."""
+    fast = _estimate(monkeypatch, tmp_path)
+    slow = _estimate(monkeypatch, tmp_path, worker_start_s=6.0)
+    runs, actors = fast["counts"]["trainer_runs"], fast["concurrency"]["generation_actors"]
+    trainers = fast["concurrency"]["trainers"]
+    assert slow["train"]["wall_s"] - fast["train"]["wall_s"] == pytest.approx(runs * 5 * 4.0 / trainers, abs=0.2)
+    assert slow["generate"]["wall_s"] - fast["generate"]["wall_s"] == pytest.approx(4 * 4.0, abs=0.2)
+    # 6 one-image units, streamed one round each: 6 rounds, each starting its actors.
+    rounds = _estimate(monkeypatch, tmp_path, "ray.round_units=1", "generate.unit_samples=1")
+    units, actors = rounds["counts"]["units"], rounds["concurrency"]["generation_actors"]
+    assert units == 6 and rounds["generate"]["wall_s"] == pytest.approx(
+        (2 * 3 * 50.0 + 6 * actors * (3.0 + 4 * 2.0)) / actors, abs=0.1)
+
+
+def test_worker_start_is_a_real_process_start():
+    """The calibration's unit: a fresh interpreter importing what a worker imports (slower than
+    doing nothing in one, and it fails loudly if the imports do)."""
+    assert estimate.worker_start_s() > 0.1
 
 
 def test_twice_the_work_costs_twice_the_variable_time(monkeypatch, tmp_path):

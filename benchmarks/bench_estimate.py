@@ -44,7 +44,7 @@ def implied_fixed_costs(est: dict, seconds: dict) -> dict:
     out = {"worker_start_s": start,
            "generate_fixed_starts": round((gen_after - gen_var) / start, 2)}
     if "train" in seconds:
-        runs_in_sequence = max(1, counts["trainer_runs"] // trainers)
+        runs_in_sequence = max(1, -(-counts["trainer_runs"] // trainers))  # ceil: a last partial wave counts
         out["trainer_fixed_starts"] = round((seconds["train"] - train_var) / runs_in_sequence / start, 2)
     return out
 

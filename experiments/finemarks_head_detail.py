@@ -35,6 +35,8 @@ from chimera_ray.shards import iter_samples
 from chimera_ray.toy.finegrained import CLASSES, SUBFORM_X, subform_of
 
 PLACES = ("left", "right", "centre")  # SUBFORM_X order
+# The oracle's label of a class name: its FineMarks index (a dataset may number classes otherwise).
+LABEL_OF = {k.name: i for i, k in enumerate(CLASSES)}
 
 
 def shot_subforms(adapters: Path, subforms: int) -> dict[str, list[int]]:
@@ -42,7 +44,7 @@ def shot_subforms(adapters: Path, subforms: int) -> dict[str, list[int]]:
     out = {}
     for meta_path in sorted(adapters.glob("*/adapter.json")):
         meta = json.loads(meta_path.read_text())
-        label = [k.name for k in CLASSES].index(meta["class_name"])
+        label = LABEL_OF[meta["class_name"]]
         # shot ids are the builtin's file names, train-<label>-<index>.png
         out[meta["class_key"]] = [subform_of(label, int(Path(s).stem.rsplit("-", 1)[1]), subforms)
                                   for s in meta["shot_ids"]]
@@ -56,9 +58,7 @@ def read_run(run: Path) -> dict[str, dict]:
     by_class: dict[str, dict] = {}
     for s in iter_samples(str(run / "shards")):
         meta = s["metadata"]
-        # the oracle's label: the FineMarks class index of the name (a dataset may number classes otherwise)
-        label = [k.name for k in CLASSES].index(meta["class_name"])
-        c = by_class.setdefault(meta["class_key"], {"label": label, "images": [], "weights": []})
+        c = by_class.setdefault(meta["class_key"], {"label": LABEL_OF[meta["class_name"]], "images": [], "weights": []})
         c["images"].append(np.asarray(s["image"].convert("RGB"), dtype=np.float32))
         c["weights"].append(meta["weights"])
     for c in by_class.values():
